@@ -1,0 +1,61 @@
+"""Shared fixtures: paths to the real data in ../shared and small checkpoints built from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+DATA_DIR = SHARED / "data" / "tinystories"
+TRAIN_HEAD = DATA_DIR / "TinyStories-train-head.txt"
+VALID_HEAD = DATA_DIR / "TinyStories-valid-head.txt"
+STORIES260K = SHARED / "models" / "llama2c-stories260K" / "stories260K.bin"
+TOK512 = SHARED / "models" / "llama2c-stories260K" / "tok512.model"
+LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
+
+if not TRAIN_HEAD.is_file():
+    pytest.exit(f"real data not found at {DATA_DIR}: the tests need ../shared beside the repository", returncode=2)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m tinystories ARGS` in a subprocess (the real CLI, exit code and all)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tinystories", *map(str, args)],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tok4k(tmp_path_factory) -> Path:
+    """A 4,096-token BPE trained on the real train head (directory holding tokenizer.json)."""
+    from tinystories.prepare import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok4k")
+    train_tokenizer(TRAIN_HEAD, 4096, out, None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, tok4k) -> Path:
+    """A checkpoint directory with a tiny randomly initialised model and the real 4K tokenizer."""
+    import torch
+
+    from tinystories.checkpoint import write_checkpoint_dir
+    from tinystories.config import RunConfig
+    from tinystories.model import Transformer
+    from tinystories.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok4k)
+    cfg = RunConfig.model_validate({"model": {"vocab_size": tok.vocab_size, "dim": 64, "n_layers": 2, "n_heads": 4,
+                                              "n_kv_heads": 2, "max_seq_len": 128}})
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    dest = tmp_path_factory.mktemp("ck") / "random"
+    write_checkpoint_dir(dest, model, cfg, tok, {"step": 0})
+    return dest

@@ -1,0 +1,199 @@
+"""Checkpoints: one self-contained directory per save, written atomically, loaded by every command.
+
+    checkpoint/
+        model.safetensors   weights (the tied output matrix is stored once, as tok_embeddings.weight)
+        config.yaml         the full run config, with model.vocab_size filled in
+        tokenizer.json | tokenizer.model   a copy of the tokenizer
+        state.json          step, tokens seen, metrics, schedule length
+        trainer.pt          optimizer and RNG states (tensors and plain containers only: weights_only=True)
+
+A run directory keeps `checkpoints/step-XXXXXXXX/` directories and two symlinks, `latest` and `best`, swapped
+with an atomic rename: a crash at any point leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinystories.config import RunConfig, config_from_dict, save_config
+from tinystories.errors import UserError
+from tinystories.model import Transformer
+from tinystories.tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer
+
+import yaml
+
+WEIGHTS = "model.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: no `module.`/`_orig_mod.` prefixes (DDP, compile), tied output stored once."""
+    raw = unwrap(model)
+    sd = {k: v.detach().contiguous() for k, v in raw.state_dict().items()}
+    if raw.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def unwrap(model: torch.nn.Module) -> Transformer:
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def write_checkpoint_dir(
+    dest: Path, model: torch.nn.Module, cfg: RunConfig, tok: TextTokenizer, state: dict, trainer_state: dict | None = None
+) -> None:
+    """Write a complete checkpoint into `dest` (created) and fsync it."""
+    dest.mkdir(parents=True)
+    weights = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in model_state(model).items()}
+    save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
+    save_config(cfg, dest / "config.yaml")
+    copy_tokenizer(tok, dest)
+    (dest / "state.json").write_text(json.dumps(state, indent=2))
+    if trainer_state is not None:
+        torch.save(trainer_state, dest / "trainer.pt")
+    for f in dest.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(dest)
+
+
+def _point(link: Path, target_name: str) -> None:
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)  # atomic
+    _fsync_dir(link.parent)
+
+
+def save_checkpoint(
+    run_dir: Path, model, cfg: RunConfig, tok: TextTokenizer, state: dict, trainer_state: dict, is_best: bool
+) -> Path:
+    """Save as `latest` (and `best` when is_best) atomically; remove checkpoints no link points at."""
+    ckdir = Path(run_dir) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:08d}"
+    final = ckdir / name
+    tmp = ckdir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save): keep the old until swapped
+        old = ckdir / f".old-{name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(ckdir)
+    _point(ckdir / "latest", name)
+    if is_best:
+        _point(ckdir / "best", name)
+    keep = {os.readlink(ckdir / n) for n in ("latest", "best") if (ckdir / n).is_symlink()}
+    for d in ckdir.iterdir():
+        if d.is_dir() and not d.is_symlink() and d.name.startswith("step-") and d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint directory from a run directory (its best, else latest) or a checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint or run directory")
+    if (p / WEIGHTS).is_file():
+        return p
+    ckdir = p / "checkpoints"
+    for name in (prefer, "latest", "best"):
+        cand = ckdir / name
+        if (cand / WEIGHTS).is_file():
+            return cand.resolve()
+    raise UserError(
+        f"{p}: not a checkpoint (no {WEIGHTS}) nor a run directory with checkpoints/latest; "
+        f"train one with `tinystories train` or import one with `tinystories import llama2c`"
+    )
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    cfg: RunConfig
+    tokenizer: TextTokenizer
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+def read_checkpoint(path: str | Path, prefer: str = "best") -> Checkpoint:
+    ck = resolve_checkpoint(path, prefer)
+    cfg_file = ck / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{ck}: checkpoint has no config.yaml")
+    try:
+        raw = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{cfg_file}: not valid YAML") from None
+    cfg = config_from_dict(raw, str(cfg_file))
+    tok = load_tokenizer(ck)
+    if cfg.model.vocab_size != tok.vocab_size:
+        raise UserError(f"{ck}: model vocab_size {cfg.model.vocab_size} does not match its tokenizer's {tok.vocab_size}")
+    state = json.loads((ck / "state.json").read_text()) if (ck / "state.json").is_file() else {}
+    return Checkpoint(ck, cfg, tok, state)
+
+
+def load_weights(model: Transformer, ck_path: Path) -> None:
+    try:
+        sd = load_file(str(ck_path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{ck_path / WEIGHTS}: cannot read weights ({str(e).splitlines()[0][:100]})") from None
+    if model.cfg.tie_embeddings:
+        sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
+                  else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the config needs {tuple(expected[wrong[0]].shape)}")
+        raise UserError(f"{ck_path}: weights do not match the architecture in its config.yaml ({detail})")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> tuple[Transformer, Checkpoint]:
+    """Load a checkpoint (run dir or checkpoint dir) for inference: model in eval mode on `device`."""
+    ck = read_checkpoint(path, prefer)
+    model = Transformer(ck.cfg.model)
+    load_weights(model, ck.path)
+    model.to(device).eval()
+    return model, ck
+
+
+def load_trainer_state(ck_path: Path) -> dict:
+    f = ck_path / "trainer.pt"
+    if not f.is_file():
+        raise UserError(f"{ck_path}: checkpoint has no trainer.pt (optimizer state), so it cannot be resumed; use --init-from to fine-tune from it")
+    return torch.load(f, map_location="cpu", weights_only=True)

@@ -1,0 +1,78 @@
+"""The `tinystories` command: one subcommand per pipeline stage.
+
+Each stage module owns its subcommand through a `register_cli(subparsers)` function; this file only
+assembles them and turns a `UserError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tinystories import __version__
+from tinystories.errors import UserError
+
+# (module, in order of the pipeline); each defines register_cli(subparsers)
+STAGE_MODULES = [
+    "tinystories.prepare",  # data, tokenizer
+    "tinystories.train",
+    "tinystories.plot",
+    "tinystories.generate",
+    "tinystories.evaluate",
+    "tinystories.doctor",
+    "tinystories.interop",
+    "tinystories.serve",
+    "tinystories.quickstart",
+]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinystories",
+        description="From raw TinyStories text to a small Llama-style model that writes children's stories.",
+        epilog="Run `tinystories COMMAND --help` for a command's options and examples.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tinystories {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def add_command(sub, name: str, help: str, examples: str, func) -> argparse.ArgumentParser:
+    """Add a subcommand whose --help ends with real examples."""
+    p = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter)
+    p.set_defaults(func=func)
+    return p

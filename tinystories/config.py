@@ -1,0 +1,196 @@
+"""One typed config for a run: model, data, tokenizer, training, output.
+
+A run is described by one YAML file. Every key is validated: an unknown key or a wrong type is a one-line
+`UserError` naming the key. `--set section.key=value` overrides any key from the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from tinystories.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A Llama-2 style decoder."""
+
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    hidden_dim: int | None = None  # None = 2/3 * 4 * dim rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        kv = self.n_kv_heads or self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("model.dim / model.n_heads must be even (rotary embeddings rotate pairs)")
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+class DataConfig(_Strict):
+    """Where raw text comes from and where the token cache lives."""
+
+    source: str | None = None  # file or directory of raw text; None = the `data fetch` directory
+    data_dir: str = "data"  # where `data fetch` puts downloads; caches go to data_dir/cache
+    val_fraction: float = 0.01  # held-out share when no official validation file is present
+    max_stories: int | None = None
+
+
+class TokenizerConfig(_Strict):
+    """Either a path to an existing tokenizer, or the settings to train one."""
+
+    path: str | None = None  # tokenizer.json, a directory holding one, or a SentencePiece .model
+    vocab_size: int = 10000
+    max_stories: int | None = None
+
+
+class TrainConfig(_Strict):
+    batch_size: int = 32  # micro-batch per process
+    grad_accum: int = 1
+    global_batch: int | None = None  # sequences per optimizer step over all processes; sets grad_accum
+    # run length: the first of these that is set wins (steps > tokens > epochs > minutes)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    epochs: float | None = None
+    max_minutes: float | None = None
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    eval_interval: int = 200
+    eval_tokens: int = 65536  # size of the fixed validation subset evaluated during training
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 64
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "tinystories"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        for key in ("batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr}) and lr > 0")
+        return self
+
+
+class RunConfig(_Strict):
+    out_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{origin}: unknown key '{key}' (check the spelling; see configs/ for valid keys)"
+    value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    return f"{origin}: invalid value for '{key}': {msg}{shown}"
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML scalars) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.lr=3e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when path is None) and apply overrides."""
+    raw: dict = {}
+    origin = "config"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found (ship-in configs live in configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, origin)) from None
+
+
+def config_from_dict(raw: dict, origin: str = "checkpoint config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, origin)) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,199 @@
+"""A Llama-2 style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention through SDPA.
+
+Rotary embeddings rotate interleaved pairs (dims 2i, 2i+1), the layout of Meta's Llama and llama2.c, so
+llama2.c checkpoints load without permutation; the Hugging Face export permutes q/k to HF's half layout.
+
+`forward(tokens, targets)` trains; `forward(tokens, cache=KVCache)` decodes incrementally and returns the same
+logits as the full forward pass (tests/test_model.py proves it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinystories.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd) with interleaved pairs; cos/sin: (T, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences; `length` positions are filled."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, device, dtype, max_len: int | None = None) -> "KVCache":
+        shape = (batch, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k = cache.k[layer][:, :, : start + T]
+            v = cache.v[layer][:, :, : start + T]
+            if start > 0:
+                causal = False
+                if T > 1:  # a chunk after a prefix: each query sees the prefix and its own past
+                    pos_q = torch.arange(start, start + T, device=x.device)[:, None]
+                    mask = torch.arange(start + T, device=x.device)[None, :] <= pos_q
+        gqa = self.n_kv != self.n_heads
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # scaled init of the residual projections (GPT-2): keeps the residual stream's variance flat in depth
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ):
+        """Return (logits, loss). With targets, logits are for every position and loss is the mean (or the
+        per-token losses with reduction='none'); with a cache, tokens continue the cached sequence."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.capacity):
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i)
+        h = self.norm(h)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            return self.output(h), None
+        logits = self.output(h)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+        return logits, loss
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (6N plus attention), as in the PaLM paper's MFU accounting."""
+        cfg = self.cfg
+        matmul_params = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.dim  # + the output layer
+        return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * cfg.max_seq_len

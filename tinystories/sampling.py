@@ -1,0 +1,192 @@
+"""One sampling function for the CLI, evaluation and the web server: incremental decoding with a KV cache.
+
+`sample()` yields one `Step` per generated position for a batch of equal-length prompts. Greedy when
+temperature is 0; top-k, top-p and a repetition penalty that divides positive logits and multiplies negative
+ones (the seed project divided both, which *raises* a repeated token with a negative logit). A sequence that
+outgrows the context keeps going: the cache is rebuilt from the most recent tokens (sliding window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tinystories.errors import UserError
+from tinystories.model import KVCache, Transformer
+from tinystories.tokenizer import TextTokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = 1234
+
+    def validate(self) -> "SamplingParams":
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise UserError(f"--temperature {self.temperature}: must be between 0 (greedy) and 5")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 = off)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise UserError(f"--repetition-penalty {self.repetition_penalty}: must be in (0, 10] (1 = off)")
+        return self
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (B,) the token chosen at this position (only meaningful where not finished)
+    finished: torch.Tensor  # (B,) bool: this sequence had already stopped before this step
+    top_ids: torch.Tensor | None = None  # (B, k) most likely alternatives, when asked for
+    top_probs: torch.Tensor | None = None  # (B, k) their probabilities (after temperature)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool. Positive logits of seen tokens are divided, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.inference_mode()
+def sample(
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids: frozenset[int] | set[int] = frozenset(),
+    use_cache: bool = True,
+    top_alternatives: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Step]:
+    """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length)."""
+    cfg = model.cfg
+    device = model.rope_cos.device
+    if len({len(p) for p in prompts}) != 1 or not prompts[0]:
+        raise ValueError("prompts must be non-empty and of equal length")
+    ctx = cfg.max_seq_len
+    seq = torch.tensor(prompts, dtype=torch.long, device=device)
+    if seq.size(1) > ctx:
+        raise UserError(f"the prompt is {seq.size(1)} tokens, longer than the model's context of {ctx} tokens")
+    B = seq.size(0)
+    gen = torch.Generator(device=device)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    dtype = next(model.parameters()).dtype
+    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+    if params.repetition_penalty != 1.0:
+        seen.scatter_(1, seq, True)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
+    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+
+    cache = KVCache.empty(cfg, B, device, dtype) if use_cache else None
+    logits, _ = model(seq, cache=cache)
+    logits = logits[:, -1, :]
+    for _ in range(params.max_new_tokens):
+        if should_stop is not None and should_stop():
+            return
+        logits = logits.float()
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        top_ids = top_probs = None
+        if params.temperature == 0:
+            nxt = logits.argmax(dim=-1)
+            scaled = logits
+        else:
+            scaled = logits / params.temperature
+            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        if top_alternatives:
+            top_probs, top_ids = torch.softmax(scaled, dim=-1).topk(top_alternatives, dim=-1)
+        yield Step(nxt, finished.clone(), top_ids, top_probs)
+        if stop is not None:
+            finished |= torch.isin(nxt, stop)
+        if bool(finished.all()):
+            return
+        if params.repetition_penalty != 1.0:
+            seen.scatter_(1, nxt[:, None], True)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if not use_cache:
+            logits, _ = model(seq[:, -ctx:])
+        elif cache.length + 1 > ctx:  # slide: rebuild the cache from the last `keep` tokens
+            cache.length = 0
+            logits, _ = model(seq[:, -keep:], cache=cache)
+        else:
+            logits, _ = model(nxt[:, None], cache=cache)
+        logits = logits[:, -1, :]
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte UTF-8 character."""
+
+    def __init__(self, tok: TextTokenizer, prefix_ids: list[int] | None = None):
+        self.tok = tok
+        self.prefix = list(prefix_ids or [])
+        self.ids: list[int] = []
+        self.emitted = ""
+        self._prefix_text = tok.decode(self.prefix) if self.prefix else ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.prefix + self.ids)[len(self._prefix_text):]
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte(s)
+            return ""
+        piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+
+def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
+    """A prompt as the model saw stories in training: the start-of-story token, then the text."""
+    return [tok.doc_start_id] + (tok.encode(prompt) if prompt else [])
+
+
+def generate_texts(
+    model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1
+) -> list[dict]:
+    """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended."""
+    ids = prompt_ids(tok, prompt)
+    outs: list[list[int]] = [[] for _ in range(num_samples)]
+    ended = [False] * num_samples
+    for step in sample(model, [ids] * num_samples, params, tok.stop_ids):
+        for b in range(num_samples):
+            if step.finished[b]:
+                continue
+            t = int(step.tokens[b])
+            if t in tok.stop_ids:
+                ended[b] = True
+            else:
+                outs[b].append(t)
+    return [
+        {"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e}
+        for o, e in zip(outs, ended)
+    ]
+
+
+def decode_continuation(tok: TextTokenizer, prefix: list[int], ids: list[int]) -> str:
+    """Decode `ids` as the continuation of `prefix` (keeps SentencePiece's leading spaces right)."""
+    prefix_text = tok.decode(prefix)
+    return tok.decode(prefix + ids)[len(prefix_text):]
