@@ -1,0 +1,72 @@
+"""Likelihood of text under a model: loss per token, perplexity and bits per byte.
+
+bits per byte = total nats / ln 2 / UTF-8 bytes of the text. It does not depend on the tokenizer, so it
+compares a 512-token, a 10K and a 32K vocabulary fairly. Text is scored as the model saw stories in
+training: each document starts with the tokenizer's start-of-story token; the stream is cut into
+non-overlapping windows of the model's context (each token is predicted exactly once, from the tokens
+before it in its window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tinystories.model import Transformer
+from tinystories.tokenizer import TextTokenizer
+
+
+def encode_documents(tok: TextTokenizer, docs: list[str]) -> tuple[np.ndarray, int]:
+    """The token stream `<start> doc <start> doc ...` and the UTF-8 byte count of the documents."""
+    parts: list[int] = []
+    for ids in tok.encode_batch(docs):
+        parts.append(tok.doc_start_id)
+        parts.extend(ids)
+    return np.asarray(parts, dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
+
+
+@torch.inference_mode()
+def likelihood(
+    model: Transformer,
+    stream: np.ndarray,
+    n_bytes: int,
+    window: int | None = None,
+    batch_size: int = 16,
+    autocast=None,
+) -> dict:
+    """Score every token of `stream` after the first; `n_bytes` is the text's UTF-8 size for bits per byte."""
+    window = window or model.cfg.max_seq_len
+    device = model.rope_cos.device
+    tokens = torch.as_tensor(np.asarray(stream, dtype=np.int64))
+    n = len(tokens) - 1  # predicted tokens
+    starts = list(range(0, n, window))
+    total_nats = 0.0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        width = min(window, n - chunk[0])
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -1, dtype=torch.long)
+        for r, s in enumerate(chunk):
+            e = min(s + window, n)
+            x[r, : e - s] = tokens[s:e]
+            y[r, : e - s] = tokens[s + 1 : e + 1]
+        x, y = x.to(device), y.to(device)
+        if autocast is not None:
+            with autocast:
+                _, loss = model(x, y, reduction="none")
+        else:
+            _, loss = model(x, y, reduction="none")
+        total_nats += float(loss.double().sum())  # ignored positions contribute 0
+    model.train(was_training)
+    loss = total_nats / max(n, 1)
+    return {
+        "loss_per_token": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
+        "tokens": n,
+        "bytes": n_bytes,
+    }
