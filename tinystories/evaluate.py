@@ -1,0 +1,473 @@
+"""`tinystories eval`: likelihood (loss, perplexity, bits per byte) on any text or the run's validation split,
+statistics of generated stories next to the same statistics of real stories, and an optional LLM judge.
+
+Stories are sampled from a fixed list of classic openings with a fixed seed through the one shared sampling
+function (`sampling.generate_texts`), so two checkpoints are compared on the same prompts. The judge speaks the
+OpenAI chat-completions protocol (`POST {url}/v1/chat/completions`) and grades each completion with the
+TinyStories paper's rubric: grammar, creativity, consistency with the beginning, plot (1-10 each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from tinystories.errors import UserError
+
+OPENINGS = [
+    "Once upon a time",
+    "One day,",
+    "Lily and Ben",
+    "There was a little dog",
+    "Once upon a time, there was a little girl named",
+    "Tom had a big red ball.",
+    "The sun was shining and",
+    "Mom said,",
+    "In a small house in the woods,",
+    "Sam wanted to",
+]
+DEFAULT_STORIES = 20
+REFERENCE_STORIES = 300
+TRAIN_VOCAB_BYTES = 100 << 20  # read at most this much training text for the vocabulary
+TRAIN_VOCAB_TOKENS = 20_000_000  # or decode at most this many cached training tokens
+LONG_DOC = 20000  # a "document" longer than this with several lines is a one-paragraph-per-line file
+JUDGE_RUBRIC = ("grammar", "creativity", "consistency", "plot")
+JUDGE_RETRIES = 2
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def split_long_documents(docs: list[str]) -> list[str]:
+    """A file of one paragraph per line is read as one huge document: use its lines as stories instead."""
+    out: list[str] = []
+    for d in docs:
+        if len(d) > LONG_DOC and "\n" in d:
+            out.extend(line.strip() for line in d.splitlines() if line.strip())
+        else:
+            out.append(d)
+    return out
+
+
+def read_documents(path: str | Path) -> list[str]:
+    from tinystories.textdata import iter_documents, list_text_files
+
+    return list(iter_documents(list_text_files(path)))
+
+
+def open_run_cache(state: dict):
+    """The token cache the run trained on (state.json's cache_dir), or None."""
+    from tinystories.cache import TokenCache
+
+    cache_dir = state.get("cache_dir")
+    if not cache_dir or not (Path(cache_dir) / "manifest.json").is_file():
+        return None
+    return TokenCache.open(cache_dir)
+
+
+def decode_docs(tok, split, limit: int) -> list[str]:
+    """The first `limit` documents of a cache split, decoded."""
+    stream = split.stream()
+    offsets = list(split.docs[: limit + 1, 0]) + ([len(stream)] if len(split.docs) <= limit else [])
+    return [tok.decode(np.asarray(stream[a + 1 : b], dtype=np.int64).tolist()) for a, b in zip(offsets, offsets[1:])]
+
+
+def cut_stream(split, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """The split's token stream, cut at a story boundary after at most `max_tokens` tokens, and its bytes."""
+    stream = split.stream()
+    if not max_tokens or len(stream) <= max_tokens:
+        return np.asarray(stream, dtype=np.int64), int(split.bytes)
+    offsets = split.docs[:, 0]
+    keep = int(np.searchsorted(offsets, max_tokens, side="right")) - 1  # docs that start before the cut
+    keep = max(keep, 1)
+    end = int(offsets[keep]) if keep < len(offsets) else len(stream)
+    return np.asarray(stream[:end], dtype=np.int64), int(split.docs[:keep, 1].sum())
+
+
+def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | None, str]:
+    """Lower-cased words of the training text: --train-text, else the cache's train sources, else its decoded tokens."""
+    from tinystories.story_stats import vocabulary
+
+    if train_text:
+        return vocabulary(read_documents(train_text)), str(train_text)
+    if cache is None:
+        return None, "no training text (pass --train-text FILE)"
+    sources = [Path(s["path"]) for s in cache.manifest.get("sources", []) if s.get("split", "train") == "train"]
+    if sources and all(p.is_file() for p in sources):
+        from tinystories.textdata import iter_documents
+
+        def capped():
+            n = 0
+            for d in iter_documents(sources):
+                yield d
+                n += len(d)
+                if n >= TRAIN_VOCAB_BYTES:
+                    return
+
+        return vocabulary(capped()), ", ".join(str(p) for p in sources)
+    split = cache.split("train")
+    stream = split.stream()[:TRAIN_VOCAB_TOKENS]
+    vocab: set[str] = set()
+    step = 1_000_000
+    for i in range(0, len(stream), step):  # chunks: words cut at a chunk edge are rare and harmless
+        vocab |= vocabulary([tok.decode(np.asarray(stream[i : i + step], dtype=np.int64).tolist())])
+    return vocab, f"{cache.path} (train split, decoded)"
+
+
+def reference_stories(tok, cache, reference: str | None, text: str | None) -> tuple[list[str], str]:
+    """Real stories to compare with: --reference, else the cache's validation split, else --text."""
+    if reference:
+        return split_long_documents(read_documents(reference))[:REFERENCE_STORIES], str(reference)
+    if cache is not None and cache.manifest["splits"]["val"]["tokens"]:
+        docs = split_long_documents(decode_docs(tok, cache.split("val"), REFERENCE_STORIES))
+        return docs[:REFERENCE_STORIES], f"{cache.path} (validation split)"
+    if text:
+        return split_long_documents(read_documents(text))[:REFERENCE_STORIES], str(text)
+    return [], "none (pass --reference FILE)"
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def generate_stories(model, tok, n: int, params) -> list[dict]:
+    """`n` stories from the fixed openings (story i uses opening i mod len), seeded per opening."""
+    from dataclasses import replace
+
+    from tinystories.sampling import generate_texts
+
+    counts = [n // len(OPENINGS) + (1 if i < n % len(OPENINGS) else 0) for i in range(len(OPENINGS))]
+    out: list[dict] = []
+    for i, (prompt, k) in enumerate(zip(OPENINGS, counts)):
+        if k:
+            seed = None if params.seed is None else params.seed + i
+            out.extend(generate_texts(model, tok, prompt, replace(params, seed=seed), k))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ judge
+
+
+def judge_messages(prompt: str, story: str) -> list[dict]:
+    completion = story[len(prompt):] if story.startswith(prompt) else story
+    return [
+        {"role": "system", "content": "You are a strict teacher grading short stories written by students."},
+        {"role": "user", "content": (
+            "In the following exercise, the student is given a beginning of a story. The student needs to complete "
+            "it into a full story. The exercise tests the student's language abilities and creativity. The symbol "
+            "*** marks the separator between the prescribed beginning and the student's completion:\n\n"
+            f"{prompt}***{completion}\n\n"
+            "Please provide your general assessment about the part written by the student (the one after the *** "
+            "symbol). Is it grammatically correct? Is it consistent with the beginning of the story? Pay special "
+            "attention to whether the student manages to complete the sentence which is split in the middle by "
+            "the separator ***.\n\n"
+            "Now, grade the student's completion in terms of grammar, creativity, consistency with the story's "
+            "beginning and whether the plot makes sense, each as an integer from 1 to 10. Reply with JSON only: "
+            '{"grammar": G, "creativity": C, "consistency": S, "plot": P}'
+        )},
+    ]
+
+
+def _score(value) -> float | None:
+    try:
+        x = float(str(value).strip().split("/")[0])
+    except (TypeError, ValueError):
+        return None
+    return x if 1.0 <= x <= 10.0 and math.isfinite(x) else None
+
+
+def _scores_from_obj(obj) -> dict | None:
+    if not isinstance(obj, dict):
+        return None
+    low = {str(k).strip().lower(): v for k, v in obj.items()}
+    for key in ("scores", "grades", "grade", "evaluation"):  # {"scores": {...}}
+        if isinstance(low.get(key), dict):
+            return _scores_from_obj(low[key])
+    out = {}
+    for k in JUDGE_RUBRIC:
+        v = low.get(k)
+        if isinstance(v, dict):
+            v = v.get("score", v.get("grade"))
+        s = _score(v)
+        if s is None:
+            return None
+        out[k] = s
+    return out
+
+
+def _json_candidates(text: str) -> list[str]:
+    cands = re.findall(r"```(?:json|JSON)?\s*(.*?)```", text, re.S)
+    depth, start = 0, None
+    for i, ch in enumerate(text):  # every balanced {...} block, outermost first
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                cands.append(text[start : i + 1])
+    return cands + [text]
+
+
+def parse_judge_reply(text: str) -> dict | None:
+    """{grammar, creativity, consistency, plot} (floats in 1..10) from a judge reply, or None if malformed.
+
+    Accepts JSON alone, in a code fence or inside prose, and as a last resort "Grammar: 8/10" lines."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    for cand in _json_candidates(text):
+        try:
+            obj = json.loads(cand)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        scores = _scores_from_obj(obj)
+        if scores:
+            return scores
+    found = {}
+    for k in JUDGE_RUBRIC:
+        m = re.search(rf"\b{k}\b[^0-9\n]{{0,20}}(\d+(?:\.\d+)?)", text, re.I)
+        if m and _score(m.group(1)) is not None:
+            found[k] = float(m.group(1))
+    return found if len(found) == len(JUDGE_RUBRIC) else None
+
+
+def chat_url(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+class JudgeUnreachable(Exception):
+    pass
+
+
+def _post(url: str, payload: dict, timeout: float) -> str:
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("TINYSTORIES_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403, 404):
+            raise JudgeUnreachable(f"HTTP {e.code} {e.reason} from {url}") from None
+        return ""  # 5xx, 429: treat as a malformed reply and retry
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise JudgeUnreachable(f"cannot reach {url} ({reason})") from None
+    try:
+        return json.loads(body)["choices"][0]["message"]["content"]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return body
+
+
+def judge_stories(samples: list[dict], url: str, model: str, timeout: float = 60.0, retries: int = JUDGE_RETRIES,
+                  log=None) -> dict:
+    """Grade every sample; never raises. Returns means, per-story scores, malformed count, or a skip reason."""
+    endpoint = chat_url(url)
+    per_story: list[dict | None] = []
+    malformed = 0
+    attempts = 0
+    try:
+        for i, s in enumerate(samples):
+            scores = None
+            for _ in range(retries + 1):
+                attempts += 1
+                reply = _post(endpoint, {"model": model, "messages": judge_messages(s["prompt"], s["text"]),
+                                         "temperature": 0}, timeout)
+                scores = parse_judge_reply(reply)
+                if scores:
+                    break
+            if scores is None:
+                malformed += 1
+            per_story.append(scores)
+            if log:
+                log(f"\r  judged {i + 1}/{len(samples)}")
+    except JudgeUnreachable as e:
+        return {"skipped": f"judge skipped: {e}", "url": endpoint, "model": model, "judged": 0,
+                "malformed": malformed, "scores": per_story}
+    good = [p for p in per_story if p]
+    means = {k: (sum(p[k] for p in good) / len(good) if good else None) for k in JUDGE_RUBRIC}
+    return {"skipped": None, "url": endpoint, "model": model, "judged": len(good), "malformed": malformed,
+            "requests": attempts, "means": means, "scores": per_story}
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+
+
+def pick_device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
+def evaluate(args, log=print) -> dict:
+    from tinystories.checkpoint import load_model
+    from tinystories.likelihood import encode_documents, likelihood
+    from tinystories.sampling import SamplingParams
+    from tinystories.story_stats import story_stats
+
+    if args.num_stories < 0:
+        raise UserError(f"--num-stories {args.num_stories}: must be >= 0 (0 skips generation)")
+    if (args.judge_url is None) != (args.judge_model is None) and args.num_stories:
+        raise UserError("--judge-url and --judge-model go together (e.g. --judge-url http://localhost:8000 --judge-model gpt-4o-mini)")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed).validate()
+    if args.text and not Path(args.text).exists():
+        raise UserError(f"--text {args.text}: no such file or directory")
+    device = pick_device(args.device)
+    model, ck = load_model(args.checkpoint, device)
+    tok = ck.tokenizer
+    cache = open_run_cache(ck.state)
+    window = model.cfg.max_seq_len
+    result: dict = {"checkpoint": str(ck.path), "step": ck.step, "device": device, "window": window}
+
+    # likelihood
+    t0 = time.time()
+    if args.text:
+        docs = read_documents(args.text)
+        stream, n_bytes = encode_documents(tok, docs)
+        if args.max_tokens and len(stream) > args.max_tokens:
+            stream = stream[: args.max_tokens]
+            n_bytes = len(tok.decode(stream.tolist()).encode("utf-8"))
+        result["text"] = str(args.text)
+    else:
+        if cache is None:
+            where = ck.state.get("cache_dir")
+            why = f"the run's cache {where} is gone" if where else "this checkpoint does not record its token cache"
+            raise UserError(f"{args.checkpoint}: {why}; pass the text to score with --text FILE "
+                            f"(e.g. --text ../shared/data/tinystories/TinyStories-valid-head.txt)")
+        cache.check_tokenizer(tok)
+        split = cache.split("val")
+        if not split.tokens:
+            raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
+        stream, n_bytes = cut_stream(split, args.max_tokens)
+        result["text"] = f"{cache.path} (validation split)"
+    if len(stream) < 2:
+        raise UserError(f"{result['text']}: no text to score")
+    lk = likelihood(model, stream, n_bytes, window=window)
+    result.update(lk)
+    result["likelihood_seconds"] = time.time() - t0
+
+    # generated stories vs real ones
+    result["sampling"] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                          "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed, "openings": OPENINGS}
+    result["samples"] = []
+    result["stories"] = None
+    result["judge"] = None
+    if args.num_stories:
+        t0 = time.time()
+        samples = generate_stories(model, tok, args.num_stories, params)
+        result["generation_seconds"] = time.time() - t0
+        vocab, vocab_src = train_vocabulary(tok, cache, args.train_text)
+        ref, ref_src = reference_stories(tok, cache, args.reference, args.text)
+        result["samples"] = samples
+        result["stories"] = {
+            "model": story_stats([s["text"] for s in samples], vocab, [s["ended"] for s in samples]),
+            "reference": story_stats(ref, vocab) if ref else None,
+            "reference_source": ref_src,
+            "train_vocabulary": {"source": vocab_src, "words": len(vocab) if vocab is not None else None},
+        }
+        if args.judge_url:
+            result["judge"] = judge_stories(samples, args.judge_url, args.judge_model, args.judge_timeout,
+                                            log=(lambda m: print(m, end="", file=sys.stderr)) if sys.stderr.isatty() else None)
+    return result
+
+
+def format_result(r: dict) -> str:
+    from tinystories.story_stats import TABLE_ROWS, format_value
+
+    lines = [
+        f"checkpoint       {r['checkpoint']} (step {r['step']})",
+        f"scored text      {r['text']}",
+        f"tokens evaluated {r['tokens']:,} ({r['bytes']:,} bytes, window {r['window']})",
+        f"loss per token   {r['loss_per_token']:.4f}",
+        f"perplexity       {r['perplexity']:.3f}",
+        f"bits per byte    {r['bits_per_byte']:.4f}",
+    ]
+    st = r.get("stories")
+    if st:
+        m, ref = st["model"], st["reference"] or {}
+        lines += ["", f"{'generated stories vs real ones':34} {'model':>10} {'reference':>10}"]
+        for key, label, fmt in TABLE_ROWS:
+            lines.append(f"  {label:32} {format_value(m.get(key), fmt):>10} {format_value(ref.get(key), fmt):>10}")
+        lines.append(f"  reference: {st['reference_source']}")
+        lines.append(f"  training vocabulary: {st['train_vocabulary']['source']}")
+        ex = m["examples"]
+        if ex["agreement_errors"]:
+            lines.append(f"  a/an errors e.g.: {', '.join(ex['agreement_errors'])}")
+        if m["invented_examples"]:
+            lines.append(f"  invented words e.g.: {', '.join(m['invented_examples'])}")
+        s0 = r["samples"][0]
+        lines.append(f"  sample: {s0['text'][:300]!r}")
+    j = r.get("judge")
+    if j:
+        lines.append("")
+        if j["skipped"]:
+            lines.append(j["skipped"])
+        else:
+            means = "  ".join(f"{k} {format_value(v, '{:.2f}')}" for k, v in j["means"].items())
+            lines.append(f"judge {j['model']} at {j['url']}: {j['judged']} stories graded, {j['malformed']} malformed replies")
+            lines.append(f"  means (1-10): {means}")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args) -> int:
+    result = evaluate(args)
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write ({e.strerror})") from None
+    print(format_result(result))
+    return 0
+
+
+def register_cli(sub) -> None:
+    from tinystories.cli import add_command
+
+    p = add_command(
+        sub, "eval", "likelihood (loss, perplexity, bits per byte), story statistics vs real stories, optional LLM judge",
+        "  tinystories eval --checkpoint runs/tiny                     # the run's validation split, 20 stories\n"
+        "  tinystories eval --checkpoint runs/tiny --text ../shared/data/tinystories/TinyStories-valid-head.txt --json eval.json\n"
+        "  tinystories eval --checkpoint runs/tiny --num-stories 0     # likelihood only\n"
+        "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n",
+        _cmd_eval)
+    p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
+    p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES, help=f"stories to generate (default {DEFAULT_STORIES}; 0 = none)")
+    p.add_argument("--reference", help="real stories to compare with (default: the cache's validation split, else --text)")
+    p.add_argument("--train-text", help="training text for the invented-words statistic (default: the cache's sources)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000 (POST /v1/chat/completions)")
+    p.add_argument("--judge-model", help="model name to send to the judge")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--json", help="write every figure and the samples to this JSON file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
