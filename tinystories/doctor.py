@@ -1,0 +1,294 @@
+"""`tinystories doctor RUN_DIR`: a checklist of what commonly goes wrong in a TinyStories run, each check
+PASS / WARN / FAIL (or SKIP when the run lacks what it needs, e.g. an imported checkpoint has no metrics),
+with the concrete fix for every WARN and FAIL. Exit status 0 when nothing FAILs, else 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tinystories.errors import UserError
+
+ARTICLE_PIECES = ("the", "a", "an")
+MIN_ARTICLE_SHARE = 0.02  # " the" + " a" + " an" are ~6% of tokens in real TinyStories
+MIN_TOKENS_PER_ENTRY = 100  # train tokens per vocabulary entry
+MAX_UNUSED_SHARE = 0.30  # BPE intermediate merges are often unused even on the text it was trained on
+COUNT_TOKENS = 50_000_000  # count at most this many train tokens
+SAMPLE_STORIES = 8
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS WARN FAIL SKIP
+    detail: str
+    fix: str = ""
+
+
+def read_metrics(run_dir: Path) -> list[dict] | None:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    out = []
+    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line while training is still writing
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def expected_lr(step: int, lr: float, min_lr: float, warmup: int, total: int, shift: int = 0) -> float:
+    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at `total` steps."""
+    s = step + shift
+    if warmup > 0 and s < warmup:
+        return lr * (s + 1) / warmup
+    if total <= warmup:
+        return lr
+    progress = min(max((s - warmup) / (total - warmup), 0.0), 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_articles(tok, counts: np.ndarray | None) -> Check:
+    ids = {w: tok.piece_id(w, True) for w in ARTICLE_PIECES}
+    split = [f"' {w}'" for w, i in ids.items() if i is None]
+    if split:
+        return Check("article tokens", "FAIL",
+                     f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} split into several tokens by {tok.path.name} "
+                     f"({tok.vocab_size:,} entries): the model must spell the commonest words piece by piece",
+                     "train a tokenizer with a larger vocabulary on TinyStories, e.g. `tinystories tokenizer train "
+                     "--vocab-size 4096 --out data/tok4k`, rebuild the cache with it and retrain")
+    if counts is None:
+        return Check("article tokens", "PASS", "' the', ' a', ' an' are single tokens (no cache to count them in)")
+    total = int(counts.sum())
+    shares = {w: counts[i] / total if total else 0.0 for w, i in ids.items()}
+    detail = ", ".join(f"' {w}' {shares[w]:.2%}" for w in ARTICLE_PIECES) + " of train tokens"
+    if sum(shares.values()) < MIN_ARTICLE_SHARE:
+        return Check("article tokens", "WARN", f"single tokens but rare: {detail}",
+                     "the text or the tokenizer does not look like TinyStories English; check --from and the tokenizer")
+    return Check("article tokens", "PASS", f"single tokens; {detail}")
+
+
+def check_cache(tok, state: dict) -> tuple[Check, object]:
+    from tinystories.cache import TokenCache
+
+    cache_dir = state.get("cache_dir")
+    if not cache_dir:
+        return Check("cache matches tokenizer", "SKIP", "the checkpoint records no cache_dir (imported checkpoint?)"), None
+    if not (Path(cache_dir) / "manifest.json").is_file():
+        return Check("cache matches tokenizer", "WARN", f"the run's cache {cache_dir} is gone",
+                     "rebuild it with `tinystories data prepare --tokenizer CHECKPOINT_DIR --from SOURCE` "
+                     "(eval then needs --text)"), None
+    try:
+        cache = TokenCache.open(cache_dir)
+    except UserError as e:
+        return Check("cache matches tokenizer", "FAIL", str(e), "rebuild it with `tinystories data prepare`"), None
+    want = cache.tokenizer_sha256
+    if want != tok.sha256:
+        return Check("cache matches tokenizer", "FAIL",
+                     f"cache {cache.manifest.get('fingerprint', Path(cache_dir).name)} was built with tokenizer "
+                     f"{cache.manifest['tokenizer'].get('path', '?')} (sha256 {want[:12]}), the checkpoint's tokenizer "
+                     f"is sha256 {tok.sha256[:12]}: the model learned from ids that mean other text",
+                     f"rebuild the cache with the run's tokenizer: `tinystories data prepare --tokenizer {tok.path.parent} "
+                     f"--from SOURCE`, then retrain"), cache
+    return Check("cache matches tokenizer", "PASS",
+                 f"cache {cache.manifest.get('fingerprint', '')} built with this tokenizer (sha256 {want[:12]})"), cache
+
+
+def check_val_loss(metrics: list[dict] | None) -> Check:
+    name = "validation loss"
+    if metrics is None:
+        return Check(name, "SKIP", "no metrics.jsonl (imported checkpoint or not a run directory)")
+    val = [m for m in metrics if m.get("kind") == "val" and isinstance(m.get("val_loss"), (int, float))]
+    if len(val) < 2:
+        return Check(name, "SKIP", f"{len(val)} evaluation(s) logged; need 2 to see a trend")
+    losses = [float(m["val_loss"]) for m in val]
+    best_i = int(np.argmin(losses))
+    best, last = losses[best_i], losses[-1]
+    gap = None
+    if isinstance(val[-1].get("train_loss"), (int, float)):
+        gap = last - float(val[-1]["train_loss"])
+    gap_txt = f"; train/val gap {gap:+.3f}" if gap is not None else ""
+    trend = f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) -> last {last:.3f} (step {val[-1].get('step')}){gap_txt}"
+    fix = ("the model is overfitting: use more data (drop data.max_stories), add model.dropout=0.1, train fewer "
+           "epochs or set train.early_stopping_patience; use checkpoints/best, not latest")
+    if best_i < len(losses) - 1 and last > best * 1.05:
+        return Check(name, "FAIL", f"turned up {100 * (last / best - 1):.1f}% above its best: {trend}", fix)
+    if best_i < len(losses) - 1 and last > best * 1.01:
+        return Check(name, "WARN", f"rising: {trend}", fix)
+    if gap is not None and gap > 0.3:
+        return Check(name, "WARN", f"large train/val gap: {trend}", fix)
+    if len(losses) >= 4 and losses[-4] - last < 0.005 * losses[-4]:
+        return Check(name, "WARN", f"flat over the last 3 evaluations: {trend}",
+                     "training has stopped improving: lower train.lr, or stop here")
+    return Check(name, "PASS", f"still falling: {trend}")
+
+
+def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
+    name = "lr schedule"
+    if metrics is None:
+        return Check(name, "SKIP", "no metrics.jsonl (imported checkpoint or not a run directory)")
+    pts = [(int(m["step"]), float(m["lr"])) for m in metrics
+           if m.get("kind") == "train" and isinstance(m.get("lr"), (int, float)) and isinstance(m.get("step"), int)]
+    total = state.get("total_steps") or cfg.train.max_steps
+    if len(pts) < 2 or not total:
+        return Check(name, "SKIP", "no logged learning rates or no total_steps in state.json")
+    t = cfg.train
+    tol = lambda e: max(0.05 * abs(e), 1e-3 * t.lr)  # noqa: E731
+    bad = []
+    for step, lr in pts:
+        exp = [expected_lr(step, t.lr, t.min_lr, t.warmup_steps, int(total), s) for s in (-1, 0, 1)]
+        if all(abs(lr - e) > tol(e) for e in exp):
+            bad.append((step, lr, exp[1]))
+    want = f"warmup {t.warmup_steps} steps to {t.lr:g}, cosine to {t.min_lr:g} at step {total}"
+    if len(bad) > max(1, 0.05 * len(pts)):
+        step, lr, exp = bad[len(bad) // 2]
+        return Check(name, "FAIL", f"{len(bad)} of {len(pts)} logged lrs differ from the config ({want}); "
+                                   f"e.g. step {step}: lr {lr:.3g}, expected {exp:.3g}",
+                     "the run did not follow its config: check train.lr/min_lr/warmup_steps in RUN_DIR/config.yaml, "
+                     "and that a resumed run kept the same run length (total_steps)")
+    return Check(name, "PASS", f"{len(pts)} logged lrs follow {want}")
+
+
+def check_vocab_size(tok, cache, counts: np.ndarray | None) -> Check:
+    name = "vocabulary vs data"
+    if cache is None:
+        return Check(name, "SKIP", "no token cache to measure the training data")
+    train_tokens = int(cache.manifest["splits"]["train"]["tokens"])
+    per_entry = train_tokens / tok.vocab_size
+    unused = None
+    if counts is not None:
+        special = tok.special_ids
+        unused = int(sum(1 for i in range(tok.vocab_size) if counts[i] == 0 and i not in special))
+    detail = f"{train_tokens:,} train tokens for {tok.vocab_size:,} entries ({per_entry:.0f} tokens per entry)"
+    if unused is not None:
+        detail += f"; {unused:,} entries ({unused / tok.vocab_size:.1%}) never occur in the train split"
+    if per_entry < MIN_TOKENS_PER_ENTRY or (unused is not None and unused / tok.vocab_size > MAX_UNUSED_SHARE):
+        suggest = max(512, min(tok.vocab_size // 2, 2 ** int(math.log2(max(train_tokens // 1000, 512)))))
+        return Check(name, "WARN", f"large vocabulary on small data: {detail}; rare entries get too few updates to learn",
+                     f"use a smaller vocabulary (e.g. `tinystories tokenizer train --vocab-size {suggest}`) or much more data")
+    return Check(name, "PASS", detail)
+
+
+def check_samples(model, tok, reference: list[str], n: int) -> Check:
+    from tinystories.evaluate import generate_stories
+    from tinystories.sampling import SamplingParams
+    from tinystories.story_stats import story_stats
+
+    name = "articles in samples"
+    if model is None:
+        return Check(name, "SKIP", "not asked (--samples 0)")
+    samples = generate_stories(model, tok, n, SamplingParams(max_new_tokens=128, seed=1234))
+    got = story_stats([s["text"] for s in samples])["articles_per_100_words"] or 0.0
+    if not reference:
+        return Check(name, "SKIP", f"{got:.1f} articles per 100 words in {n} samples; no reference text (pass --reference)")
+    ref = story_stats(reference)["articles_per_100_words"] or 0.0
+    detail = f"{got:.1f} articles per 100 words in {n} samples vs {ref:.1f} in real stories"
+    if got < 0.5 * ref:
+        return Check(name, "WARN", f"too few: {detail}",
+                     "train longer; if ' a'/' the' are split tokens or the cache does not match, fix those first")
+    return Check(name, "PASS", detail)
+
+
+def token_counts(cache, vocab_size: int) -> np.ndarray:
+    stream = cache.split("train").stream()[:COUNT_TOKENS]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    step = 1 << 24
+    for i in range(0, len(stream), step):
+        counts += np.bincount(np.asarray(stream[i : i + step], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def run_checks(run_dir: str | Path, samples: int = SAMPLE_STORIES, reference: str | None = None,
+               device: str = "cpu") -> tuple[list[Check], str]:
+    from tinystories.checkpoint import load_model, read_checkpoint
+    from tinystories.config import config_from_dict
+
+    run = Path(run_dir)
+    if not run.exists():
+        raise UserError(f"{run}: no such run directory")
+    ck = read_checkpoint(run, prefer="latest")
+    tok, state = ck.tokenizer, ck.state
+    cfg = ck.cfg
+    if (run / "config.yaml").is_file() and run.resolve() != ck.path.resolve():
+        try:
+            cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {},
+                                   str(run / "config.yaml"))
+        except (UserError, yaml.YAMLError):
+            pass
+    metrics = read_metrics(run)
+    if metrics is None and run.resolve().parent.name == "checkpoints":  # a checkpoint inside a run directory
+        metrics = read_metrics(run.resolve().parent.parent)
+    checks: list[Check] = []
+    cache_check, cache = check_cache(tok, state)
+    counts = None
+    if cache is not None and cache_check.status != "FAIL":
+        counts = token_counts(cache, tok.vocab_size)
+    checks.append(check_articles(tok, counts))
+    checks.append(cache_check)
+    checks.append(check_val_loss(metrics))
+    checks.append(check_lr(metrics, cfg, state))
+    if samples > 0:
+        from tinystories.evaluate import read_documents, reference_stories, split_long_documents
+
+        model, _ = load_model(ck.path, device)
+        if reference:
+            ref = split_long_documents(read_documents(reference))[:300]
+        else:
+            ref, _ = reference_stories(tok, cache if cache_check.status != "FAIL" else None, None, None)
+        checks.append(check_samples(model, tok, ref, samples))
+    else:
+        checks.append(check_samples(None, tok, [], 0))
+    checks.append(check_vocab_size(tok, cache if cache_check.status != "FAIL" else None, counts))
+    return checks, str(ck.path)
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:4}  {c.name}: {c.detail}")
+        if c.fix and c.status in ("WARN", "FAIL"):
+            lines.append(f"      fix: {c.fix}")
+    n = {s: sum(1 for c in checks if c.status == s) for s in ("PASS", "WARN", "FAIL", "SKIP")}
+    lines.append(f"{n['PASS']} passed, {n['WARN']} warnings, {n['FAIL']} failed, {n['SKIP']} skipped")
+    return "\n".join(lines)
+
+
+def _cmd_doctor(args) -> int:
+    from tinystories.evaluate import pick_device
+
+    if args.samples < 0:
+        raise UserError(f"--samples {args.samples}: must be >= 0 (0 skips the sample check)")
+    checks, ck_path = run_checks(args.run_dir, args.samples, args.reference, pick_device(args.device))
+    print(f"checkpoint {ck_path}")
+    print(format_checks(checks))
+    if args.json:
+        Path(args.json).write_text(json.dumps([c.__dict__ for c in checks], indent=2))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def register_cli(sub) -> None:
+    from tinystories.cli import add_command
+
+    p = add_command(
+        sub, "doctor", "check a run for common mistakes (split article tokens, stale cache, overfitting, lr schedule, vocabulary size)",
+        "  tinystories doctor runs/tiny\n"
+        "  tinystories doctor runs/tiny --samples 0        # skip generating samples\n"
+        "  tinystories doctor runs/imported/checkpoint --reference ../shared/data/tinystories/TinyStories-valid-head.txt\n",
+        _cmd_doctor)
+    p.add_argument("run_dir", help="run directory (or a checkpoint directory)")
+    p.add_argument("--samples", type=int, default=SAMPLE_STORIES, help=f"stories to sample for the article check (default {SAMPLE_STORIES}; 0 = skip)")
+    p.add_argument("--reference", help="real stories for the article-rate comparison (default: the run's validation split)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    p.add_argument("--json", help="also write the checks as JSON")
