@@ -9,6 +9,7 @@ TinyStories paper's rubric: grammar, creativity, consistency with the beginning,
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -266,6 +267,8 @@ def _post(url: str, payload: dict, timeout: float) -> str:
         if e.code in (401, 403, 404):
             raise JudgeUnreachable(f"HTTP {e.code} {e.reason} from {url}") from None
         return ""  # 5xx, 429: treat as a malformed reply and retry
+    except (http.client.HTTPException, ConnectionResetError):
+        return ""  # reached, but it hung up or spoke garbage HTTP: malformed, retry
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise JudgeUnreachable(f"cannot reach {url} ({reason})") from None
@@ -349,8 +352,8 @@ def evaluate(args, log=print) -> dict:
     if args.text:
         docs = read_documents(args.text)
         stream, n_bytes = encode_documents(tok, docs)
-        if args.max_tokens and len(stream) > args.max_tokens:
-            stream = stream[: args.max_tokens]
+        if args.max_tokens and len(stream) > args.max_tokens + 1:
+            stream = stream[: args.max_tokens + 1]  # max_tokens predicted tokens
             n_bytes = len(tok.decode(stream.tolist()).encode("utf-8"))
         result["text"] = str(args.text)
     else:
