@@ -326,31 +326,77 @@ def _hf_token_ids(tok) -> tuple[int, list[int]]:
     return bos, stops
 
 
-def _hf_tokenizer(tok):
-    """A transformers fast tokenizer that encodes like ours, with bos/eos set."""
+def sentencepiece_to_hf_tokenizer(tok):
+    """A `tokenizers.Tokenizer` that encodes and decodes like the SentencePiece model (BPE or unigram, byte fallback).
+
+    Built the way transformers' LlamaConverter builds Llama's tokenizer.json (legacy normalizer: prepend "▁",
+    spaces to "▁"; BPE merges ordered by the merged piece's score), plus SentencePiece's remove_extra_whitespaces
+    normalization (drop leading/trailing spaces, collapse runs of spaces), which Llama 2's tokenizer turns off but llama2.c's small
+    tokenizers keep on."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(tok.path).read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if norm.precompiled_charsmap:
+        raise UserError(f"{tok.path}: SentencePiece models with a normalization charsmap (e.g. nfkc) cannot be exported to Hugging Face yet")
+    if spec.treat_whitespace_as_suffix or not norm.add_dummy_prefix:
+        raise UserError(f"{tok.path}: this SentencePiece whitespace setting is not supported by the Hugging Face export")
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    unk = spec.unk_piece if spec.unk_id >= 0 else None
+    if spec.model_type == 2:  # BPE
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        mergeable = {piece for piece, _, kind in pieces if kind == 1}  # normal pieces (not control/byte/unk)
+        merges = []
+        for piece, score, kind in pieces:
+            if kind != 1:
+                continue
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in mergeable and right in mergeable:
+                    merges.append((-score, vocab[left], vocab[right], left, right))
+        merges = [(m[3], m[4]) for m in sorted(merges)]
+        model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
+    elif spec.model_type == 1:  # unigram
+        model = models.Unigram([(piece, score) for piece, score, _ in pieces], spec.unk_id if unk else None, spec.byte_fallback)
+    else:
+        raise UserError(f"{tok.path}: only BPE and unigram SentencePiece models can be exported to Hugging Face")
+    fast = Tokenizer(model)
+    fast.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece, _, kind in pieces if kind in (2, 3)])
+    steps = []
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]  # spaces only, not newlines
+    steps += [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    fast.normalizer = normalizers.Sequence(steps)
+    fast.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(content=" ", left=1, right=0)])
+    return fast
+
+
+def _hf_tokenizer(tok, max_len: int):
+    """A transformers fast tokenizer that encodes like ours; `tokenizer(text)` puts the start-of-story token first,
+    as the model saw stories in training (add_special_tokens=False gives the bare text tokens)."""
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     if tok.kind == "bpe":
-        vocab = tok.tok.get_vocab(with_added_tokens=True)
-        if "<|endoftext|>" in vocab:
-            special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        fast = Tokenizer.from_file(str(tok.path))
+        start = tok.id_to_piece(tok.doc_start_id)
+        if start == "<|endoftext|>":
+            special = {"bos_token": start, "eos_token": start, "unk_token": start, "pad_token": start}
         else:
-            special = {"bos_token": "<s>", "eos_token": "</s>"}
-        return PreTrainedTokenizerFast(tokenizer_file=str(tok.path), clean_up_tokenization_spaces=False, **special)
-    try:
-        from transformers import LlamaTokenizerFast
-    except ImportError:  # pragma: no cover - older/newer transformers naming
-        from transformers import LlamaTokenizer as LlamaTokenizerFast
-    sp = tok.sp
-    kwargs = dict(vocab_file=str(tok.path), legacy=True, add_bos_token=False, add_eos_token=False,
-                  bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
-                  unk_token=sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None, clean_up_tokenization_spaces=False)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        return LlamaTokenizerFast(**kwargs)
-    except Exception:  # transformers without sentencepiece->fast conversion for this model: build it ourselves
-        from transformers.convert_slow_tokenizer import SpmConverter  # noqa: F401
-        raise
+            special = {"bos_token": start, "eos_token": "</s>", "pad_token": "</s>"}
+    else:
+        fast = sentencepiece_to_hf_tokenizer(tok)
+        sp = tok.sp
+        special = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                                                            ("unk_token", sp.unk_id())) if i >= 0}
+        start = special["bos_token"]
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{start} $A", pair=f"{start} $A {start} $B:1", special_tokens=[(start, tok.doc_start_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=fast, clean_up_tokenization_spaces=False, model_max_length=max_len,
+                                   **special)
 
 
 def export_hf(model, tok, out: Path, force: bool = False) -> Path:
@@ -373,6 +419,9 @@ def export_hf(model, tok, out: Path, force: bool = False) -> Path:
     tmp.mkdir(parents=True)
     try:
         d = hf_cfg.to_dict()
+        for k in ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "problem_type", "output_attentions",
+                  "output_hidden_states", "return_dict", "is_encoder_decoder"):
+            d.pop(k, None)
         d["torch_dtype"] = "float32"
         d["dtype"] = "float32"
         d.setdefault("rope_theta", cfg.rope_theta)
@@ -380,8 +429,12 @@ def export_hf(model, tok, out: Path, force: bool = False) -> Path:
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=eos[0])
         gen.save_pretrained(str(tmp))
-        hf_tok = _hf_tokenizer(tok)
+        hf_tok = _hf_tokenizer(tok, cfg.max_seq_len)
         hf_tok.save_pretrained(str(tmp))
+        tc_file = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"  # the portable name (transformers 4 and 5)
+        tc_file.write_text(json.dumps(tc, indent=2) + "\n")
         smap = tmp / "special_tokens_map.json"
         if not smap.exists():
             smap.write_text(json.dumps({k: v for k, v in hf_tok.special_tokens_map.items()}, indent=2) + "\n")
