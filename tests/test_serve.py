@@ -1,0 +1,376 @@
+"""`tinystories serve` against a real uvicorn server (the CLI in a subprocess on a free loopback port)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import REPO, run_cli  # noqa: E402
+
+CONTEXT = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m tinystories serve ...` in a subprocess; stopped by its pid."""
+
+    def __init__(self, checkpoint: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
+             "--log-level", "warning", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait(self, timeout: float = 60) -> "Server":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if httpx.get(self.url + "/health").json()["active"] == 0:
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        raise AssertionError("generation still running")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok4k) -> Path:
+    """A random model with a 512-token context: slow enough on CPU (a few ms a token) to overlap requests."""
+    import torch
+
+    from tinystories.checkpoint import write_checkpoint_dir
+    from tinystories.config import RunConfig
+    from tinystories.model import Transformer
+    from tinystories.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok4k)
+    cfg = RunConfig.model_validate({"model": {"vocab_size": tok.vocab_size, "dim": 128, "n_layers": 4, "n_heads": 4,
+                                              "n_kv_heads": 2, "max_seq_len": CONTEXT}})
+    torch.manual_seed(0)
+    dest = tmp_path_factory.mktemp("serve") / "ck"
+    write_checkpoint_dir(dest, Transformer(cfg.model), cfg, tok, {"step": 1234, "metrics": {"val_bpb": 2.5}})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def servers(checkpoint):
+    main = Server(checkpoint, "--max-concurrent", "1", "--timeout", "30")
+    other = Server(checkpoint, "--cors-origin", "http://allowed.example", "--timeout", "0.2")
+    try:
+        yield main.wait(), other.wait()
+    finally:
+        main.stop()
+        other.stop()
+
+
+@pytest.fixture
+def server(servers) -> Server:
+    servers[0].wait_idle()
+    return servers[0]
+
+
+def sse_events(lines) -> list[tuple[str, str]]:
+    """(event name, data) pairs from an iterator of SSE lines."""
+    out, name, data = [], "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                out.append((name, "\n".join(data)))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    return out
+
+
+def post(server, path, body, timeout: float = 30):
+    return httpx.post(server.url + path, json=body, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def test_health_model_openapi_and_page(server, checkpoint):
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["max_concurrent"] == 1 and h["active"] == 0
+
+    m = httpx.get(server.url + "/v1/model").json()
+    assert m["architecture"]["dim"] == 128 and m["architecture"]["n_layers"] == 4 and m["context"] == CONTEXT
+    assert m["tokenizer"] == {"kind": "bpe", "vocab_size": 4096, "file": "tokenizer.json"}
+    assert m["step"] == 1234 and m["val_bpb"] == 2.5
+    from tinystories.checkpoint import load_model
+
+    model, _ = load_model(checkpoint)
+    assert m["parameters"] == model.num_params()
+
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/generate", "/v1/completions", "/v1/model", "/health"} <= set(schema["paths"])
+    assert "checkpoint" not in json.dumps(schema["components"]["schemas"]["GenerateRequest"]["properties"])
+
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == m["name"]
+
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="generate"' in page.text and 'id="stop"' in page.text and "cdn" not in page.text.lower()
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert httpx.get(server.url + asset).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ /v1/generate
+
+
+def test_generate_json_matches_the_shared_sampler(server, checkpoint):
+    from tinystories.checkpoint import load_model
+    from tinystories.sampling import SamplingParams, generate_texts
+
+    body = {"prompt": "Once upon a time", "max_new_tokens": 20, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
+            "seed": 7}
+    r = post(server, "/v1/generate", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["finish_reason"] in ("stop", "length") and out["tokens"] == len(out["token_ids"]) <= 20
+    assert out["completion_tokens"] == out["tokens"] and out["prompt_tokens"] >= 2
+    assert out["timing"]["total_s"] > 0 and out["timing"]["tokens_per_s"] > 0
+    model, ck = load_model(checkpoint)
+    expected = generate_texts(model, ck.tokenizer, body["prompt"],
+                              SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9, seed=7))[0]
+    assert body["prompt"] + out["text"] == expected["text"]
+    assert post(server, "/v1/generate", body).json()["text"] == out["text"]  # same seed, same story
+
+
+def test_generate_stream_with_alternatives(server):
+    body = {"prompt": "Tom had a red ball", "max_new_tokens": 12, "seed": 3, "stream": True, "top_alternatives": 5}
+    with httpx.stream("POST", server.url + "/v1/generate", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    names = [n for n, _ in events]
+    assert names[0] == "start" and names[-1] == "done" and set(names[1:-1]) == {"token"}
+    tokens = [json.loads(d) for n, d in events if n == "token"]
+    for t in tokens:
+        probs = [a["prob"] for a in t["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-4
+        assert all(isinstance(a["token"], str) and isinstance(a["id"], int) for a in t["top"])
+    done = json.loads(events[-1][1])
+    assert done["completion_tokens"] == len(tokens) <= 12
+    assert done["finish_reason"] in ("stop", "length") and "tokens_per_s" in done["timing"]
+    plain = post(server, "/v1/generate", {**body, "stream": False, "top_alternatives": 0}).json()
+    assert "".join(t["text"] for t in tokens) == plain["text"]
+
+
+def test_max_new_tokens_is_capped_by_the_context(server):
+    prompt = "the dog " * 240  # ~480 tokens
+    r = post(server, "/v1/generate", {"prompt": prompt, "max_new_tokens": CONTEXT, "seed": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["prompt_tokens"] + out["max_new_tokens"] == CONTEXT
+    assert out["prompt_tokens"] + out["completion_tokens"] <= CONTEXT
+
+
+# ------------------------------------------------------------------------------------------------ OpenAI
+
+
+def test_openai_completions(server):
+    r = post(server, "/v1/completions", {"model": "anything", "prompt": "Once upon a time", "max_tokens": 5,
+                                         "temperature": 0.7, "top_p": 0.9, "seed": 1})
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert c["object"] == "text_completion" and c["id"].startswith("cmpl-") and isinstance(c["created"], int)
+    choice = c["choices"][0]
+    assert set(choice) == {"text", "index", "logprobs", "finish_reason"} and choice["index"] == 0
+    assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["text"], str)
+    u = c["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["completion_tokens"] <= 5
+    # the random model rarely ends a story within 5 tokens
+    assert choice["finish_reason"] == "length" or u["completion_tokens"] < 5
+
+    # a list holding one prompt, and the default max_tokens of 16
+    c2 = post(server, "/v1/completions", {"model": "x", "prompt": ["Once upon a time"], "seed": 1}).json()
+    assert c2["usage"]["completion_tokens"] <= 16
+
+
+def test_openai_completions_stream(server):
+    body = {"model": "m", "prompt": "One day", "max_tokens": 8, "stream": True, "seed": 2,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert reasons[-1] in ("stop", "length") and all(x is None for x in reasons[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 8
+    full = post(server, "/v1/completions", {**body, "stream": False, "stream_options": None}).json()
+    assert "".join(texts) == full["choices"][0]["text"]
+
+
+def test_openai_stop_string(server):
+    full = post(server, "/v1/completions", {"prompt": "Once", "max_tokens": 30, "seed": 5, "temperature": 0}).json()
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("no usable stop string in this sample")
+    cut = post(server, "/v1/completions", {"prompt": "Once", "max_tokens": 30, "seed": 5, "temperature": 0,
+                                           "stop": [stop]}).json()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]
+
+
+# ------------------------------------------------------------------------------------------------ guards
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"temperature": 9}, "temperature", "less than or equal to 5"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"top_alternatives": 6}, "top_alternatives", "less than or equal to 5"),
+    ({"max_new_tokens": 0}, "max_new_tokens", "greater than or equal to 1"),
+    ({"max_new_tokens": CONTEXT + 1}, "max_new_tokens", "exceeds the model's context of 512"),
+    ({"prompt": "once upon a time " * 200}, "prompt", "context is 512"),
+    ({"checkpoint": "/etc/passwd"}, "checkpoint", "Extra inputs are not permitted"),
+    ({"model_path": "../x"}, "model_path", "Extra inputs are not permitted"),
+    ({"prompt": 5}, "prompt", "valid string"),
+])
+def test_generate_validation_422(server, body, field, words):
+    r = post(server, "/v1/generate", body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert any(d["loc"][-1] == field and words in d["msg"] for d in detail), detail
+
+
+def test_completions_validation_and_bad_bodies(server):
+    for body, field in [({"prompt": "x", "max_tokens": 10_000}, "max_tokens"), ({"prompt": "x", "n": 2}, "n"),
+                        ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "x", "file": "/etc/passwd"}, "file"),
+                        ({"prompt": "x", "temperature": 3}, "temperature")]:
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == 422, body
+        assert any(d["loc"][-1] == field for d in r.json()["detail"]), r.text
+    r = httpx.post(server.url + "/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.text
+    r = httpx.post(server.url + "/v1/generate", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422  # a cross-site "simple" form post does not start a generation
+
+
+def test_body_size_limit_413(server):
+    big = {"prompt": "a" * 100_000}
+    r = post(server, "/v1/generate", big)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts
+        for _ in range(100):
+            yield b"x" * 1024
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_busy_429_with_retry_after_and_disconnect_stops_generation(server):
+    body = {"prompt": "Once upon a time", "max_new_tokens": 500, "stream": True, "seed": 1}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.url + "/v1/generate", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not next(lines).startswith('data: {"type": "token"'):
+                pass
+            # one generation is running and --max-concurrent is 1
+            busy = post(server, "/v1/generate", {"prompt": "x", "max_new_tokens": 2})
+            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+            assert "--max-concurrent" in busy.json()["detail"]
+            busy = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+            assert busy.status_code == 429 and busy.headers["Retry-After"]
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+            assert httpx.get(server.url + "/health").json()["active"] == 1
+            t_close = time.monotonic()
+        # leaving the block closes the connection mid-stream: the worker stops at its next token
+    waited = server.wait_idle(5)
+    assert waited < 2.0, f"generation kept running {waited:.1f}s after the client left"
+    assert time.monotonic() - t_close < 5
+    ok = post(server, "/v1/generate", {"prompt": "x", "max_new_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_non_streaming_disconnect_stops_generation(server):
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/generate", {"prompt": "x", "max_new_tokens": 500}, timeout=0.3)
+    # the server notices the disconnect within about half a second and stops
+    assert server.wait_idle(5) < 3.0
+
+
+# ------------------------------------------------------------------------------------------------ CORS, timeout
+
+
+def test_cors_closed_by_default(server):
+    pre = httpx.options(server.url + "/v1/generate", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in pre.headers
+    r = httpx.get(server.url + "/v1/model", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_cors_when_configured(servers):
+    other = servers[1]
+    pre = httpx.options(other.url + "/v1/generate", headers={
+        "Origin": "http://allowed.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://allowed.example"
+    bad = httpx.options(other.url + "/v1/generate", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert bad.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+def test_request_time_limit(servers):
+    other = servers[1]  # --timeout 0.2
+    out = post(other, "/v1/generate", {"prompt": "x", "max_new_tokens": 500, "temperature": 1.0, "seed": 1,
+                                       "repetition_penalty": 1.1}).json()
+    if out["finish_reason"] != "timeout":  # only on a machine fast enough to write 500 tokens in 0.2 s
+        assert out["completion_tokens"] == 500 and out["timing"]["total_s"] < 0.3
+    else:
+        assert out["timing"]["total_s"] < 1.5 and out["completion_tokens"] < 500
+
+
+def test_cli_rejects_bad_options(checkpoint, tmp_path):
+    r = run_cli("serve", "--checkpoint", checkpoint, "--max-concurrent", "0", timeout=60)
+    assert r.returncode == 2 and "--max-concurrent 0" in r.stderr
+    r = run_cli("serve", "--checkpoint", tmp_path / "missing", timeout=60)
+    assert r.returncode == 2 and "no such checkpoint" in r.stderr
