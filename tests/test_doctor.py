@@ -1,0 +1,157 @@
+"""`tinystories doctor`: a healthy fake run passes, a deliberately broken one is flagged (split article tokens,
+a cache from another tokenizer, rising validation loss, a wrong lr schedule), an imported checkpoint skips the
+checks that need metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TRAIN_HEAD, VALID_HEAD, run_cli
+from tinystories.doctor import expected_lr, run_checks
+
+LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    from tinystories.textdata import iter_documents
+
+    docs = list(iter_documents([TRAIN_HEAD], 300))
+    out = tmp_path_factory.mktemp("doctext") / "stories.txt"
+    out.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache4k(tmp_path_factory, tok4k, source) -> Path:
+    from tinystories.cache import prepare
+    from tinystories.tokenizer import load_tokenizer
+
+    path, _ = prepare(load_tokenizer(tok4k), source, tmp_path_factory.mktemp("doccache"), val_fraction=0.1)
+    return path
+
+
+def _config(vocab: int) -> dict:
+    return {"model": {"vocab_size": vocab, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128},
+            "train": {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "max_steps": TOTAL}}
+
+
+def _metrics(val_losses: list[float], lr_of) -> str:
+    lines = []
+    for step in range(0, TOTAL, 5):
+        lines.append({"kind": "train", "step": step, "tokens": step * 1000, "epoch": step / 50, "loss": 5.0 - step / 50,
+                      "lr": lr_of(step), "tokens_per_s": 1e4, "time": step * 0.1})
+    for i, v in enumerate(val_losses):
+        step = (i + 1) * TOTAL // len(val_losses)
+        lines.append({"kind": "val", "step": step, "tokens": step * 1000, "epoch": step / 50, "val_loss": v,
+                      "val_ppl": 2.718 ** v, "val_bpb": v / 3, "train_loss": v - 0.05, "lr": lr_of(step)})
+    return "".join(json.dumps(m) + "\n" for m in lines) + '{"kind": "train", "step": 1'  # torn last line
+
+
+def make_run(root: Path, checkpoint: Path, cache: Path, val_losses, lr_of) -> Path:
+    """A run directory as the trainer writes it: config.yaml, metrics.jsonl, checkpoints/{latest,best}."""
+    import yaml
+
+    run = root
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    dest = ckdir / "step-00000100"
+    shutil.copytree(checkpoint, dest)
+    (dest / "state.json").write_text(json.dumps({"step": TOTAL, "tokens": TOTAL * 1000, "total_steps": TOTAL,
+                                                 "cache_dir": str(cache), "metrics": {"val_loss": val_losses[-1]}}))
+    for name in ("latest", "best"):
+        os.symlink(dest.name, ckdir / name)
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg["train"].update(_config(0)["train"])
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text(_metrics(val_losses, lr_of))
+    return run
+
+
+def _cosine(step: int) -> float:
+    return expected_lr(step, LR, MIN_LR, WARMUP, TOTAL)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, random_checkpoint, cache4k) -> Path:
+    return make_run(tmp_path_factory.mktemp("good") / "run", random_checkpoint, cache4k, [6.0, 4.5, 3.8, 3.4, 3.2], _cosine)
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory, source, cache4k) -> Path:
+    """A 260-entry BPE (" the" split), a cache built with another tokenizer, val loss turning up, constant lr."""
+    import torch
+
+    from tinystories.checkpoint import write_checkpoint_dir
+    from tinystories.config import RunConfig
+    from tinystories.model import Transformer
+    from tinystories.textdata import iter_documents
+    from tinystories.tokenizer import load_tokenizer, train_bpe
+
+    root = tmp_path_factory.mktemp("broken")
+    tok = load_tokenizer(train_bpe(iter_documents([source]), 260, root / "tok260"))
+    assert tok.piece_id("the", True) is None
+    cfg = RunConfig.model_validate(_config(tok.vocab_size))
+    torch.manual_seed(0)
+    write_checkpoint_dir(root / "ck", Transformer(cfg.model), cfg, tok, {"step": 0})
+    return make_run(root / "run", root / "ck", cache4k, [5.0, 4.0, 3.5, 3.9, 4.4], lambda step: LR)
+
+
+def _by_name(checks) -> dict:
+    return {c.name: c for c in checks}
+
+
+def test_expected_lr_shape():
+    assert expected_lr(0, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(LR / WARMUP)
+    assert expected_lr(WARMUP, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(LR)
+    assert expected_lr(TOTAL, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(MIN_LR)
+    assert expected_lr(55, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx((LR + MIN_LR) / 2)
+
+
+def test_good_run_passes(good_run):
+    checks = _by_name(run_checks(good_run, samples=0)[0])
+    for name in ("article tokens", "cache matches tokenizer", "validation loss", "lr schedule"):
+        assert checks[name].status == "PASS", checks[name]
+    assert "' the'" in checks["article tokens"].detail and "%" in checks["article tokens"].detail
+    assert checks["articles in samples"].status == "SKIP"
+    # 4,096 entries for ~60K train tokens: the small-data warning
+    assert checks["vocabulary vs data"].status == "WARN" and "smaller vocabulary" in checks["vocabulary vs data"].fix
+
+
+def test_broken_run_is_flagged(broken_run):
+    r = run_cli("doctor", broken_run, "--samples", "0")
+    assert r.returncode == 1, r.stderr
+    out = r.stdout
+    assert "FAIL  article tokens: ' the'" in out
+    assert "FAIL  cache matches tokenizer" in out
+    assert "FAIL  validation loss: turned up" in out
+    assert "FAIL  lr schedule" in out
+    assert out.count("fix: ") >= 4 and "--vocab-size 4096" in out and "data prepare --tokenizer" in out
+    assert "Traceback" not in r.stderr
+
+
+def test_samples_check_and_checkpoint_dir(good_run):
+    # a checkpoint directory inside a run finds the run's metrics; the sample check compares with real text
+    ck = good_run / "checkpoints" / "latest"
+    checks = _by_name(run_checks(ck, samples=2, reference=str(VALID_HEAD))[0])
+    assert checks["validation loss"].status == "PASS"
+    s = checks["articles in samples"]
+    assert s.status in ("PASS", "WARN") and "in real stories" in s.detail
+
+
+def test_imported_checkpoint_skips_metrics(random_checkpoint):
+    r = run_cli("doctor", random_checkpoint, "--samples", "0")
+    assert r.returncode == 0, r.stderr
+    assert "SKIP  validation loss" in r.stdout and "SKIP  lr schedule" in r.stdout
+    assert "SKIP  cache matches tokenizer" in r.stdout and "PASS  article tokens" in r.stdout
+
+
+def test_doctor_bad_input(tmp_path):
+    for args in ([tmp_path / "missing"], [tmp_path], [tmp_path, "--samples", "-1"]):
+        r = run_cli("doctor", *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
