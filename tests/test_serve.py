@@ -369,8 +369,6 @@ def test_request_time_limit(servers):
         assert out["timing"]["total_s"] < 1.5 and out["completion_tokens"] < 500
 
 
-def test_cli_rejects_bad_options(checkpoint, tmp_path):
+def test_cli_rejects_bad_options(checkpoint):
     r = run_cli("serve", "--checkpoint", checkpoint, "--max-concurrent", "0", timeout=60)
     assert r.returncode == 2 and "--max-concurrent 0" in r.stderr
-    r = run_cli("serve", "--checkpoint", tmp_path / "missing", timeout=60)
-    assert r.returncode == 2 and "no such checkpoint" in r.stderr

@@ -324,7 +324,7 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
         "step": ck.step,
         "val_bpb": _val_bpb(ck.state),
         "metrics": ck.state.get("metrics"),
-        "device": str(model.rope_cos.device),
+        "device": str(next(model.parameters()).device),
         "limits": {"max_concurrent": max_concurrent, "timeout_s": timeout_s, "max_body_bytes": max_body_bytes,
                    "max_alternatives": MAX_ALTERNATIVES},
     }
@@ -532,7 +532,7 @@ def _val_bpb(state: dict) -> float | None:
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4,
           timeout_s: float = 60.0, cors_origins: list[str] | None = None, device: str = "cpu",
-          log_level: str = "info") -> None:
+          log_level: str = "info", threads: int | None = None) -> None:
     try:
         import uvicorn  # noqa: F401
         import fastapi  # noqa: F401
@@ -551,6 +551,14 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
     for origin in cors_origins or []:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise UserError(f"--cors-origin {origin!r}: give an origin like http://localhost:3000 (or '*')")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
+    import torch
+
+    if threads or str(device).startswith("cpu"):
+        # one thread per generation: requests already run in parallel, and intra-op threads only contend
+        # (a 260K-parameter model decodes ~5x faster with 1 thread than with 2 on a 2-core machine)
+        torch.set_num_threads(threads or 1)
     model, ck = load_model(checkpoint, device)
     app = create_app(model, ck, max_concurrent, timeout_s, cors_origins)
     shown = f"[{host}]" if ":" in host else host
@@ -564,7 +572,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
 
 def _cmd_serve(args) -> int:
     serve(args.checkpoint, args.host, args.port, args.max_concurrent, args.timeout, args.cors_origin, args.device,
-          args.log_level)
+          args.log_level, args.threads)
     return 0
 
 
@@ -590,5 +598,7 @@ def register_cli(sub) -> None:
     p.add_argument("--cors-origin", nargs="+", default=[], metavar="ORIGIN",
                    help="allow browser pages from these origins to call the API (default: none, CORS closed)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: 1 on CPU; generations run in parallel threads)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")

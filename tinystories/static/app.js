@@ -56,6 +56,13 @@ function fmtProb(p) {
   return "<0.1%";
 }
 
+// A token as it reads in a list: whitespace-only tokens made visible.
+function visible(t) {
+  if (t === "\n" || t === "\n\n") return t.length === 1 ? "↵ new line" : "↵↵ new paragraph";
+  if (t.trim() === "") return "␣ space";
+  return t.replace(/\n/g, "↵");
+}
+
 function showWhy(span) {
   const why = $("why");
   if (selected) selected.classList.remove("sel");
@@ -76,7 +83,7 @@ function showWhy(span) {
     bar.className = "bar";
     bar.style.width = Math.max(2, alt.prob * 100) + "%";
     const label = document.createElement("span");
-    label.textContent = JSON.stringify(alt.token).slice(1, -1);
+    label.textContent = visible(alt.token);
     w.append(bar, label);
     const p = document.createElement("span");
     p.className = "p";
@@ -88,7 +95,7 @@ function showWhy(span) {
     const li = document.createElement("li");
     li.className = "chosen";
     li.innerHTML = '<span class="w"></span><span class="p">sampled</span>';
-    li.firstChild.textContent = JSON.stringify(span.dataset.token || span.textContent).slice(1, -1);
+    li.firstChild.textContent = visible(span.dataset.token || span.textContent);
     list.append(li);
   }
   why.hidden = false;
