@@ -35,13 +35,18 @@ def likelihood(
     window: int | None = None,
     batch_size: int = 16,
     autocast=None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
-    """Score every token of `stream` after the first; `n_bytes` is the text's UTF-8 size for bits per byte."""
+    """Score every token of `stream` after the first; `n_bytes` is the text's UTF-8 size for bits per byte.
+
+    With world > 1 this process scores only every world-th window (its share); sum `nats` and `tokens`
+    over the processes for the total."""
     window = window or model.cfg.max_seq_len
-    device = model.rope_cos.device
+    device = model.rope.device
     tokens = torch.as_tensor(np.asarray(stream, dtype=np.int64))
     n = len(tokens) - 1  # predicted tokens
-    starts = list(range(0, n, window))
+    starts = list(range(0, n, window))[rank::world]
     total_nats = 0.0
     was_training = model.training
     model.eval()
@@ -62,8 +67,11 @@ def likelihood(
             _, loss = model(x, y, reduction="none")
         total_nats += float(loss.double().sum())  # ignored positions contribute 0
     model.train(was_training)
+    if world > 1:
+        n = sum(min(window, len(tokens) - 1 - s) for s in starts)
     loss = total_nats / max(n, 1)
     return {
+        "nats": total_nats,
         "loss_per_token": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),

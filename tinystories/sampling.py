@@ -82,7 +82,7 @@ def sample(
 ) -> Iterator[Step]:
     """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length)."""
     cfg = model.cfg
-    device = model.rope_cos.device
+    device = model.rope.device
     if len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise ValueError("prompts must be non-empty and of equal length")
     ctx = cfg.max_seq_len
