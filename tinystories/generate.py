@@ -1,0 +1,111 @@
+"""`tinystories generate`: write stories with a trained or imported model, streamed as they are produced."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from tinystories.sampling import SamplingParams, StreamDecoder, generate_texts, prompt_ids, sample
+
+
+def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout) -> dict:
+    """Print one story token by token (UTF-8 safe). Returns counts and speed."""
+    ids = prompt_ids(tok, prompt)
+    dec = StreamDecoder(tok, ids)
+    out.write(prompt)
+    out.flush()
+    n, ended = 0, False
+    t0 = time.perf_counter()
+    for step in sample(model, [ids], params, tok.stop_ids):
+        t = int(step.tokens[0])
+        if t in tok.stop_ids:
+            ended = True
+            break
+        n += 1
+        piece = dec.push(t)
+        if piece:
+            out.write(piece)
+            out.flush()
+    secs = time.perf_counter() - t0
+    out.write("\n")
+    return {"tokens": n, "seconds": secs, "ended": ended}
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ).validate()
+
+
+def _cmd_generate(args) -> int:
+    from tinystories.checkpoint import load_model
+    from tinystories.errors import UserError
+
+    params = _params(args)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, ck = load_model(args.checkpoint, args.device)
+    tok = ck.tokenizer
+    info = sys.stderr
+
+    def one(prompt: str) -> None:
+        n_prompt = len(prompt_ids(tok, prompt))
+        if n_prompt >= model.cfg.max_seq_len:
+            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} tokens")
+        if args.num_samples == 1:
+            r = stream_story(model, tok, prompt, params)
+            print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {r['tokens'] / max(r['seconds'], 1e-9):.0f} tokens/s"
+                  f"{', end of story' if r['ended'] else ''}]", file=info)
+            return
+        t0 = time.perf_counter()
+        stories = generate_texts(model, tok, prompt, params, args.num_samples)
+        secs = time.perf_counter() - t0
+        for i, s in enumerate(stories, 1):
+            print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
+        total = sum(s["tokens"] for s in stories)
+        print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]", file=info)
+
+    if args.prompt is not None:
+        one(args.prompt)
+        return 0
+    print(f"{ck.path} ({model.num_params() / 1e6:.2f}M parameters). Type a story opening; an empty line starts "
+          f"from nothing; Ctrl-D quits.", file=info)
+    while True:
+        try:
+            prompt = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return 0
+        one(prompt.rstrip("\n"))
+        if params.seed is not None:
+            params.seed += 1  # a new story for the same opening next time
+
+
+def add_sampling_args(p, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to generate (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+
+
+def register_cli(sub) -> None:
+    from tinystories.cli import add_command
+
+    p = add_command(sub, "generate", "write stories with a model (KV cache, streamed as they are produced)",
+                    "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
+                    "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
+                    "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
+                    "  tinystories generate --checkpoint runs/cpu                          # interactive\n",
+                    _cmd_generate)
+    p.add_argument("--checkpoint", required=True, help="run directory (uses its best checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", default=None, help="story opening; \"\" starts from the start-of-story token alone; omit for an interactive loop")
+    add_sampling_args(p)
+    p.add_argument("--num-samples", type=int, default=1, help="stories to sample in one batch (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -1,0 +1,77 @@
+"""`tinystories plot RUN_DIR`: train/val loss, bits per byte and learning rate against tokens, as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tinystories.errors import UserError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory made by `tinystories train`?)")
+    points = []
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                points.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{f}: line {i} is not valid JSON") from None
+    return points
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = read_metrics(run_dir)
+    # a resumed run appends again from its checkpoint's step: keep the last value logged for each step
+    train = {p["step"]: p for p in points if p["kind"] == "train"}
+    val = {p["step"]: p for p in points if p["kind"] == "val"}
+    if not train and not val:
+        raise UserError(f"{run_dir}/metrics.jsonl has no points yet")
+    train_pts = [train[s] for s in sorted(train)]
+    val_pts = [val[s] for s in sorted(val)]
+    fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    if train_pts:
+        ax_loss.plot([p["tokens"] for p in train_pts], [p["loss"] for p in train_pts], label="train loss", lw=1, alpha=0.8)
+    if val_pts:
+        ax_loss.plot([p["tokens"] for p in val_pts], [p["val_loss"] for p in val_pts], "o-", label="val loss", ms=3)
+        ax_bpb.plot([p["tokens"] for p in val_pts], [p["val_bpb"] for p in val_pts], "o-", color="C2", ms=3)
+        best = min(val_pts, key=lambda p: p["val_bpb"])
+        ax_bpb.annotate(f"{best['val_bpb']:.3f}", (best["tokens"], best["val_bpb"]), textcoords="offset points", xytext=(0, 8), ha="center")
+    if train_pts:
+        ax_lr.plot([p["tokens"] for p in train_pts], [p["lr"] for p in train_pts], color="C3")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend()
+    ax_bpb.set_ylabel("val bits per byte")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens")
+    for ax in (ax_loss, ax_bpb, ax_lr):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(run_dir).resolve().name}")
+    fig.tight_layout()
+    out = out or Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _cmd_plot(args) -> int:
+    out = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    from tinystories.cli import add_command
+
+    p = add_command(sub, "plot", "plot train/val loss, bits per byte and lr against tokens (PNG)",
+                    "  tinystories plot runs/cpu                 # writes runs/cpu/loss.png\n"
+                    "  tinystories plot runs/cpu --out cpu.png\n", _cmd_plot)
+    p.add_argument("run_dir", help="run directory with metrics.jsonl")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
