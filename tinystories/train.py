@@ -119,7 +119,8 @@ def peak_flops(device: torch.device) -> float | None:
 class WindowSampler:
     """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
 
-    def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device):
+    def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
+                 world: int = 1):
         split = cache.split("train")
         self.shards = [s for s in split.shards if len(s) > seq_len + 1]
         if not self.shards:
@@ -127,10 +128,14 @@ class WindowSampler:
         sizes = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
         self.shard_p = sizes / sizes.sum()
         self.seq_len, self.batch, self.seed, self.rank, self.device = seq_len, batch, seed, rank, device
+        self.world = world
         self.pin = device.type == "cuda"
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, step, micro, self.rank))
+        # seeded by the global micro-batch index micro * world + rank: rank r's micro-step m under DDP draws the
+        # windows of micro-step m * world + r of a single process with world x the accumulation (same data;
+        # a single process draws exactly what it drew before, (seed, step, micro, 0))
+        rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
         shard_idx = rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1 else np.zeros(self.batch, int)
         rows = []
         for si in shard_idx:
@@ -423,7 +428,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    sampler = WindowSampler(cache, T, cfg.train.batch_size, cfg.train.seed, d.rank, device)
+    sampler = WindowSampler(cache, T, cfg.train.batch_size, cfg.train.seed, d.rank, device, d.world)
     val_stream, val_bytes = validation_subset(cache, tok, cfg.train.eval_tokens)
     amp = autocast_ctx(device, dtype)
     peak = peak_flops(device)
@@ -431,6 +436,16 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
     deadline = time.time() + cfg.train.max_minutes * 60 if cfg.train.max_minutes and total_steps is None else None
     if deadline and state.get("deadline_left_s"):
         deadline = time.time() + state["deadline_left_s"]
+
+    def from_rank0(value: float) -> float:  # DDP: rank 0's value, so that every rank runs the same number of steps
+        if not d.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.broadcast(t, 0)
+        return float(t)
+
+    if deadline and d.enabled:
+        deadline = from_rank0(deadline)
     provisional = total_steps is None
     if provisional:
         total_steps = max(start_step + 1, 10**9)
@@ -534,15 +549,21 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 measured_time += time.time() - t_step
 
             # a time budget fixes the schedule's length once warmup has measured the step time
-            if provisional and (step >= max(cfg.train.warmup_steps, start_step + 10) or time.time() > deadline):
+            now_s = from_rank0(time.time()) if deadline else time.time()  # time-budget decisions: rank 0's clock
+            if provisional and (step >= max(cfg.train.warmup_steps, start_step + 10) or now_s > deadline):
                 per_step = measured_time / max(measured_steps, 1)
-                total_steps = max(step + 1, step + int((deadline - time.time()) / (per_step * 1.08)))
+                total_steps = max(step + 1, step + int((deadline - now_s) / (per_step * 1.08)))
+                total_steps = int(from_rank0(total_steps))
                 provisional = False
                 log(f"time budget: {cfg.train.max_minutes:g} min -> {total_steps} steps "
                     f"({per_step * 1000:.0f} ms/step, evaluation included)")
 
             last = step >= total_steps
             if step % cfg.train.log_interval == 0 or last:
+                if d.enabled:  # the logged loss is the mean over every rank's micro-batches, not rank 0's share
+                    dist.all_reduce(running)
+                    running /= d.world
+                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
                 mean_loss = float(running) / max(running_n, 1)  # the one host sync, at log intervals
                 if int(bad_step) >= 0:
                     raise NonFiniteLoss(int(bad_step))
@@ -566,7 +587,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 reporter.log(point, line, total_steps)
             if step % cfg.train.checkpoint_interval == 0 and step % cfg.train.eval_interval and not last:
                 checkpoint(step, last_metrics, False)
-            if deadline and time.time() > deadline + 5 and not last:
+            if deadline and now_s > deadline + 5 and not last:
                 total_steps = step  # over budget (a slow machine): finish now
         else:
             pass
