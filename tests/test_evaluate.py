@@ -274,3 +274,17 @@ def test_eval_missing_and_foreign_checkpoint(tmp_path):
 
 def test_eval_without_cache_says_how_to_pass_text(random_checkpoint):
     assert "--text" in _one_line_error(run_cli("eval", "--checkpoint", random_checkpoint, "--num-stories", "0"))
+
+
+def test_cut_stream_at_story_boundary():
+    import numpy as np
+
+    from tinystories.cache import Split
+    from tinystories.evaluate import cut_stream
+
+    stream = np.array([0, 5, 6, 7, 0, 8, 9, 0, 4, 4, 4, 4], dtype=np.uint16)  # stories at 0, 4, 7
+    split = Split([stream], np.array([[0, 30], [4, 20], [7, 50]]), len(stream), 100)
+    s, b = cut_stream(None, split, 8)  # 9 tokens would cut story 3: stop before it
+    assert s.tolist() == [0, 5, 6, 7, 0, 8, 9] and b == 50
+    s, b = cut_stream(None, split, None)
+    assert len(s) == 12 and b == 100

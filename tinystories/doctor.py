@@ -198,6 +198,9 @@ def check_samples(model, tok, reference: list[str], n: int) -> Check:
     if got < 0.5 * ref:
         return Check(name, "WARN", f"too few: {detail}",
                      "train longer; if ' a'/' the' are split tokens or the cache does not match, fix those first")
+    if got > 2 * ref:
+        return Check(name, "WARN", f"too many: {detail} (an undertrained model strings articles together)",
+                     "train longer; check the samples by eye with `tinystories generate`")
     return Check(name, "PASS", detail)
 
 

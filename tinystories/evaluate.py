@@ -82,16 +82,19 @@ def decode_docs(tok, split, limit: int) -> list[str]:
     return [tok.decode(np.asarray(stream[a + 1 : b], dtype=np.int64).tolist()) for a, b in zip(offsets, offsets[1:])]
 
 
-def cut_stream(split, max_tokens: int | None) -> tuple[np.ndarray, int]:
-    """The split's token stream, cut at a story boundary after at most `max_tokens` tokens, and its bytes."""
+def cut_stream(tok, split, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """The split's token stream cut to `max_tokens` predicted tokens, and the UTF-8 bytes of that text."""
     stream = split.stream()
-    if not max_tokens or len(stream) <= max_tokens:
+    if not max_tokens or len(stream) <= max_tokens + 1:
         return np.asarray(stream, dtype=np.int64), int(split.bytes)
+    end = max_tokens + 1
     offsets = split.docs[:, 0]
-    keep = int(np.searchsorted(offsets, max_tokens, side="right")) - 1  # docs that start before the cut
-    keep = max(keep, 1)
-    end = int(offsets[keep]) if keep < len(offsets) else len(stream)
-    return np.asarray(stream[:end], dtype=np.int64), int(split.docs[:keep, 1].sum())
+    n_whole = int(np.searchsorted(offsets, end, side="right"))  # docs starting before the cut
+    if n_whole >= 2 and int(offsets[n_whole - 1]) + 1 >= end // 2:
+        end = int(offsets[n_whole - 1])  # cut at a story boundary: exact bytes from the index
+        return np.asarray(stream[:end], dtype=np.int64), int(split.docs[: n_whole - 1, 1].sum())
+    cut = np.asarray(stream[:end], dtype=np.int64)  # inside one long document: measure the decoded text
+    return cut, len(tok.decode(cut.tolist()).encode("utf-8"))
 
 
 def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | None, str]:
@@ -366,7 +369,7 @@ def evaluate(args, log=print) -> dict:
         split = cache.split("val")
         if not split.tokens:
             raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
-        stream, n_bytes = cut_stream(split, args.max_tokens)
+        stream, n_bytes = cut_stream(tok, split, args.max_tokens)
         result["text"] = f"{cache.path} (validation split)"
     if len(stream) < 2:
         raise UserError(f"{result['text']}: no text to score")

@@ -40,10 +40,17 @@ def words(text: str) -> list[str]:
     return [w.lower().replace("’", "'") for w in WORD_RE.findall(text)]
 
 
+# words that cannot follow an article at all ("a is", "an and"): a grammar slip, not an a/an agreement error
+_NOT_AFTER_ARTICLE = frozenset(
+    "is are was were am and or but if as at in on of to it its an a the he she they we you i his her my our "
+    "their him them us up so".split())
+
+
 def wants_an(word: str) -> bool | None:
-    """Whether `word` takes "an" (True), "a" (False); None when it cannot tell (a single letter, a number)."""
+    """Whether `word` takes "an" (True), "a" (False); None when it cannot tell (a single letter, a number,
+    a function word that cannot follow an article)."""
     w = word.strip("'’-").lower()
-    if len(w) < 2 or not w[0].isalpha():
+    if len(w) < 2 or not w[0].isalpha() or w in _NOT_AFTER_ARTICLE:
         return None
     if _AN_BEFORE_CONSONANT.match(w):
         return True

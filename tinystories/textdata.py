@@ -206,22 +206,38 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
         return raw_dir
     if version not in HUB_FILES:
         raise UserError(f"--version {version!r}: expected one of {', '.join(HUB_FILES)}")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()  # one message of ours instead of the library's retry log
+    offline = (f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {HUB_REPO}: work offline with "
+               f"local files, e.g. `tinystories data fetch --from ../shared/data/tinystories`")
+    if not all((raw_dir / n).is_file() for n in HUB_FILES[version]) and not _reachable(constants.ENDPOINT):
+        raise UserError(offline)
     for name in HUB_FILES[version]:
         try:
             hf_hub_download(HUB_REPO, name, repo_type="dataset", local_dir=raw_dir)
         except (LocalEntryNotFoundError, OSError) as e:
             if isinstance(e, HfHubHTTPError):
                 raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
-            raise UserError(
-                f"cannot reach the Hugging Face Hub to download {HUB_REPO}/{name}: work offline with local files, "
-                f"e.g. `tinystories data fetch --from ../shared/data/tinystories`"
-            ) from None
+            raise UserError(offline) from None
         except HfHubHTTPError as e:
             raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
     return raw_dir
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Can a TCP connection be opened to the endpoint's host? (a fast offline check before the download)"""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def ensure_writable_dir(path: Path, what: str) -> Path:

@@ -184,7 +184,7 @@ def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int |
 
     if vocab_size < BYTE_ALPHABET + 1:
         raise UserError(
-            f"--vocab-size {vocab_size} is below the byte alphabet plus one special token ({BYTE_ALPHABET + 1}); use e.g. 4096 or 10000"
+            f"--vocab-size {vocab_size} is below the {BYTE_ALPHABET}-byte alphabet plus one special token ({BYTE_ALPHABET + 1}); use e.g. 4096 or 10000"
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

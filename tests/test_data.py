@@ -1,0 +1,157 @@
+"""Raw-text ingestion: formats, bad input, and the Hub download against a local server that speaks its protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, run_cli
+from tinystories.errors import UserError
+from tinystories.textdata import iter_documents, list_text_files, split_files
+
+
+def test_official_format_splits_at_endoftext():
+    docs = list(iter_documents([TRAIN_HEAD]))
+    assert len(docs) == 2316  # the shared README's count
+    assert docs[0].startswith("One day, a little girl named Lily found a needle")
+    assert all("<|endoftext|>" not in d for d in docs)
+    assert all(d == d.strip() for d in docs)
+
+
+def test_one_paragraph_per_line_file_is_one_document():
+    docs = list(iter_documents([VALID_HEAD]))
+    assert len(docs) == 1
+    assert docs[0].count("\n") > 4000
+
+
+def test_json_jsonl_and_blank_line_text(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"story": "Tom ran."}, {"story": "Sue sat.", "summary": "x"}]))
+    (tmp_path / "b.jsonl").write_text('{"story": "A cat."}\n\n{"text": "A dog."}\n')
+    (tmp_path / "c.txt").write_text("First story.\nStill first.\n\nSecond story.\n")
+    docs = list(iter_documents(list_text_files(tmp_path)))
+    assert docs == ["Tom ran.", "Sue sat.", "A cat.", "A dog.", "First story.\nStill first.", "Second story."]
+
+
+def test_split_by_file_name():
+    train, val = split_files(list_text_files(DATA_DIR))
+    assert [p.name for p in train] == ["TinyStories-train-head.txt"]
+    assert [p.name for p in val] == ["TinyStories-valid-head.txt"]
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("empty.txt", b"", "empty"),
+    ("bad.txt", b"Once upon a time\n\xff\xfe broken\n", "invalid UTF-8 at byte 17"),
+    ("bad.json", b"[{\"story\": 1}]", "no 'story'"),
+    ("bad2.json", b"{not json", "not valid JSON"),
+    ("data.csv", b"a,b\n", "unknown format"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, name, content, needle):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=needle):
+        list(iter_documents([f]))
+
+
+def test_missing_path_cli_error(tmp_path):
+    r = run_cli("tokenizer", "train", "--from", tmp_path / "nope.txt", "--out", tmp_path / "t")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers huggingface_hub's file requests: /datasets/{repo}/resolve/{rev}/{file}, HEAD and (ranged) GET."""
+
+    files: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    def log_message(self, *a):
+        pass
+
+    def _lookup(self):
+        name = self.path.split("?")[0].rsplit("/", 1)[-1]
+        if "/datasets/roneneldan/TinyStories/resolve/" not in self.path or name not in self.files:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return self.files[name]
+
+    def _headers(self, body: bytes, start: int = 0):
+        self.send_header("ETag", '"' + hashlib.sha1(body).hexdigest() + '"')
+        self.send_header("X-Repo-Commit", "a" * 40)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body) - start))
+
+    def do_HEAD(self):
+        self.requests.append("HEAD " + self.path)
+        body = self._lookup()
+        if body is not None:
+            self.send_response(200)
+            self._headers(body)
+            self.end_headers()
+
+    def do_GET(self):
+        self.requests.append("GET " + self.path)
+        body = self._lookup()
+        if body is None:
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self._headers(body, start)
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+
+@pytest.fixture()
+def hub_server():
+    train = TRAIN_HEAD.read_bytes()[:200_000]
+    _HubHandler.files = {"TinyStoriesV2-GPT4-train.txt": train, "TinyStoriesV2-GPT4-valid.txt": VALID_HEAD.read_bytes()[:50_000]}
+    _HubHandler.requests = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", _HubHandler
+    srv.shutdown()
+
+
+def test_fetch_downloads_from_the_hub_endpoint(tmp_path, hub_server):
+    url, handler = hub_server
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    raw = tmp_path / "data" / "raw"
+    assert (raw / "TinyStoriesV2-GPT4-train.txt").read_bytes() == handler.files["TinyStoriesV2-GPT4-train.txt"]
+    assert (raw / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == handler.files["TinyStoriesV2-GPT4-valid.txt"]
+    assert any(req.startswith("GET /datasets/roneneldan/TinyStories/resolve/") for req in handler.requests)
+    # a second fetch finds the files already there: no new download
+    downloads = lambda: sum(req.startswith("GET /datasets/") for req in handler.requests)  # noqa: E731
+    n_get = downloads()
+    assert n_get == 2
+    r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert downloads() == n_get
+
+
+def test_fetch_offline_says_how_to_use_local_files(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=env, timeout=120)
+    assert r.returncode == 2
+    assert "--from" in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_fetch_from_local_dir(tmp_path):
+    r = run_cli("data", "fetch", "--from", DATA_DIR, "--data-dir", tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "raw" / "TinyStories-train-head.txt").read_bytes() == TRAIN_HEAD.read_bytes()
