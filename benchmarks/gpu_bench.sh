@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU training benchmark of the 23M config (configs/tinystories-23M.yaml), eager vs torch.compile.
+#
+#   benchmarks/gpu_bench.sh                      # 60 steps each, on ../shared/data/tinystories/TinyStories-train-head.txt
+#   STEPS=100 DATA=data/raw OUT=/tmp/bench benchmarks/gpu_bench.sh
+#
+# For each mode it trains STEPS optimizer steps with the real training loop (64 x 4 x 512 = 131k tokens per step,
+# bf16 autocast, evaluation and checkpoints pushed out of the way) and reports the median tokens/s and MFU that the
+# loop logs to RUN_DIR/metrics.jsonl (MFU appears when the GPU's bf16 peak is known: H100/H200/A100/L4/...), leaving
+# out the first logged interval (allocation, compilation). Peak GPU memory comes from
+# benchmarks/train_throughput.py (the same model and micro-batch 64, one process) via torch.cuda.max_memory_allocated.
+# Without a CUDA GPU it prints a message and exits 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+STEPS=${STEPS:-60}
+DATA=${DATA:-../shared/data/tinystories/TinyStories-train-head.txt}
+OUT=${OUT:-${TMPDIR:-/tmp}/tinystories-gpu-bench}
+MODES=${MODES:-"false true"}   # train.compile values
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu_bench: no CUDA GPU visible to torch (torch.cuda.is_available() is False); nothing to measure, skipping."
+    exit 0
+fi
+if [ ! -e "$DATA" ]; then
+    echo "gpu_bench: training text $DATA not found (set DATA=FILE_OR_DIR)" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+"$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")'
+echo "config: configs/tinystories-23M.yaml, $STEPS steps per mode, data $DATA, runs in $OUT"
+
+summary=()
+for compile in $MODES; do
+    run="$OUT/run-compile-$compile"
+    echo "== train.compile=$compile =="
+    t0=$(date +%s)
+    "$PY" -m tinystories train --config configs/tinystories-23M.yaml --data "$DATA" --out "$run" --force \
+        --set data.data_dir="$OUT/data" --set train.max_steps="$STEPS" --set train.compile="$compile" \
+        --set train.eval_interval=100000000 --set train.checkpoint_interval=100000000 --set train.log_interval=10 \
+        --set train.eval_tokens=65536 --set train.sample_tokens=16 2>&1 | grep -Ev '^\s*$' | tail -n 12
+    t1=$(date +%s)
+    train_line=$("$PY" - "$run/metrics.jsonl" <<'EOF'
+import json, statistics, sys
+pts = [json.loads(l) for l in open(sys.argv[1])]
+tr = [p for p in pts if p["kind"] == "train"]
+steady = tr[1:] or tr  # the first interval includes allocation / compilation
+tps = statistics.median(p["tokens_per_s"] for p in steady)
+mfu = [p["mfu"] for p in steady if "mfu" in p]
+mfu_s = f"{statistics.median(mfu):.1%}" if mfu else "n/a (GPU peak unknown)"
+print(f"tokens/s {tps:,.0f} | MFU {mfu_s} | final train loss {tr[-1]['loss']:.3f}")
+EOF
+)
+    flag=""
+    [ "$compile" = "true" ] && flag="--compile"
+    mem_line=$("$PY" - $flag <<'EOF'
+import runpy, sys, torch
+sys.argv = ["train_throughput.py", "--device", "cuda", "--dim", "448", "--n-layers", "7", "--n-heads", "7",
+            "--hidden-dim", "1408", "--vocab-size", "10000", "--seq-len", "512", "--batch-size", "64",
+            "--steps", "10", "--warmup", "3", *sys.argv[1:]]
+runpy.run_path("benchmarks/train_throughput.py", run_name="__main__")
+print(f"peak_memory_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
+EOF
+)
+    mem=$(echo "$mem_line" | sed -n 's/^peak_memory_gib=//p')
+    micro=$(echo "$mem_line" | sed -n 's/^tokens_per_s=//p')
+    line="compile=$compile: $train_line | peak memory ${mem} GiB (micro-batch 64 x 512) | isolated step ${micro} tok/s | wall $((t1 - t0))s"
+    echo "$line"
+    summary+=("$line")
+done
+echo
+echo "== summary (configs/tinystories-23M.yaml, $STEPS steps, 131,072 tokens per step) =="
+printf '%s\n' "${summary[@]}"
