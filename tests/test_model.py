@@ -1,0 +1,88 @@
+"""The model and the shared sampling function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinystories.config import ModelConfig
+from tinystories.model import KVCache, Transformer
+from tinystories.sampling import SamplingParams, StreamDecoder, apply_repetition_penalty, generate_texts, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, max_seq_len=48)).eval()
+
+
+def test_causal_masking(model):
+    x = torch.randint(0, 300, (1, 40))
+    y = x.clone()
+    y[0, 25] = (y[0, 25] + 1) % 300  # change a future token
+    a, _ = model(x)
+    b, _ = model(y)
+    assert torch.allclose(a[0, :25], b[0, :25], atol=1e-6)
+    assert not torch.allclose(a[0, 25:], b[0, 25:], atol=1e-3)
+
+
+def test_kv_cache_matches_full_forward(model):
+    x = torch.randint(0, 300, (3, 40))
+    full, _ = model(x)
+    cache = KVCache.empty(model.cfg, 3, "cpu", torch.float32)
+    pieces = [model(x[:, :17], cache=cache)[0], model(x[:, 17:30], cache=cache)[0]]  # prefill, then a chunk
+    pieces += [model(x[:, t : t + 1], cache=cache)[0] for t in range(30, 40)]  # one token at a time
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_greedy_with_cache_equals_full_recomputation(model):
+    params = SamplingParams(max_new_tokens=100, temperature=0.0)  # runs past the 48-token context: sliding window
+    cached = torch.stack([s.tokens for s in sample(model, [[1, 2, 3]], params)])
+    recomputed = torch.stack([s.tokens for s in sample(model, [[1, 2, 3]], params, use_cache=False)])
+    assert cached.shape[0] == 100
+    # identical until the window first slides (the two paths keep different amounts of context after it)
+    assert torch.equal(cached[:45], recomputed[:45])
+
+
+def test_sampling_is_seeded_and_batched(model):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, seed=7)
+    a = torch.stack([s.tokens for s in sample(model, [[5, 6]] * 4, params)])
+    b = torch.stack([s.tokens for s in sample(model, [[5, 6]] * 4, params)])
+    assert torch.equal(a, b) and a.shape == (20, 4)
+    assert len({tuple(a[:, i].tolist()) for i in range(4)}) > 1  # the batch rows differ
+
+
+def test_repetition_penalty_sign_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]  # positive divided, negative multiplied: both less likely
+
+
+def test_prompt_longer_than_context_is_an_error(model):
+    from tinystories.errors import UserError
+
+    with pytest.raises(UserError, match="longer than the model's context"):
+        next(sample(model, [[1] * 60], SamplingParams(max_new_tokens=5)))
+
+
+def test_stream_decoder_never_splits_utf8(tok4k):
+    from tinystories.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok4k)
+    text = "Lily said “héllo” — 🐶 ñ!"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    dec = StreamDecoder(tok, [tok.doc_start_id])
+    pieces = [dec.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_generate_texts_stops_at_end_of_story(random_checkpoint):
+    from tinystories.checkpoint import load_model
+
+    model, ck = load_model(random_checkpoint)
+    outs = generate_texts(model, ck.tokenizer, "Once upon a time", SamplingParams(max_new_tokens=30, seed=3), 2)
+    assert len(outs) == 2 and all(o["text"].startswith("Once upon a time") for o in outs)
+    assert all(o["tokens"] <= 30 for o in outs)

@@ -1,0 +1,178 @@
+"""Training: loss falls on real data, exact resume after kill -9, atomic saves, NaN guard, mismatch errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, REPO, run_cli
+from tinystories.checkpoint import load_model, read_checkpoint, save_checkpoint
+from tinystories.config import load_config
+from tinystories.errors import UserError
+from tinystories.train import lr_at, train
+
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0.1",
+        "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",
+        "train.log_interval=1", "train.eval_tokens=4096", "train.sample_tokens=8", "train.dtype=float32"]
+
+
+def tiny_cfg(tmp: Path, tok4k: Path, *extra: str):
+    cfg = load_config(REPO / "configs" / "cpu.yaml", TINY + [f"tokenizer.path={tok4k}", f"data.source={DATA_DIR}",
+                                                             f"data.data_dir={tmp / 'data'}", *extra])
+    cfg.out_dir = str(tmp / "run")
+    return cfg
+
+
+def cli_args(tmp: Path, tok4k: Path, *extra: str) -> list[str]:
+    args = ["train", "--config", str(REPO / "configs" / "cpu.yaml"), "--out", str(tmp / "run"), "--data", str(DATA_DIR)]
+    for s in TINY + [f"tokenizer.path={tok4k}", f"data.data_dir={tmp / 'data'}", *extra]:
+        args += ["--set", s]
+    return args
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        if p["kind"] == "train":
+            out[p["step"]] = p["loss"]  # the last value logged for a step wins (a resumed run logs again)
+    return out
+
+
+def test_cosine_schedule_shape():
+    cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=10"])
+    lrs = [lr_at(s, cfg, 110) for s in range(111)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert lrs[60] == pytest.approx(5.5e-4)  # halfway through the decay
+    assert lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # one decay, no warm restarts
+
+
+def test_loss_falls_on_real_data(tmp_path, tok4k):
+    cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=60", "train.eval_interval=60")
+    result = train(cfg)
+    vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [p for p in vals if p["kind"] == "val"]
+    assert val[0]["step"] == 0 and val[-1]["step"] == 60
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.5  # 8.3 nats (uniform over 4K) -> well below
+    assert 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
+    ck = read_checkpoint(tmp_path / "run")
+    assert ck.step == 60 and ck.state["metrics"]["val_loss"] == pytest.approx(result["metrics"]["val_loss"])
+    model, _ = load_model(tmp_path / "run")
+    assert model.cfg.vocab_size == 4096
+
+
+def test_exact_resume_after_kill_9(tmp_path, tok4k):
+    common = ("train.max_steps=150", "train.checkpoint_interval=20", "train.eval_interval=1000")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    r = run_cli(*cli_args(ref, tok4k, *common))
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(killed, tok4k, *common)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_symlink() and os.readlink(latest) >= "step-00000040":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = read_checkpoint(killed / "run", prefer="latest").step
+    assert 40 <= resumed_from < 150
+    r = run_cli("train", "--resume", killed / "run")
+    assert r.returncode == 0, r.stderr
+    a, b = losses(ref / "run"), losses(killed / "run")
+    after = [s for s in a if s > resumed_from]
+    assert len(after) >= 10
+    # every loss after the resume equals the uninterrupted run's, to the last printed digit
+    assert [f"{a[s]:.4f}" for s in after] == [f"{b[s]:.4f}" for s in after]
+    assert [a[s] for s in after] == [b[s] for s in after]  # in fact bit for bit on CPU
+
+
+def test_atomic_save_survives_a_crash_mid_save(tmp_path, tok4k, monkeypatch):
+    cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=20", "train.eval_interval=1000")
+    train(cfg)
+    run = tmp_path / "run"
+    model, ck = load_model(run, prefer="latest")
+    import tinystories.checkpoint as ckmod
+
+    def crash(dest, *a, **k):
+        dest.mkdir(parents=True)
+        (dest / "model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckmod, "write_checkpoint_dir", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(run, model, ck.cfg, ck.tokenizer, {"step": 40}, {}, is_best=True)
+    monkeypatch.undo()
+    again, ck2 = load_model(run, prefer="latest")  # still the step-20 checkpoint, intact
+    assert ck2.step == 20
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, tok4k, monkeypatch):
+    import tinystories.model as model_mod
+
+    cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=50", "train.checkpoint_interval=10", "train.eval_interval=1000")
+    original = model_mod.Transformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, targets=None, **kw):
+        logits, loss = original(self, tokens, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 25:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+    with pytest.raises(UserError, match="NaN/inf at step 25"):
+        train(cfg)
+    ck = read_checkpoint(tmp_path / "run", prefer="latest")
+    assert ck.step == 20
+    model, _ = load_model(tmp_path / "run", prefer="latest")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k):
+    cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=5", "train.eval_interval=1000")
+    train(cfg)
+    r = run_cli("train", "--resume", tmp_path / "run", "--set",
+                f"tokenizer.path={REPO.parent / 'shared/models/llama2c-stories260K/tok512.model'}")
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+    # a checkpoint whose weights do not fit its config's architecture
+    ck = read_checkpoint(tmp_path / "run")
+    text = (ck.path / "config.yaml").read_text().replace("n_layers: 2", "n_layers: 3")
+    (ck.path / "config.yaml").write_text(text)
+    r = run_cli("generate", "--checkpoint", ck.path, "--prompt", "Once")
+    assert r.returncode == 2 and "do not match the architecture" in r.stderr
+    # starting a new run over an existing one is refused without --force
+    r = run_cli(*cli_args(tmp_path, tok4k, "train.max_steps=5"))
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
+    proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(tmp_path, tok4k, "train.max_steps=100000",
+                             "train.eval_interval=100000", "train.checkpoint_interval=100000")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) > 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in out and "Traceback" not in err
+    assert read_checkpoint(tmp_path / "run", prefer="latest").step > 0
