@@ -1,0 +1,163 @@
+"""Generation speed on CPU: tokens/s with and without the KV cache, batch 1 and 8, and against transformers.
+
+    python benchmarks/generate_speed.py                      # cpu-sized and 23M seed configs
+    python benchmarks/generate_speed.py --vs-transformers    # also HF LlamaForCausalLM.generate, same weights
+
+Random weights, greedy decoding, a ~150-token prompt plus 256 new tokens (~400 tokens of context; a 256-token
+context gets a 64-token prompt and 192 new). Without the cache, sampling.sample(use_cache=False) recomputes the
+whole sequence for every new token; to keep the run short only the first --no-cache-tokens (32) new tokens are
+timed that way, where the recomputed sequence is shortest, so the printed cache speedup is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinystories.config import ModelConfig  # noqa: E402
+from tinystories.model import Transformer  # noqa: E402
+from tinystories.sampling import SamplingParams, sample  # noqa: E402
+
+SEED_CONFIG = dict(vocab_size=10000, dim=448, n_layers=7, n_heads=7, hidden_dim=1408, max_seq_len=512)
+CPU_CONFIG = dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, max_seq_len=256)
+
+
+def cpu_config() -> tuple[str, dict]:
+    path = Path(__file__).resolve().parents[1] / "configs" / "cpu.yaml"
+    if path.is_file():
+        import yaml
+
+        m = (yaml.safe_load(path.read_text()) or {}).get("model", {}) or {}
+        cfg = {**CPU_CONFIG, **{k: v for k, v in m.items() if k in ModelConfig.model_fields}}
+        if not cfg.get("vocab_size"):
+            cfg["vocab_size"] = CPU_CONFIG["vocab_size"]
+        return "cpu (configs/cpu.yaml)", cfg
+    return "cpu", CPU_CONFIG
+
+
+def build(cfg: dict, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+def lengths(model: Transformer, prompt_len: int, new: int) -> tuple[int, int]:
+    """(prompt, new) tokens; a context too short for both keeps a quarter for the prompt (no sliding window)."""
+    ctx = model.cfg.max_seq_len
+    if prompt_len + new > ctx:
+        prompt_len = ctx // 4
+        new = ctx - prompt_len
+    return prompt_len, new
+
+
+def prompt_for(model: Transformer, prompt_len: int, batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    row = torch.randint(3, model.cfg.vocab_size, (prompt_len,), generator=g).tolist()
+    return [row] * batch
+
+
+def time_ours(model, prompts, new: int, use_cache: bool) -> tuple[float, list[int]]:
+    params = SamplingParams(max_new_tokens=new, temperature=0.0)
+    t = time.perf_counter()
+    toks = [int(s.tokens[0]) for s in sample(model, prompts, params, use_cache=use_cache)]
+    dt = time.perf_counter() - t
+    assert len(toks) == new
+    return len(prompts) * new / dt, toks
+
+
+def bench_config(name: str, cfg: dict, args) -> None:
+    model = build(cfg)
+    n_params = model.num_params() / 1e6
+    plen, new = lengths(model, args.prompt_tokens, args.new_tokens)
+    for batch in (1, 8):
+        prompts = prompt_for(model, plen, batch)
+        time_ours(model, prompts, 8, True)  # warm-up
+        cached, a = time_ours(model, prompts, new, True)
+        n_nc = min(new, args.no_cache_tokens)
+        uncached, b = time_ours(model, prompts, n_nc, False)
+        same = "same tokens" if a[:n_nc] == b else "TOKENS DIFFER"
+        ctx = plen + new
+        print(f"{name:24} {n_params:5.1f}M  batch {batch}  context {ctx:3d}  kv-cache {cached:8.1f} tok/s  "
+              f"no-cache (first {n_nc}) {uncached:7.1f} tok/s  cache speedup {cached / uncached:5.1f}x  ({same})", flush=True)
+
+
+def vs_transformers(args) -> float:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    from tinystories.interop import export_hf
+    from tinystories.tokenizer import load_tokenizer
+
+    model = build(SEED_CONFIG)
+    plen, new = lengths(model, args.prompt_tokens, args.new_tokens)
+    prompts = prompt_for(model, plen, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = _seed_tokenizer(Path(tmp))
+        export_hf(model, load_tokenizer(tok_path), Path(tmp) / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(str(Path(tmp) / "hf"), dtype=torch.float32).eval()
+    x = torch.tensor(prompts)
+    mask = torch.ones_like(x)
+
+    def run_hf(n):
+        with torch.inference_mode():
+            return hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               use_cache=True, pad_token_id=0)
+
+    run_hf(8)
+    time_ours(model, prompts, 8, True)
+    best_hf = best_ours = 0.0
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        out = run_hf(new)
+        best_hf = max(best_hf, new / (time.perf_counter() - t))
+        ours, toks = time_ours(model, prompts, new, True)
+        best_ours = max(best_ours, ours)
+    same = out[0, x.size(1):].tolist() == toks
+    print(f"seed 23M batch 1, {new} new tokens: tinystories {best_ours:.1f} tok/s, transformers {best_hf:.1f} tok/s "
+          f"({'same greedy tokens' if same else 'greedy tokens DIFFER'})")
+    return best_ours / best_hf
+
+
+def _seed_tokenizer(tmp: Path) -> Path:
+    """A tokenizer.json with exactly 10,000 entries (the export needs one; its merges do not matter here)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<|endoftext|>": 0, **{f"t{i}": i for i in range(1, SEED_CONFIG["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    path = tmp / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=150)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--no-cache-tokens", type=int, default=32,
+                    help="new tokens timed without the cache (the first ones, at the shortest contexts: the no-cache "
+                         "figure is optimistic, so the reported cache speedup is a lower bound)")
+    ap.add_argument("--repeats", type=int, default=2, help="--vs-transformers: best of this many runs each")
+    ap.add_argument("--only", choices=["cpu", "seed"], default=None, help="benchmark one config only")
+    ap.add_argument("--vs-transformers", action="store_true", help="also time HF transformers generate (seed config)")
+    ap.add_argument("--skip-cache-bench", action="store_true", help="with --vs-transformers: only the HF comparison")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, greedy", flush=True)
+    if not args.skip_cache_bench:
+        name, cfg = cpu_config()
+        if args.only in (None, "cpu"):
+            bench_config(name, cfg, args)
+        if args.only in (None, "seed"):
+            bench_config("seed 23M", SEED_CONFIG, args)
+    if args.vs_transformers:
+        print(f"speedup_vs_transformers={vs_transformers(args):.2f}")
+
+
+if __name__ == "__main__":
+    main()
