@@ -316,17 +316,10 @@ def judge_stories(samples: list[dict], url: str, model: str, timeout: float = 60
 
 
 def pick_device(name: str | None) -> str:
-    import torch
+    from tinystories.train import Dist
+    from tinystories.train import pick_device as resolve
 
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
+    return str(resolve(name or "auto", Dist()))
 
 
 def evaluate(args, log=print) -> dict:

@@ -49,7 +49,9 @@ def _cmd_generate(args) -> int:
         raise UserError(f"--num-samples {args.num_samples}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, ck = load_model(args.checkpoint, args.device)
+    from tinystories.train import Dist, pick_device
+
+    model, ck = load_model(args.checkpoint, pick_device(args.device, Dist()))
     tok = ck.tokenizer
     info = sys.stderr
 

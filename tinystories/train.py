@@ -73,7 +73,9 @@ def pick_device(pref: str, d: Dist) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={pref!r}, but no CUDA GPU is available (use auto or cpu)")
+        raise UserError(f"device {pref!r}: no CUDA GPU is available here (use auto or cpu)")
+    if pref == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("device 'mps': Apple's Metal backend is not available here (use auto or cpu)")
     if pref == "cuda":
         return torch.device("cuda", d.local_rank)
     return torch.device(pref)
