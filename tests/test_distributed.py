@@ -39,7 +39,7 @@ BASE = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0.0",
     "train.batch_size=4", "train.global_batch=8", "train.lr=3e-3", "train.min_lr=3e-3", "train.warmup_steps=0",
     "train.eval_interval=100000", "train.eval_tokens=1024", "train.log_interval=1", "train.checkpoint_interval=100000",
-    "train.sample_tokens=4", "train.dtype=float32", "train.device=cpu",
+    "train.sample_tokens=4", "train.dtype=float32", "train.device=cpu", "train.compile=false",
 ]
 
 

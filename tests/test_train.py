@@ -21,7 +21,8 @@ from tinystories.train import lr_at, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0.1",
         "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",
-        "train.log_interval=1", "train.eval_tokens=4096", "train.sample_tokens=8", "train.dtype=float32"]
+        "train.log_interval=1", "train.eval_tokens=4096", "train.sample_tokens=8", "train.dtype=float32",
+        "train.compile=false"]
 
 
 def tiny_cfg(tmp: Path, tok4k: Path, *extra: str):

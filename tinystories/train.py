@@ -406,9 +406,9 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
     raw_model = model
     if cfg.train.compile:
         model = torch.compile(model)
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
 
     start_step = 0
@@ -486,6 +486,14 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
             ts["cuda_rng"] = torch.cuda.get_rng_state()
         save_checkpoint(run_dir, raw_model, cfg, tok, st, ts, is_best)
 
+    def forward_backward(m, x, y, sync: bool) -> torch.Tensor:
+        ctx = m.no_sync() if d.enabled and not sync else contextlib.nullcontext()
+        with ctx:
+            with amp:
+                _, loss = m(x, y)
+            (loss / cfg.train.grad_accum).backward()
+        return loss
+
     model.train()
     step = start_step
     last_metrics: dict = state.get("metrics", {})
@@ -532,11 +540,15 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
             for micro in range(cfg.train.grad_accum):
                 x, y = sampler.get(step, micro)
                 sync = micro == cfg.train.grad_accum - 1
-                ctx = model.no_sync() if d.enabled and not sync else contextlib.nullcontext()
-                with ctx:
-                    with amp:
-                        _, loss = model(x, y)
-                    (loss / cfg.train.grad_accum).backward()
+                try:
+                    loss = forward_backward(model, x, y, sync)
+                except Exception as e:  # torch.compile fails on the first call (e.g. no C++ compiler): go eager
+                    if not (cfg.train.compile and step == start_step and micro == 0):
+                        raise
+                    log(f"warning: torch.compile failed ({str(e).strip().splitlines()[0][:120]}); training without it")
+                    model = DDP(raw_model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.enabled else raw_model
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = forward_backward(model, x, y, sync)
                 running += loss.detach()
                 running_n += 1
             finite = torch.isfinite(running)
@@ -553,7 +565,8 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
             # a time budget fixes the schedule's length once warmup has measured the step time
             now_s = from_rank0(time.time()) if deadline else time.time()  # time-budget decisions: rank 0's clock
             if provisional and (step >= max(cfg.train.warmup_steps, start_step + 10) or now_s > deadline):
-                per_step = measured_time / max(measured_steps, 1)
+                per_step = (measured_time / measured_steps if measured_steps
+                            else (time.time() - t_start) / max(step - start_step, 1))
                 total_steps = max(step + 1, step + int((deadline - now_s) / (per_step * 1.08)))
                 total_steps = int(from_rank0(total_steps))
                 provisional = False
