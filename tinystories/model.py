@@ -80,7 +80,6 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rot, cache: KVCache | None, layer: int):
@@ -104,7 +103,7 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_heads
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
+            enable_gqa=gqa,  # no dropout on attention weights: it forces SDPA off its fused kernels (2x slower on CPU)
         )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.resid_dropout(self.wo(y))

@@ -598,7 +598,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 line = (f"step {step}/{total_steps if not provisional else '?'} | epoch {point['epoch']:.2f} | "
                         f"tokens {fmt_count(point['tokens'])} | loss {mean_loss:.4f} | lr {lr:.2e} | "
                         f"{fmt_count(tps)} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
-                        f" | eta {fmt_secs(eta)}")
+                        f" | eta {fmt_secs(deadline - now) if provisional and deadline else fmt_secs(eta)}")
                 reporter.log(point, line, total_steps)
             if step % cfg.train.checkpoint_interval == 0 and step % cfg.train.eval_interval and not last:
                 checkpoint(step, last_metrics, False)
