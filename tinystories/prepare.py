@@ -106,12 +106,15 @@ def _cmd_tokenizer_train(args) -> int:
 def _cmd_tokenizer_report(args) -> int:
     import json
 
-    from tinystories.tokenizer import format_report, load_tokenizer, report
+    from tinystories.tokenizer import format_report, format_reports_side_by_side, load_tokenizer, report
 
     reps = [report(load_tokenizer(t), held_out_docs(_source(args), args.stories)) for t in args.tokenizer]
     if args.json:
         Path(args.json).write_text(json.dumps(reps, indent=2))
-    print("\n\n".join(format_report(r) for r in reps))
+    if len(reps) > 1:
+        print(format_reports_side_by_side(reps))
+    else:
+        print(format_report(reps[0]))
     return 0
 
 

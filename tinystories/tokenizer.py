@@ -139,16 +139,9 @@ class SentencePieceTokenizer(TextTokenizer):
         return self.sp.decode([i for i in ids if i not in self.special_ids])
 
     def piece_id(self, word: str, leading_space: bool) -> int | None:
-        ids = self.sp.encode("x " + word if leading_space else word)
-        base = self.sp.encode("x") if leading_space else []
-        # SentencePiece prefixes the text with a space: the first word also carries "▁"
-        rest = ids[len(base):] if ids[: len(base)] == base else None
-        if rest is None or len(rest) != 1:
-            return None
-        piece = self.sp.id_to_piece(rest[0])
-        if not leading_space and piece.startswith("▁"):
-            return None  # no space-less variant separate from the spaced one
-        return rest[0]
+        # SentencePiece marks a preceding space with "▁"; a word after a newline or quote has no "▁"
+        i = self.sp.piece_to_id(("▁" if leading_space else "") + word)
+        return None if i == self.sp.unk_id() else i
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
@@ -279,3 +272,26 @@ def format_report(rep: dict) -> str:
         lines.append(f"                 {a['text']!r:8} {mark:11} {share}")
     lines.append(f"article tokens   {rep['article_token_share']:.2%} of all tokens")
     return "\n".join(lines)
+
+
+def format_reports_side_by_side(reps: list[dict]) -> str:
+    """Several reports as one table, a column per tokenizer (same held-out text)."""
+    from pathlib import Path as _P
+
+    names = [(_P(r["tokenizer"]).parent.name if _P(r["tokenizer"]).stem == "tokenizer" else _P(r["tokenizer"]).name)[-24:]
+             for r in reps]
+    width = max(16, *(len(n) for n in names))
+    rows = [("", names),
+            ("kind", [r["kind"] for r in reps]),
+            ("vocab size", [f"{r['vocab_size']:,}" for r in reps]),
+            ("bytes per token", [f"{r['bytes_per_token']:.2f}" for r in reps]),
+            ("unused entries", [f"{r['unused_vocab']:,} ({r['unused_vocab_share']:.0%})" for r in reps])]
+    for i, a in enumerate(reps[0]["articles"]):
+        cells = []
+        for r in reps:
+            b = r["articles"][i]
+            cells.append(f"1 token, {b['share']:.2%}" if b["single_token"] else "split")
+        rows.append((f"{a['text']!r}", cells))
+    rows.append(("all article tokens", [f"{r['article_token_share']:.2%}" for r in reps]))
+    head = f"held-out text: {reps[0]['stories']:,} stories, {reps[0]['bytes']:,} bytes"
+    return head + "\n" + "\n".join(f"{label:20} " + " ".join(f"{c:>{width}}" for c in cells) for label, cells in rows)
