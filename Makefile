@@ -6,7 +6,11 @@ TORCH_VERSION ?= 2.13.0
 TINYSTORIES_DATA ?=
 QUICKSTART_MINUTES ?= 10
 
-.PHONY: venv quickstart test bench clean
+STORIES260K ?= ../shared/models/llama2c-stories260K
+CHECKPOINT ?=
+PORT ?= 8000
+
+.PHONY: venv quickstart test serve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +27,14 @@ quickstart: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# the playground on CHECKPOINT, else the quickstart's model, else llama2.c's stories260K imported from ../shared
+serve: venv
+	@ck="$(CHECKPOINT)"; \
+	if [ -z "$$ck" ] && [ -e runs/quickstart/checkpoints/latest ]; then ck=runs/quickstart; fi; \
+	if [ -z "$$ck" ]; then ck=runs/stories260K; [ -e $$ck/model.safetensors ] || \
+	  $(VENV)/bin/tinystories import llama2c $(STORIES260K)/stories260K.bin --tokenizer $(STORIES260K)/tok512.model --out $$ck; fi; \
+	$(VENV)/bin/tinystories serve --checkpoint $$ck --port $(PORT)
 
 clean:
 	rm -rf $(VENV) runs data/cache

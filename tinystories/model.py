@@ -63,13 +63,27 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, device, dtype, max_len: int | None = None) -> "KVCache":
         shape = (batch, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
         return cls(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],  # only [:length] is read
+            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
         )
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
+
+
+def fused_weight(owner: nn.Module, linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The weights of several projections of the same input stacked into one matrix, for inference only:
+    one matmul instead of several (decoding one token is dominated by per-call overhead). Rebuilt whenever a
+    weight changes (an optimizer step or a load bumps the tensors' version counters)."""
+    if torch.is_grad_enabled():
+        return None
+    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
+    cached = getattr(owner, "_fused", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([lin.weight for lin in linears]))
+        owner._fused = cached
+    return cached[1]
 
 
 class Attention(nn.Module):
@@ -84,9 +98,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rot, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        w = fused_weight(self, [self.wq, self.wk, self.wv])
+        if w is not None:
+            q, k, v = F.linear(x, w).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
         mask, causal = None, True
         if cache is not None:
@@ -118,6 +137,10 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        w = fused_weight(self, [self.w1, self.w3])
+        if w is not None:
+            gate, up = F.linear(x, w).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
@@ -154,6 +177,15 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half() would cast the complex rotary table to real: rebuild it in full precision
+        super()._apply(fn, recurse)
+        dev = self.tok_embeddings.weight.device
+        if self.rope.device != dev or not self.rope.is_complex():
+            self.rope = rope_table(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(dev)
+            self.rope_real = torch.view_as_real(self.rope).clone()
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -103,7 +103,8 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     print("\ncontinue with:")
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
     print(f"  tinystories serve --checkpoint {out}            # playground at http://127.0.0.1:8000")
-    print(f"  tinystories train --resume {out} --set train.max_minutes={minutes * 3:g}   # train longer")
+    steps = int(ck.state.get("total_steps") or ck.step or 1000)
+    print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   # train 3x longer (the cosine is stretched)")
     print(f"  tinystories doctor {out}")
     return 0
 
