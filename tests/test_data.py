@@ -128,7 +128,8 @@ def hub_server():
 
 def test_fetch_downloads_from_the_hub_endpoint(tmp_path, hub_server):
     url, handler = hub_server
-    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_OFFLINE": "0"}
     r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     raw = tmp_path / "data" / "raw"

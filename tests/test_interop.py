@@ -13,8 +13,20 @@ import torch
 
 from conftest import STORIES260K, TOK512, VALID_HEAD, run_cli
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+@pytest.fixture(autouse=True, scope="module")
+def _offline():
+    """transformers must never try the network here; restored afterwards so other tests' subprocesses
+    (e.g. the Hub download test) are not told to be offline."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 from tinystories.checkpoint import load_model, write_checkpoint_dir  # noqa: E402
 from tinystories.cli import main  # noqa: E402

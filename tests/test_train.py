@@ -167,7 +167,10 @@ def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k):
 def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
     proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(tmp_path, tok4k, "train.max_steps=100000",
                              "train.eval_interval=100000", "train.checkpoint_interval=100000")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a child inherits an ignored SIGINT (some test libraries ignore it in pytest's
+                            # process): give the trainer the default disposition, as a shell would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) > 5):

@@ -221,6 +221,9 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
         except (LocalEntryNotFoundError, OSError) as e:
             if isinstance(e, HfHubHTTPError):
                 raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
+            if constants.HF_HUB_OFFLINE:
+                raise UserError(f"HF_HUB_OFFLINE is set, so {HUB_REPO} cannot be downloaded: unset it, or use local "
+                                f"files, e.g. `tinystories data fetch --from ../shared/data/tinystories`") from None
             raise UserError(offline) from None
         except HfHubHTTPError as e:
             raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
