@@ -59,3 +59,14 @@ def random_checkpoint(tmp_path_factory, tok4k) -> Path:
     dest = tmp_path_factory.mktemp("ck") / "random"
     write_checkpoint_dir(dest, model, cfg, tok, {"step": 0})
     return dest
+
+
+@pytest.fixture(scope="session")
+def stories300(tmp_path_factory) -> Path:
+    """The first 300 stories of the real train head, in the official format (a small raw-text source)."""
+    from tinystories.textdata import iter_documents
+
+    docs = list(iter_documents([TRAIN_HEAD], 300))
+    out = tmp_path_factory.mktemp("stories300") / "stories.txt"
+    out.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
+    return out

@@ -11,20 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN_HEAD, VALID_HEAD, run_cli
+from conftest import VALID_HEAD, run_cli
 from tinystories.doctor import expected_lr, run_checks
 
 LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    from tinystories.textdata import iter_documents
-
-    docs = list(iter_documents([TRAIN_HEAD], 300))
-    out = tmp_path_factory.mktemp("doctext") / "stories.txt"
-    out.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
-    return out
+def source(stories300) -> Path:
+    return stories300
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,8 @@ GOOD = {"grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory) -> Path:
-    """The first 300 stories of the real train head, in the official format."""
-    from tinystories.textdata import iter_documents
-
-    docs = list(iter_documents([TRAIN_HEAD], 300))
-    out = tmp_path_factory.mktemp("text") / "stories.txt"
-    out.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
-    return out
+def small_text(stories300) -> Path:
+    return stories300
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ def _offline():
 from tinystories.checkpoint import load_model, write_checkpoint_dir  # noqa: E402
 from tinystories.cli import main  # noqa: E402
 from tinystories.config import RunConfig  # noqa: E402
-from tinystories.errors import UserError  # noqa: E402
 from tinystories.interop import import_llama2c, read_llama2c, permute_from_hf, permute_to_hf  # noqa: E402
 from tinystories.likelihood import encode_documents, likelihood  # noqa: E402
 from tinystories.model import Transformer  # noqa: E402

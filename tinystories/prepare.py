@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from tinystories.config import RunConfig
-from tinystories.errors import UserError
 
 DEFAULT_TOKENIZER_DIR = "tokenizer"  # under the data directory
 REPORT_STORIES = 2000

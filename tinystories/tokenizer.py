@@ -9,7 +9,6 @@ previous one. SentencePiece models follow llama2.c: BOS before every story, gene
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from tinystories.cache import TokenCache
 from tinystories.checkpoint import (
-    load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint, unwrap,
+    load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint,
 )
 from tinystories.config import RunConfig, load_config, save_config
 from tinystories.errors import UserError
