@@ -67,8 +67,16 @@ def test_loss_falls_on_real_data(tmp_path, tok4k):
     assert 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
     ck = read_checkpoint(tmp_path / "run")
     assert ck.step == 60 and ck.state["metrics"]["val_loss"] == pytest.approx(result["metrics"]["val_loss"])
-    model, _ = load_model(tmp_path / "run")
+    model, ck = load_model(tmp_path / "run")
     assert model.cfg.vocab_size == 4096
+    # the evaluation inside the training loop saw the weights that were saved (no stale inference state)
+    from tinystories.cache import TokenCache
+    from tinystories.likelihood import likelihood
+    from tinystories.train import validation_subset
+
+    stream, n_bytes = validation_subset(TokenCache.open(ck.state["cache_dir"]), ck.tokenizer, cfg.train.eval_tokens)
+    again = likelihood(model, stream, n_bytes, cfg.model.max_seq_len)
+    assert again["loss_per_token"] == pytest.approx(ck.state["metrics"]["val_loss"], abs=1e-4)
 
 
 def test_exact_resume_after_kill_9(tmp_path, tok4k):

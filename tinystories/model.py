@@ -72,20 +72,6 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-def fused_weight(owner: nn.Module, linears: list[nn.Linear]) -> torch.Tensor | None:
-    """The weights of several projections of the same input stacked into one matrix, for inference only:
-    one matmul instead of several (decoding one token is dominated by per-call overhead). Rebuilt whenever a
-    weight changes (an optimizer step or a load bumps the tensors' version counters)."""
-    if torch.is_grad_enabled():
-        return None
-    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lin in linears)
-    cached = getattr(owner, "_fused", None)
-    if cached is None or cached[0] != key:
-        cached = (key, torch.cat([lin.weight for lin in linears]))
-        owner._fused = cached
-    return cached[1]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -98,11 +84,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rot, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        w = fused_weight(self, [self.wq, self.wk, self.wv])
-        if w is not None:
-            q, k, v = F.linear(x, w).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -137,10 +119,6 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        w = fused_weight(self, [self.w1, self.w3])
-        if w is not None:
-            gate, up = F.linear(x, w).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
