@@ -362,16 +362,21 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
         return gen, queue, cancel
 
     async def wait_done(request: Request, queue: asyncio.Queue, cancel: threading.Event) -> None:
-        """Drain the queue until the worker's end marker; cancel the worker if the client goes away."""
-        while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    cancel.set()
-                continue
-            if ev is None:
-                return
+        """Drain the queue until the worker's end marker; cancel the worker if the client goes away
+        (or if this request handler itself is cancelled)."""
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        cancel.set()
+                    continue
+                if ev is None:
+                    return
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     # ------------------------------------------------------------------ routes
 
@@ -412,11 +417,7 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
             return out
 
         if not req.stream:
-            try:
-                await wait_done(request, queue, cancel)
-            except asyncio.CancelledError:
-                cancel.set()
-                raise
+            await wait_done(request, queue, cancel)
             if gen.error:
                 return JSONResponse({"detail": f"generation failed: {gen.error}"}, status_code=500)
             return {"text": gen.text, "prompt": req.prompt, "tokens": len(gen.token_ids), "token_ids": gen.token_ids,
@@ -473,11 +474,7 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
 
         if not req.stream:
-            try:
-                await wait_done(request, queue, cancel)
-            except asyncio.CancelledError:
-                cancel.set()
-                raise
+            await wait_done(request, queue, cancel)
             if gen.error:
                 return JSONResponse({"error": {"message": f"generation failed: {gen.error}", "type": "server_error"}},
                                     status_code=500)
