@@ -296,8 +296,8 @@ def _total_steps(cfg: RunConfig, tokens_per_step: int, train_tokens: int) -> int
     raise UserError("set the run length: train.max_steps, train.max_tokens, train.epochs or train.max_minutes")
 
 
-def find_micro_batch(model, cfg: RunConfig, device, dtype, optimizer_factory) -> int:
-    """Largest power-of-two micro-batch (<= 4x the configured one... up to 1024) whose step fits on the GPU."""
+def find_micro_batch(model, cfg: RunConfig, device, dtype) -> int:
+    """Largest power-of-two micro-batch (up to 1024) whose forward and backward fit on the GPU."""
     if device.type != "cuda":
         return cfg.train.batch_size
     T, V = cfg.model.max_seq_len, cfg.model.vocab_size
@@ -381,7 +381,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
 
     # batch geometry
     if micro_batch == "auto":
-        cfg.train.batch_size = find_micro_batch(model, cfg, device, dtype, None)
+        cfg.train.batch_size = find_micro_batch(model, cfg, device, dtype)
         log(f"--micro-batch auto: {cfg.train.batch_size} sequences fit")
     elif micro_batch:
         cfg.train.batch_size = int(micro_batch)
@@ -604,8 +604,6 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 checkpoint(step, last_metrics, False)
             if deadline and now_s > deadline + 5 and not last:
                 total_steps = step  # over budget (a slow machine): finish now
-        else:
-            pass
         # final evaluation and checkpoint
         ev = evaluate()
         improved = ev["val_loss"] < best_val
