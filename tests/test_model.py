@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 
 from tinystories.config import ModelConfig
 from tinystories.model import KVCache, Transformer
@@ -86,3 +87,57 @@ def test_generate_texts_stops_at_end_of_story(random_checkpoint):
     outs = generate_texts(model, ck.tokenizer, "Once upon a time", SamplingParams(max_new_tokens=30, seed=3), 2)
     assert len(outs) == 2 and all(o["text"].startswith("Once upon a time") for o in outs)
     assert all(o["tokens"] <= 30 for o in outs)
+
+
+def test_generate_cli_compiled_equals_eager(random_checkpoint):
+    # 200 new tokens in a 128-token context: the window slides (eager re-prefill), then compiled steps resume
+    args = ("generate", "--checkpoint", random_checkpoint, "--prompt", "Once upon a time", "--max-new-tokens", "200",
+            "--seed", "5", "--num-samples", "2")
+    eager, compiled = run_cli(*args), run_cli(*args, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.count("--- story") == 2
+    assert "warning" not in compiled.stderr
+
+
+def _teacher_forced_logits(model, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Logits of decoding x one token at a time after a `prefix`-token prompt, through model.decode."""
+    cache = KVCache.empty(model.cfg, x.size(0), "cpu", torch.float32, max_len=model.cfg.max_seq_len + 1)
+    pieces = [model.decode(x[:, :prefix], cache)]
+    pieces += [model.decode(x[:, t : t + 1], cache) for t in range(prefix, x.size(1))]
+    return torch.cat(pieces, dim=1)
+
+
+def test_compiled_decoding_matches_eager_without_recompiling(model):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(1)
+    compiled = Transformer(model.cfg).eval()
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile_decoding()
+    counters.clear()
+    with torch.inference_mode():
+        for batch in (1, 3, 2):  # up to the last position of the context
+            x = torch.randint(0, 300, (batch, model.cfg.max_seq_len))
+            eager = _teacher_forced_logits(model, x, prefix=5)
+            assert torch.allclose(_teacher_forced_logits(compiled, x, prefix=5), eager, atol=1e-4)
+    assert compiled._compiled_step_ran
+    # one graph for batch 1 and one for any other batch size, each serving every position
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compiled_decoding_falls_back_to_eager(model, monkeypatch, capsys):
+    def broken_compile(fn, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = Transformer(model.cfg).eval()
+    fallback.load_state_dict(model.state_dict())
+    fallback.compile_decoding()
+    x = torch.randint(0, 300, (2, 20))
+    with torch.inference_mode():
+        assert torch.allclose(_teacher_forced_logits(fallback, x, 4), _teacher_forced_logits(model, x, 4), atol=1e-6)
+    err = capsys.readouterr().err
+    assert "compiled decoding failed (InductorError: no working C++ compiler found)" in err
+    assert err.count("warning") == 1 and fallback._compiled_step is None

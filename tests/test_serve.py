@@ -336,6 +336,29 @@ def test_non_streaming_disconnect_stops_generation(server):
     assert server.wait_idle(5) < 3.0
 
 
+def test_compiled_server_serves_concurrent_requests_like_the_eager_sampler(checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tinystories.checkpoint import load_model
+    from tinystories.sampling import SamplingParams, generate_texts
+
+    srv = Server(checkpoint, "--compile", "--max-concurrent", "3")
+    try:
+        srv.wait(timeout=180)  # compiling happens before the server listens
+        bodies = [{"prompt": p, "max_new_tokens": 40, "seed": i} for i, p in enumerate(["Once", "Tom had", "A cat"])]
+        with ThreadPoolExecutor(3) as pool:  # three generations in three threads share the compiled step
+            outs = list(pool.map(lambda b: post(srv, "/v1/generate", b, timeout=120), bodies))
+    finally:
+        srv.stop()
+    log = srv.proc.stdout.read()
+    assert "compiled in" in log and "warning: compiled decoding failed" not in log, log
+    model, ck = load_model(checkpoint)
+    for body, r in zip(bodies, outs):
+        assert r.status_code == 200, r.text
+        expected = generate_texts(model, ck.tokenizer, body["prompt"], SamplingParams(max_new_tokens=40, seed=body["seed"]))
+        assert body["prompt"] + r.json()["text"] == expected[0]["text"]
+
+
 # ------------------------------------------------------------------------------------------------ CORS, timeout
 
 

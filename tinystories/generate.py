@@ -52,6 +52,8 @@ def _cmd_generate(args) -> int:
     from tinystories.train import Dist, pick_device
 
     model, ck = load_model(args.checkpoint, pick_device(args.device, Dist()))
+    if args.compile:
+        model.compile_decoding()
     tok = ck.tokenizer
     info = sys.stderr
 
@@ -103,7 +105,7 @@ def register_cli(sub) -> None:
                     "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
                     "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
                     "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
-                    "  tinystories generate --checkpoint runs/cpu                          # interactive\n",
+                    "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
                     _cmd_generate)
     p.add_argument("--checkpoint", required=True, help="run directory (uses its best checkpoint) or checkpoint directory")
     p.add_argument("--prompt", default=None, help="story opening; \"\" starts from the start-of-story token alone; omit for an interactive loop")
@@ -111,3 +113,6 @@ def register_cli(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="stories to sample in one batch (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step (torch.compile): ~1.4x faster decoding on CPU after a "
+                        "few seconds of compiling; worth it for many or long stories and interactive sessions")

@@ -4,12 +4,14 @@ Rotary embeddings rotate interleaved pairs (dims 2i, 2i+1), the layout of Meta's
 llama2.c checkpoints load without permutation; the Hugging Face export permutes q/k to HF's half layout.
 
 `forward(tokens, targets)` trains; `forward(tokens, cache=KVCache)` decodes incrementally and returns the same
-logits as the full forward pass (tests/test_model.py proves it).
+logits as the full forward pass (tests/test_model.py proves it). `decode(tokens, cache)` is what sampling calls:
+the same forward, through torch.compile for one-token steps once `compile_decoding()` was called.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +150,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self._compiled_step = None  # set by compile_decoding()
+        self._compiled_step_ran = False
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.register_buffer("rope_real", torch.view_as_real(self.rope).clone(), persistent=False)
         self.apply(self._init_weights)
@@ -205,6 +209,31 @@ class Transformer(nn.Module):
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
         )
         return logits, loss
+
+    def compile_decoding(self) -> "Transformer":
+        """Route one-token decoding steps through torch.compile: inductor fuses each layer's norms, rotary,
+        cache writes and SwiGLU into a few C++ kernels around the matmuls, and its C++ wrapper removes the
+        per-op Python overhead that dominates a batch-1 step on CPU (benchmarks/generate_speed.py: ~1.3x
+        faster at the 23M shape). dynamic=True: one graph for every batch size and cache position. Costs
+        ~5 s of compiling on first use (more on a cold inductor cache); prompts (prefill) stay eager."""
+        self._compiled_step = torch.compile(self.forward, dynamic=True, options={"cpp_wrapper": True})
+        self._compiled_step_ran = False
+        return self
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T)."""
+        if self._compiled_step is not None and tokens.size(1) == 1 and cache.length > 0:
+            if self._compiled_step_ran:
+                return self._compiled_step(tokens, cache=cache)[0]
+            try:  # compiling happens on the first call; without a working C++ toolchain, stay eager
+                logits = self._compiled_step(tokens, cache=cache)[0]
+                self._compiled_step_ran = True
+                return logits
+            except Exception as e:  # the cache is untouched until the step completes: retry eagerly
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                print(f"warning: compiled decoding failed ({first}); decoding without torch.compile", file=sys.stderr)
+                self._compiled_step = None
+        return self(tokens, cache=cache)[0]
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (6N plus attention), as in the PaLM paper's MFU accounting."""

@@ -103,8 +103,10 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
     keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
 
-    cache = KVCache.empty(cfg, B, device, dtype) if use_cache else None
-    logits, _ = model(seq, cache=cache)
+    # one spare slot: the filled part of the cache is then never the whole buffer, a case torch.compile would
+    # specialise (and recompile) for when a story reaches the end of the context
+    cache = KVCache.empty(cfg, B, device, dtype, max_len=ctx + 1) if use_cache else None
+    logits = model.decode(seq, cache) if use_cache else model(seq)[0]
     logits = logits[:, -1, :]
     for _ in range(params.max_new_tokens):
         if should_stop is not None and should_stop():
@@ -133,9 +135,9 @@ def sample(
             logits, _ = model(seq[:, -ctx:])
         elif cache.length + 1 > ctx:  # slide: rebuild the cache from the last `keep` tokens
             cache.length = 0
-            logits, _ = model(seq[:, -keep:], cache=cache)
+            logits = model.decode(seq[:, -keep:], cache)
         else:
-            logits, _ = model(nxt[:, None], cache=cache)
+            logits = model.decode(nxt[:, None], cache)
         logits = logits[:, -1, :]
 
 
