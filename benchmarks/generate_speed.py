@@ -78,20 +78,26 @@ def time_ours(model, prompts, new: int, use_cache: bool) -> tuple[float, list[in
 
 def bench_config(name: str, cfg: dict, args) -> None:
     model = build(cfg)
+    compiled = build(cfg).compile_decoding()
     n_params = model.num_params() / 1e6
     plen, new = lengths(model, args.prompt_tokens, args.new_tokens)
     for batch in (1, 8):
         prompts = prompt_for(model, plen, batch)
         time_ours(model, prompts, 8, True)  # warm-up
+        t = time.perf_counter()
+        time_ours(compiled, prompts, 8, True)  # compiles (one graph for batch 1, one for larger batches)
+        compile_s = time.perf_counter() - t
         cached, a = time_ours(model, prompts, new, True)
+        fast, _ = time_ours(compiled, prompts, new, True)
         n_nc = min(new, args.no_cache_tokens)
         ctx = plen + new
         long_prompts = prompt_for(model, ctx - n_nc, batch)
         uncached, b = time_ours(model, long_prompts, n_nc, False)
         _, b_cached = time_ours(model, long_prompts, n_nc, True)
         same = "same tokens" if b_cached == b else "TOKENS DIFFER"
-        print(f"{name:24} {n_params:5.1f}M  batch {batch}  context {ctx:3d}  kv-cache {cached:8.1f} tok/s  "
-              f"no-cache (last {n_nc}) {uncached:7.1f} tok/s  cache speedup {cached / uncached:5.1f}x  ({same})", flush=True)
+        print(f"{name:24} {n_params:5.1f}M  batch {batch}  context {ctx:3d}  kv-cache {cached:7.1f} tok/s  "
+              f"compiled {fast:7.1f} tok/s ({compile_s:4.1f}s to compile)  no-cache (last {n_nc}) {uncached:6.1f} tok/s  "
+              f"cache speedup {cached / uncached:5.1f}x  ({same})", flush=True)
 
 
 def vs_transformers(args) -> float:
@@ -111,13 +117,14 @@ def vs_transformers(args) -> float:
     x = torch.tensor(prompts)
     mask = torch.ones_like(x)
 
-    def run_hf(n):
+    def run_hf(n, **kwargs):
         with torch.inference_mode():
             return hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               use_cache=True, pad_token_id=0)
+                               use_cache=True, pad_token_id=0, **kwargs)
 
     run_hf(8)
     time_ours(model, prompts, 8, True)
+    torch._dynamo.reset()  # compile from scratch (inductor's on-disk cache still applies), as a new process would
     compiled = build(SEED_CONFIG).compile_decoding()  # the same weights (same seed), its own compiled step
     t = time.perf_counter()
     time_ours(compiled, prompts, 8, True)
@@ -132,13 +139,63 @@ def vs_transformers(args) -> float:
         for name, m in (("eager", model), ("compiled", compiled)):
             tps, tokens[name] = time_ours(m, prompts, new, True)
             best[name] = max(best[name], tps)
-    hf = best["transformers"]
+    hf_tps = best["transformers"]
     for name in ("eager", "compiled"):
         same = "same greedy tokens" if tokens[name] == tokens["transformers"] else "greedy tokens differ"
         extra = f", compiling took {compile_s:.1f}s once" if name == "compiled" else ""
-        print(f"seed 23M batch 1, {new} new tokens: tinystories {name} {best[name]:.1f} tok/s, transformers {hf:.1f} "
-              f"tok/s, speedup {best[name] / hf:.2f}x ({same}{extra})")
-    return best["compiled"] / hf
+        print(f"seed 23M batch 1, {new} new tokens: tinystories {name} {best[name]:.1f} tok/s, transformers {hf_tps:.1f} "
+              f"tok/s, speedup {best[name] / hf_tps:.2f}x ({same}{extra})")
+    if args.hf_compiled:  # transformers' own fast path: a static cache and torch.compile of the forward
+        hf.forward = torch.compile(hf.forward, options={"cpp_wrapper": True})
+        t = time.perf_counter()
+        run_hf(new, cache_implementation="static")  # compiles (for this cache length)
+        hf_compile_s = time.perf_counter() - t
+        best_hfc = 0.0
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            run_hf(new, cache_implementation="static")
+            best_hfc = max(best_hfc, new / (time.perf_counter() - t))
+        print(f"transformers static cache + torch.compile {best_hfc:.1f} tok/s (compiling took {hf_compile_s:.1f}s): "
+              f"tinystories compiled is {best['compiled'] / best_hfc:.2f}x, eager {best['eager'] / best_hfc:.2f}x")
+    return best["compiled"] / hf_tps
+
+
+def breakdown(args) -> None:
+    """Where a batch-1 step of the seed shape goes: the weight matrix-vector products alone, then a whole step."""
+    from tinystories.model import KVCache
+
+    model = build(SEED_CONFIG)
+    weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
+    weights.append(model.output.weight)  # tied with the embedding, read once per step by the output layer
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def per_call_ms(fn, n=200) -> float:
+        for _ in range(10):
+            fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e3
+
+    def step_ms(m) -> float:
+        cache = KVCache.empty(m.cfg, 1, "cpu", torch.float32, max_len=m.cfg.max_seq_len + 1)
+        m.decode(torch.randint(3, m.cfg.vocab_size, (1, 150)), cache)
+        tok = torch.tensor([[5]])
+
+        def one():
+            m.decode(tok, cache)
+            cache.length -= 1  # stay at position 150
+        return per_call_ms(one)
+
+    with torch.inference_mode():
+        gemv = min(per_call_ms(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]) for _ in range(3))
+        mb = sum(w.numel() for w in weights) * 4 / 1e6
+        eager = min(step_ms(model) for _ in range(3))
+        compiled = build(SEED_CONFIG).compile_decoding()
+        step_ms(compiled)
+        fast = min(step_ms(compiled) for _ in range(3))
+    print(f"seed 23M batch 1 step at position 150: {len(weights)} weight matrix-vector products alone {gemv:.2f} ms "
+          f"({mb:.0f} MB, {mb / gemv:.0f} GB/s); eager step {eager:.2f} ms; compiled step {fast:.2f} ms")
 
 
 def _seed_tokenizer(tmp: Path) -> Path:
@@ -161,7 +218,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="--vs-transformers: best of this many runs each")
     ap.add_argument("--only", choices=["cpu", "seed"], default=None, help="benchmark one config only")
     ap.add_argument("--vs-transformers", action="store_true", help="also time HF transformers generate (seed config)")
-    ap.add_argument("--skip-cache-bench", action="store_true", help="with --vs-transformers: only the HF comparison")
+    ap.add_argument("--hf-compiled", action="store_true",
+                    help="with --vs-transformers: also time transformers with a static cache and torch.compile")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time a batch-1 step against its weight matrix-vector products alone (seed shape)")
+    ap.add_argument("--skip-cache-bench", action="store_true", help="skip the cache table: only --vs-transformers and/or --breakdown")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, greedy", flush=True)
     if not args.skip_cache_bench:
@@ -170,6 +231,8 @@ def main() -> None:
             bench_config(name, cfg, args)
         if args.only in (None, "seed"):
             bench_config("seed 23M", SEED_CONFIG, args)
+    if args.breakdown:
+        breakdown(args)
     if args.vs_transformers:
         print(f"speedup_vs_transformers={vs_transformers(args):.2f}")
 

@@ -135,6 +135,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if not args.compile:
+        cmd.append("--no-compile")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
@@ -161,6 +163,8 @@ def main() -> int:
     ap.add_argument("--max-concurrent", type=int, default=None,
                     help="the started server's --max-concurrent (default: --clients, so no 429s)")
     ap.add_argument("--threads", type=int, default=None, help="the started server's --threads")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="the started server's --compile / --no-compile (default: compiled decoding, as serve)")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="per-request limit in seconds")
     args = ap.parse_args()
 

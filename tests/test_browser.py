@@ -41,7 +41,7 @@ def story_checkpoint(tmp_path_factory, random_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def server(story_checkpoint):
-    s = Server(story_checkpoint, "--max-concurrent", "2")
+    s = Server(story_checkpoint, "--max-concurrent", "2", "--no-compile")
     try:
         yield s.wait()
     finally:

@@ -89,8 +89,9 @@ def checkpoint(tmp_path_factory, tok4k) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(checkpoint):
-    main = Server(checkpoint, "--max-concurrent", "1", "--timeout", "30")
-    other = Server(checkpoint, "--cors-origin", "http://allowed.example", "--timeout", "0.2")
+    # eager decoding: these tests need no compiling (test_compiled_server... covers the default)
+    main = Server(checkpoint, "--max-concurrent", "1", "--timeout", "30", "--no-compile")
+    other = Server(checkpoint, "--cors-origin", "http://allowed.example", "--timeout", "0.2", "--no-compile")
     try:
         yield main.wait(), other.wait()
     finally:
@@ -342,7 +343,7 @@ def test_compiled_server_serves_concurrent_requests_like_the_eager_sampler(check
     from tinystories.checkpoint import load_model
     from tinystories.sampling import SamplingParams, generate_texts
 
-    srv = Server(checkpoint, "--compile", "--max-concurrent", "3")
+    srv = Server(checkpoint, "--max-concurrent", "3")  # compiled decoding is the default
     try:
         srv.wait(timeout=180)  # compiling happens before the server listens
         bodies = [{"prompt": p, "max_new_tokens": 40, "seed": i} for i, p in enumerate(["Once", "Tom had", "A cat"])]

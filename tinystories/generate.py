@@ -114,5 +114,5 @@ def register_cli(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decoding step (torch.compile): ~1.4x faster decoding on CPU after a "
+                   help="compile the one-token decoding step (torch.compile): 1.1-1.6x faster decoding on CPU after a "
                         "few seconds of compiling; worth it for many or long stories and interactive sessions")

@@ -220,6 +220,11 @@ class Transformer(nn.Module):
         self._compiled_step_ran = False
         return self
 
+    @property
+    def decoding_is_compiled(self) -> bool:
+        """compile_decoding() was called and has not fallen back to eager."""
+        return self._compiled_step is not None
+
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T)."""
         if self._compiled_step is not None and tokens.size(1) == 1 and cache.length > 0:

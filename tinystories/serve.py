@@ -17,6 +17,7 @@ unless --cors-origin is given, and no request field names a file: the checkpoint
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the route signatures' annotations at runtime
+import argparse
 import asyncio
 import json
 import threading
@@ -529,7 +530,7 @@ def _val_bpb(state: dict) -> float | None:
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4,
           timeout_s: float = 60.0, cors_origins: list[str] | None = None, device: str = "cpu",
-          log_level: str = "info", threads: int | None = None, compile_decoding: bool = False) -> None:
+          log_level: str = "info", threads: int | None = None, compile_decoding: bool = True) -> None:
     try:
         import uvicorn  # noqa: F401
         import fastapi  # noqa: F401
@@ -565,7 +566,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
         model.compile_decoding()
         for _ in sample(model, [[ck.tokenizer.doc_start_id]], SamplingParams(max_new_tokens=2, temperature=0.0)):
             pass  # the first one-token step compiles, before any request waits on it
-        print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+        if model.decoding_is_compiled:  # else decode() printed why and stays eager
+            print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     app = create_app(model, ck, max_concurrent, timeout_s, cors_origins)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
@@ -606,8 +608,8 @@ def register_cli(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: 1 on CPU; generations run in parallel threads)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decoding step at startup (torch.compile): faster tokens/s for every "
-                        "request after a few seconds of compiling")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the one-token decoding step at startup (torch.compile; a few seconds, falls back to "
+                        "eager if it cannot): ~2x the tokens/s under load on CPU (default: on; --no-compile to skip)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
