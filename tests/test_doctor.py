@@ -150,3 +150,14 @@ def test_doctor_bad_input(tmp_path):
     for args in ([tmp_path / "missing"], [tmp_path], [tmp_path, "--samples", "-1"]):
         r = run_cli("doctor", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_overfitting_fix_builds_on_the_runs_dropout():
+    from tinystories.config import RunConfig
+    from tinystories.doctor import check_val_loss
+
+    rising = [{"kind": "val", "step": s, "val_loss": v} for s, v in ((100, 3.0), (200, 2.5), (300, 2.9))]
+    plain = check_val_loss(rising, RunConfig.model_validate({"model": {"dropout": 0.0}}))
+    assert plain.status == "FAIL" and "add model.dropout=0.1" in plain.fix
+    regularised = check_val_loss(rising, RunConfig.model_validate({"model": {"dropout": 0.1}}))
+    assert "raise model.dropout (now 0.1) to 0.2" in regularised.fix and "add model.dropout" not in regularised.fix

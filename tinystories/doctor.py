@@ -106,7 +106,7 @@ def check_cache(tok, state: dict) -> tuple[Check, object]:
                  f"cache {cache.manifest.get('fingerprint', '')} built with this tokenizer (sha256 {want[:12]})"), cache
 
 
-def check_val_loss(metrics: list[dict] | None) -> Check:
+def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
     name = "validation loss"
     if metrics is None:
         return Check(name, "SKIP", "no metrics.jsonl (imported checkpoint or not a run directory)")
@@ -121,7 +121,10 @@ def check_val_loss(metrics: list[dict] | None) -> Check:
         gap = last - float(val[-1]["train_loss"])
     gap_txt = f"; train/val gap {gap:+.3f}" if gap is not None else ""
     trend = f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) -> last {last:.3f} (step {val[-1].get('step')}){gap_txt}"
-    fix = ("the model is overfitting: use more data (drop data.max_stories), add model.dropout=0.1, train fewer "
+    dropout = cfg.model.dropout if cfg is not None else 0.0
+    more_dropout = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + 0.1):.1f}" if dropout > 0
+                    else "add model.dropout=0.1")
+    fix = (f"the model is overfitting: use more data (drop data.max_stories), {more_dropout}, train fewer "
            "epochs or set train.early_stopping_patience; use checkpoints/best, not latest")
     if best_i < len(losses) - 1 and last > best * 1.05:
         return Check(name, "FAIL", f"turned up {100 * (last / best - 1):.1f}% above its best: {trend}", fix)
@@ -240,7 +243,7 @@ def run_checks(run_dir: str | Path, samples: int = SAMPLE_STORIES, reference: st
         counts = token_counts(cache, tok.vocab_size)
     checks.append(check_articles(tok, counts))
     checks.append(cache_check)
-    checks.append(check_val_loss(metrics))
+    checks.append(check_val_loss(metrics, cfg))
     checks.append(check_lr(metrics, cfg, state))
     if samples > 0:
         from tinystories.evaluate import read_documents, reference_stories, split_long_documents
