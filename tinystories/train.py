@@ -78,7 +78,10 @@ def pick_device(pref: str, d: Dist) -> torch.device:
         raise UserError("device 'mps': Apple's Metal backend is not available here (use auto or cpu)")
     if pref == "cuda":
         return torch.device("cuda", d.local_rank)
-    return torch.device(pref)
+    try:
+        return torch.device(pref)
+    except RuntimeError:
+        raise UserError(f"device {pref!r}: not a torch device (use auto, cpu, cuda, cuda:1 or mps)") from None
 
 
 def cpu_has_bf16() -> bool:
