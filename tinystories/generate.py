@@ -47,7 +47,9 @@ def _cmd_generate(args) -> int:
     params = _params(args)
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples}: must be at least 1")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     from tinystories.train import Dist, pick_device
 
