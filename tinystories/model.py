@@ -228,16 +228,18 @@ class Transformer(nn.Module):
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T)."""
         if self._compiled_step is not None and tokens.size(1) == 1 and cache.length > 0:
-            if self._compiled_step_ran:
-                return self._compiled_step(tokens, cache=cache)[0]
             try:  # compiling happens on the first call; without a working C++ toolchain, stay eager
                 logits = self._compiled_step(tokens, cache=cache)[0]
-                self._compiled_step_ran = True
-                return logits
-            except Exception as e:  # the cache is untouched until the step completes: retry eagerly
+            except Exception as e:
+                if self._compiled_step_ran:  # it compiled and ran before: a real error
+                    raise
+                # the cache is untouched until a step completes: retry eagerly
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
                 print(f"warning: compiled decoding failed ({first}); decoding without torch.compile", file=sys.stderr)
                 self._compiled_step = None
+            else:
+                self._compiled_step_ran = True
+                return logits
         return self(tokens, cache=cache)[0]
 
     def flops_per_token(self) -> float:

@@ -77,7 +77,7 @@ def _cmd_fetch(args) -> int:
     raw = fetch(args.version, args.data_dir, args.source)
     files = sorted(p.name for p in raw.iterdir() if not p.name.startswith("."))
     print(f"raw text in {raw}: {', '.join(files)}")
-    print(f"next: tinystories tokenizer train --data-dir {args.data_dir} --out {Path(args.data_dir) / 'tokenizer'}")
+    print(f"next: tinystories tokenizer train --data-dir {args.data_dir} --out {Path(args.data_dir) / DEFAULT_TOKENIZER_DIR}")
     return 0
 
 
