@@ -327,7 +327,12 @@ def train(cfg: RunConfig, resume: bool = False, init_from: str | None = None, mi
     """Train a run. Returns a summary dict (final step, val metrics, paths)."""
     d = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, d, resume, init_from, micro_batch)
+        result = _train(cfg, d, resume, init_from, micro_batch)
+        if d.enabled:
+            # every rank waits for rank 0's final checkpoint before any tears its process group down: a rank that
+            # destroys gloo's group while a peer is still busy can abort at exit ("terminate called ...", SIGABRT)
+            dist.barrier()
+        return result
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
