@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_HEAD, run_cli
-from tinystories.doctor import expected_lr, run_checks
+from tinystories.doctor import run_checks
+from tinystories.train import lr_at
 
 LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
 
@@ -69,7 +70,9 @@ def make_run(root: Path, checkpoint: Path, cache: Path, val_losses, lr_of) -> Pa
 
 
 def _cosine(step: int) -> float:
-    return expected_lr(step, LR, MIN_LR, WARMUP, TOTAL)
+    from tinystories.config import RunConfig
+
+    return lr_at(step, RunConfig.model_validate(_config(4096)), TOTAL)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +102,6 @@ def broken_run(tmp_path_factory, source, cache4k) -> Path:
 
 def _by_name(checks) -> dict:
     return {c.name: c for c in checks}
-
-
-def test_expected_lr_shape():
-    assert expected_lr(0, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(LR / WARMUP)
-    assert expected_lr(WARMUP, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(LR)
-    assert expected_lr(TOTAL, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx(MIN_LR)
-    assert expected_lr(55, LR, MIN_LR, WARMUP, TOTAL) == pytest.approx((LR + MIN_LR) / 2)
 
 
 def test_good_run_passes(good_run):

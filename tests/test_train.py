@@ -57,6 +57,53 @@ def test_cosine_schedule_shape():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # one decay, no warm restarts
 
 
+def test_run_shorter_than_its_warmup_still_decays():
+    cfg = load_config(None, ["train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=100"])
+    lrs = [lr_at(s, cfg, 50) for s in range(51)]  # 50 steps < 100 warmup steps: warm up over the first 10%
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[50] == pytest.approx(1e-4)
+
+
+def lr_points(run_dir: Path) -> list[dict]:
+    return [p for p in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if p["kind"] == "train"]
+
+
+def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k):
+    from tinystories.doctor import run_checks
+
+    def lr_check(run_dir):
+        return next(c for c in run_checks(run_dir, samples=0)[0] if c.name == "lr schedule")
+
+    # 20 steps with a 100-step warmup: 2 warmup steps, then the whole cosine down to min_lr
+    cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=20", "train.warmup_steps=100", "train.min_lr=3e-4",
+                   "train.eval_interval=1000", "train.checkpoint_interval=1000")
+    train(cfg)
+    lrs = [p["lr"] for p in lr_points(tmp_path / "run")]
+    assert lrs[1] == pytest.approx(3e-3) and lrs[0] == pytest.approx(1.5e-3)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 3.5e-4
+    check = lr_check(tmp_path / "run")
+    assert check.status == "PASS" and "warmup 2 steps" in check.detail, check
+
+    # extended with --resume --set train.max_steps: the cosine is stretched from step 20 on; doctor knows both lengths
+    r = run_cli("train", "--resume", tmp_path / "run", "--set", "train.max_steps=30")
+    assert r.returncode == 0, r.stderr
+    check = lr_check(tmp_path / "run")
+    assert check.status == "PASS" and "run length 20 from step 1 -> 30 from step 21" in check.detail, check
+
+    # a time budget fixes the length after 10 steps and the run still decays; tampered rates are caught
+    budget = tmp_path / "budget"
+    budget.mkdir()
+    cfg = tiny_cfg(budget, tok4k, "train.max_minutes=0.1", "train.warmup_steps=1000", "train.min_lr=3e-4",
+                   "train.eval_interval=100000", "train.checkpoint_interval=100000")
+    train(cfg)
+    pts = lr_points(budget / "run")
+    assert [p["total_steps"] for p in pts[:10]] == [None] * 10 and pts[-1]["total_steps"] == pts[-1]["step"]
+    assert pts[-1]["lr"] < 3.5e-4  # decayed to min_lr although the run was far shorter than its warmup
+    assert lr_check(budget / "run").status == "PASS"
+    (budget / "run" / "metrics.jsonl").write_text("".join(json.dumps({**p, "lr": 3e-3}) + "\n" for p in pts))
+    assert lr_check(budget / "run").status == "FAIL"
+
+
 def test_loss_falls_on_real_data(tmp_path, tok4k):
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=60", "train.eval_interval=60")
     result = train(cfg)

@@ -46,17 +46,6 @@ def read_metrics(run_dir: Path) -> list[dict] | None:
     return out
 
 
-def expected_lr(step: int, lr: float, min_lr: float, warmup: int, total: int, shift: int = 0) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay to min_lr at `total` steps."""
-    s = step + shift
-    if warmup > 0 and s < warmup:
-        return lr * (s + 1) / warmup
-    if total <= warmup:
-        return lr
-    progress = min(max((s - warmup) / (total - warmup), 0.0), 1.0)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -139,28 +128,42 @@ def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
 
 
 def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
+    """Every logged learning rate against the trainer's own schedule (train.lr_at). A train point logs the lr of its
+    last optimizer step (step - 1) and the run length it was scheduled for: that length changes when a time budget
+    fixes it after its first steps, or when a run is resumed with a new train.max_steps (the cosine is stretched)."""
+    from tinystories.train import PROVISIONAL_TOTAL, effective_warmup, lr_at
+
     name = "lr schedule"
     if metrics is None:
         return Check(name, "SKIP", "no metrics.jsonl (imported checkpoint or not a run directory)")
-    pts = [(int(m["step"]), float(m["lr"])) for m in metrics
-           if m.get("kind") == "train" and isinstance(m.get("lr"), (int, float)) and isinstance(m.get("step"), int)]
-    total = state.get("total_steps") or cfg.train.max_steps
-    if len(pts) < 2 or not total:
+    pts = [m for m in metrics if m.get("kind") == "train" and isinstance(m.get("lr"), (int, float))
+           and isinstance(m.get("step"), int)]
+    final_total = state.get("total_steps") or cfg.train.max_steps
+    if len(pts) < 2 or not (final_total or any(m.get("total_steps") for m in pts)):
         return Check(name, "SKIP", "no logged learning rates or no total_steps in state.json")
     t = cfg.train
     tol = lambda e: max(0.05 * abs(e), 1e-3 * t.lr)  # noqa: E731
-    bad = []
-    for step, lr in pts:
-        exp = [expected_lr(step, t.lr, t.min_lr, t.warmup_steps, int(total), s) for s in (-1, 0, 1)]
+    bad, lengths = [], []
+    for m in pts:
+        step, lr = m["step"], float(m["lr"])
+        if "total_steps" in m:  # the exact schedule of that step
+            total = m["total_steps"] or PROVISIONAL_TOTAL
+            exp = [lr_at(step - 1, cfg, total)]
+            if m["total_steps"] and (not lengths or lengths[-1][1] != total):
+                lengths.append((step, total))
+        else:  # metrics from before the length was logged: the final length, either step convention
+            exp = [lr_at(step + s, cfg, int(final_total)) for s in (-1, 0, 1)]
         if all(abs(lr - e) > tol(e) for e in exp):
-            bad.append((step, lr, exp[1]))
-    want = f"warmup {t.warmup_steps} steps to {t.lr:g}, cosine to {t.min_lr:g} at step {total}"
+            bad.append((step, lr, exp[0]))
+    total = lengths[-1][1] if lengths else int(final_total)
+    want = (f"warmup {effective_warmup(t.warmup_steps, total)} steps to {t.lr:g}, cosine to {t.min_lr:g} at step {total}"
+            + ("; run length " + " -> ".join(f"{a} from step {s}" for s, a in lengths) if len(lengths) > 1 else ""))
     if len(bad) > max(1, 0.05 * len(pts)):
         step, lr, exp = bad[len(bad) // 2]
         return Check(name, "FAIL", f"{len(bad)} of {len(pts)} logged lrs differ from the config ({want}); "
                                    f"e.g. step {step}: lr {lr:.3g}, expected {exp:.3g}",
-                     "the run did not follow its config: check train.lr/min_lr/warmup_steps in RUN_DIR/config.yaml, "
-                     "and that a resumed run kept the same run length (total_steps)")
+                     "the run did not follow its config: check train.lr/min_lr/warmup_steps in RUN_DIR/config.yaml "
+                     "(a resumed run reads them from there)")
     return Check(name, "PASS", f"{len(pts)} logged lrs follow {want}")
 
 

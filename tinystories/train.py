@@ -175,10 +175,19 @@ def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) ->
 # ---------------------------------------------------------------------------------------------- schedule
 
 
+PROVISIONAL_TOTAL = 10**9  # the run length while a time budget is still measuring the step time (warmup only)
+
+
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The configured warmup, or the first 10% of a run too short for it, so that every run also decays."""
+    return warmup_steps if warmup_steps < total_steps else total_steps // 10
+
+
 def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Linear warmup over warmup_steps, then one cosine decay from lr to min_lr at total_steps."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then one cosine decay from lr to min_lr at
+    total_steps. The one schedule: the trainer sets it and `doctor` checks logged rates against it."""
     t = cfg.train
-    warm = min(t.warmup_steps, max(total_steps - 1, 0))
+    warm = effective_warmup(t.warmup_steps, total_steps)
     if step < warm:
         return t.lr * (step + 1) / warm
     if step >= total_steps:
@@ -458,7 +467,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
         deadline = from_rank0(deadline)
     provisional = total_steps is None
     if provisional:
-        total_steps = max(start_step + 1, 10**9)
+        total_steps = max(start_step + 1, PROVISIONAL_TOTAL)
     reporter = Reporter(run_dir, cfg, d.main, total_steps if not provisional else 0, start_step)
 
     def evaluate() -> dict:
@@ -542,6 +551,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 t_log += time.time() - t_eval  # tokens/s measures training; the budget still counts evaluation
 
             lr = lr_at(step, cfg, total_steps)
+            lr_total = None if provisional else total_steps  # the run length this lr was scheduled for (logged)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             t_step = time.time()
@@ -570,9 +580,10 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 measured_steps += 1
                 measured_time += time.time() - t_step
 
-            # a time budget fixes the schedule's length once warmup has measured the step time
+            # a time budget fixes the schedule's length once 10 steps have measured the step time (early, so that a
+            # budget shorter than the configured warmup still gets a short warmup and a full decay)
             now_s = from_rank0(time.time()) if deadline else time.time()  # time-budget decisions: rank 0's clock
-            if provisional and (step >= max(cfg.train.warmup_steps, start_step + 10) or now_s > deadline):
+            if provisional and (step >= start_step + 10 or now_s > deadline):
                 per_step = (measured_time / measured_steps if measured_steps
                             else (time.time() - t_start) / max(step - start_step, 1))
                 total_steps = max(step + 1, step + int((deadline - now_s) / (per_step * 1.08)))
@@ -600,7 +611,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                 eta = (total_steps - step) * tokens_per_step / max(tps, 1e-9)
                 point = {"kind": "train", "step": step, "tokens": step * tokens_per_step,
                          "epoch": step * tokens_per_step / train_tokens, "loss": mean_loss, "lr": lr,
-                         "tokens_per_s": tps, "time": now - t_start}
+                         "total_steps": lr_total, "tokens_per_s": tps, "time": now - t_start}
                 if mfu is not None:
                     point["mfu"] = mfu
                 line = (f"step {step}/{total_steps if not provisional else '?'} | epoch {point['epoch']:.2f} | "
