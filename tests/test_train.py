@@ -235,3 +235,10 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
     assert proc.returncode == 130, err
     assert "--resume" in out and "Traceback" not in err
     assert read_checkpoint(tmp_path / "run", prefer="latest").step > 0
+
+
+def test_bad_micro_batch_is_a_one_line_error(tmp_path):
+    for value in ("foo", "0", "-2", "1.5"):
+        r = run_cli("train", "--config", REPO / "configs" / "cpu.yaml", "--out", tmp_path / "run", "--micro-batch", value)
+        assert r.returncode == 2 and f"--micro-batch '{value}'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

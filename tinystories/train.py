@@ -665,6 +665,9 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
 
 def _cmd_train(args) -> int:
     overrides = list(args.set or [])
+    mb = args.micro_batch
+    if mb is not None and mb != "auto" and not (mb.isdigit() and int(mb) >= 1):
+        raise UserError(f"--micro-batch {mb!r}: give a whole number of sequences >= 1, or auto")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
