@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from tinystories.sampling import SamplingParams, StreamDecoder, generate_texts, prompt_ids, sample
+from tinystories.sampling import (SamplingParams, StreamDecoder, compile_decoding_now, generate_texts, prompt_ids,
+                                  sample)
 
 
 def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout) -> dict:
@@ -54,10 +55,10 @@ def _cmd_generate(args) -> int:
     from tinystories.train import Dist, pick_device
 
     model, ck = load_model(args.checkpoint, pick_device(args.device, Dist()))
-    if args.compile:
-        model.compile_decoding()
     tok = ck.tokenizer
     info = sys.stderr
+    if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed
+        compile_decoding_now(model, tok.doc_start_id, lambda line: print(line, file=info, flush=True))
 
     def one(prompt: str) -> None:
         n_prompt = len(prompt_ids(tok, prompt))

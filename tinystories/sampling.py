@@ -141,6 +141,20 @@ def sample(
         logits = logits[:, -1, :]
 
 
+def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str], None]) -> None:
+    """model.compile_decoding(), then compile it at once with a 2-token greedy sample, so that the seconds of
+    compiling are spent (and reported) up front instead of inside the first story or request."""
+    import time
+
+    t0 = time.perf_counter()
+    log("compiling the decoding step (torch.compile)...")
+    model.compile_decoding()
+    for _ in sample(model, [[start_id]], SamplingParams(max_new_tokens=2, temperature=0.0)):
+        pass
+    if model.decoding_is_compiled:  # else decode() printed why and stays eager
+        log(f"compiled in {time.perf_counter() - t0:.1f}s")
+
+
 class StreamDecoder:
     """Turns a growing list of token ids into text pieces, never splitting a multi-byte UTF-8 character."""
 
