@@ -31,6 +31,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     )
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert a CLI run failed the project's way: exit status 2, one `error: ...` line naming each needle on
+    stderr, no traceback. Returns the line."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tok4k(tmp_path_factory) -> Path:
     """A 4,096-token BPE trained on the real train head (directory holding tokenizer.json)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, one_line_error, run_cli
 from tinystories.config import load_config
 from tinystories.errors import UserError
 from tinystories.model import Transformer
@@ -44,3 +44,42 @@ def test_cli_config_error_is_one_line(tmp_path):
     f.write_text("model:\n  layers: 3\n")
     r = run_cli("train", "--config", f)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "model.layers" in r.stderr
+
+
+def test_set_errors_blame_the_set_not_the_file(tmp_path):
+    r = run_cli("train", "--config", "configs/cpu.yaml", "--set", "train.nope=3", "--out", tmp_path / "run")
+    line = one_line_error(r, "--set train.nope=3", "unknown key 'train.nope'")
+    assert "configs/cpu.yaml" not in line
+    with pytest.raises(UserError, match=r"^--set nope\.x=1: unknown key 'nope'"):
+        load_config(REPO / "configs" / "cpu.yaml", ["nope.x=1"])
+    # a key written by the file is still the file's fault; a section-wide check names both
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(UserError, match=r"c\.yaml: unknown key 'train\.lrr'"):
+        load_config(f, ["train.lr=1e-3"])
+    with pytest.raises(UserError, match=r"cpu\.yaml with --set model\.dim=100: .*divisible"):
+        load_config(REPO / "configs" / "cpu.yaml", ["model.dim=100"])
+
+
+@pytest.mark.parametrize("item", ["train.max_steps=-1", "train.max_steps=0", "train.max_tokens=0",
+                                  "train.epochs=-0.5", "train.max_minutes=0", "train.epochs=.inf",
+                                  "data.val_fraction=1.5", "data.val_fraction=-1", "data.val_fraction=1",
+                                  "data.max_stories=0", "tokenizer.max_stories=-3"])
+def test_out_of_range_values_are_rejected(item):
+    key, value = item.split("=")
+    with pytest.raises(UserError, match=rf"^--set {item}: invalid value for '{key}': must be"):
+        load_config(REPO / "configs" / "cpu.yaml", [item])
+
+
+def test_run_length_null_and_positive_are_fine():
+    cfg = load_config(REPO / "configs" / "cpu.yaml", ["train.max_minutes=null", "train.max_steps=5",
+                                                     "data.val_fraction=0", "data.max_stories=1"])
+    assert cfg.train.max_minutes is None and cfg.train.max_steps == 5 and cfg.data.val_fraction == 0
+
+
+def test_cli_run_length_error_is_one_line(tmp_path):
+    r = run_cli("train", "--config", "configs/cpu.yaml", "--set", "train.max_steps=-1", "--out", tmp_path / "run")
+    one_line_error(r, "--set train.max_steps=-1", "train.max_steps", "positive")
+    r = run_cli("train", "--config", "configs/cpu.yaml", "--set", "data.val_fraction=1.5", "--out", tmp_path / "run")
+    one_line_error(r, "data.val_fraction", "[0, 1)", "1.5")
+    assert not (tmp_path / "run").exists()

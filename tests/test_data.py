@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, run_cli
+from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
 from tinystories.errors import UserError
 from tinystories.textdata import iter_documents, list_text_files, split_files
 
@@ -60,6 +60,58 @@ def test_missing_path_cli_error(tmp_path):
     r = run_cli("tokenizer", "train", "--from", tmp_path / "nope.txt", "--out", tmp_path / "t")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "nope.txt" in r.stderr and "Traceback" not in r.stderr
+    assert "--from" in r.stderr
+
+
+def test_missing_path_hint_names_the_flag_of_the_command(tmp_path):
+    # `train` takes its text from --data (or data.source), not --from
+    r = run_cli("train", "--config", "configs/cpu.yaml", "--data", tmp_path / "nope.txt", "--out", tmp_path / "run")
+    line = one_line_error(r, "nope.txt", "--data", "data.source")
+    assert "--from" not in line
+    r = run_cli("train", "--config", "configs/cpu.yaml", "--set", f"data.data_dir={tmp_path / 'empty'}",
+                "--out", tmp_path / "run")
+    line = one_line_error(r, "no raw text found", "--data")
+    assert "--from" not in line
+    assert not (tmp_path / "run").exists()
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    one_line_error(run_cli("tokenizer", "train", "--from", empty, "--out", tmp_path / "t"), "no text files", "--from")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--val-fraction", "1.5"], "--val-fraction 1.5"),
+    (["--val-fraction", "-1"], "--val-fraction -1"),
+    (["--val-fraction", "1"], "--val-fraction 1"),
+    (["--max-stories", "0"], "--max-stories 0"),
+    (["--max-stories", "-3"], "--max-stories -3"),
+])
+def test_prepare_rejects_out_of_range_options(tmp_path, tok4k, extra, needle):
+    r = run_cli("data", "prepare", "--tokenizer", tok4k, "--from", TRAIN_HEAD, "--data-dir", tmp_path / "d", *extra)
+    one_line_error(r, needle)
+    assert not (tmp_path / "d").exists()  # rejected before anything was built
+
+
+def test_no_validation_split_is_said(tmp_path, tok4k, stories300):
+    r = run_cli("data", "prepare", "--tokenizer", tok4k, "--from", stories300, "--data-dir", tmp_path / "d",
+                "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--val-fraction 0" in notes[0] and "train split" in notes[0], r.stdout
+    r = run_cli("data", "prepare", "--tokenizer", tok4k, "--from", stories300, "--data-dir", tmp_path / "d",
+                "--val-fraction", "0.1")
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
+
+    # what `train` and `quickstart` print (ensure_run_data): the config key, once
+    from tinystories.config import load_config
+    from tinystories.prepare import ensure_run_data
+
+    logged: list[str] = []
+    cfg = load_config(None, [f"data.source={stories300}", f"data.data_dir={tmp_path / 'd'}",
+                             f"tokenizer.path={tok4k}", "data.val_fraction=0"])
+    _, cache = ensure_run_data(cfg, logged.append)
+    assert cache.manifest["splits"]["val"]["tokens"] == 0
+    notes = [line for line in logged if line.startswith("note:")]
+    assert len(notes) == 1 and "data.val_fraction=0" in notes[0] and "memorisation" in notes[0], logged
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):

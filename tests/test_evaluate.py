@@ -254,9 +254,14 @@ def _one_line_error(r):
     (["--num-stories", "-2"], "--num-stories"),
     (["--judge-url", "http://x"], "--judge-model"),
     (["--text", "/nonexistent/file.txt"], "--text"),
+    (["--max-tokens", "0"], "--max-tokens 0"),
+    (["--max-tokens", "-5"], "--max-tokens -5"),
+    (["--reference", "/nonexistent/ref.txt"], "--reference /nonexistent/ref.txt"),
+    (["--train-text", "/nonexistent/train.txt"], "--train-text /nonexistent/train.txt"),
 ])
 def test_eval_bad_options(random_checkpoint, extra, needle):
-    assert needle in _one_line_error(run_cli("eval", "--checkpoint", random_checkpoint, *extra))
+    line = _one_line_error(run_cli("eval", "--checkpoint", random_checkpoint, *extra))
+    assert needle in line and "--from" not in line
 
 
 def test_eval_missing_and_foreign_checkpoint(tmp_path):

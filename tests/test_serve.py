@@ -397,3 +397,18 @@ def test_request_time_limit(servers):
 def test_cli_rejects_bad_options(checkpoint):
     r = run_cli("serve", "--checkpoint", checkpoint, "--max-concurrent", "0", timeout=60)
     assert r.returncode == 2 and "--max-concurrent 0" in r.stderr
+
+
+def test_port_in_use_is_one_line_before_the_model_loads(checkpoint, tmp_path):
+    from conftest import one_line_error
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli("serve", "--checkpoint", checkpoint, "--port", port, timeout=60)
+        one_line_error(r, f"port {port} is already in use", "--port")
+        # checked before the checkpoint is read: a missing one still fails on the port first
+        r = run_cli("serve", "--checkpoint", tmp_path / "nope", "--port", port, "--no-compile", timeout=60)
+        one_line_error(r, f"port {port} is already in use")
+    assert "uvicorn" not in r.stdout.lower()

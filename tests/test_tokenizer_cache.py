@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DATA_DIR, LLAMA2_TOKENIZER, TOK512, TRAIN_HEAD, VALID_HEAD, run_cli
+from conftest import DATA_DIR, LLAMA2_TOKENIZER, TOK512, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
 from tinystories.cache import TokenCache, prepare
 from tinystories.errors import UserError
 from tinystories.textdata import iter_documents
@@ -56,6 +56,18 @@ def test_report_shows_article_starvation_of_32k_vocab(tok4k):
 def test_vocab_below_byte_alphabet_is_rejected(tmp_path):
     r = run_cli("tokenizer", "train", "--vocab-size", "200", "--from", TRAIN_HEAD, "--out", tmp_path / "t")
     assert r.returncode == 2 and "256" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("stories", ["0", "-5"])
+def test_report_rejects_non_positive_story_count(tok4k, stories):
+    r = run_cli("tokenizer", "report", "--tokenizer", tok4k, "--from", TRAIN_HEAD, "--stories", stories)
+    one_line_error(r, f"--stories {stories}", ">= 1")
+
+
+def test_tokenizer_train_rejects_non_positive_max_stories(tmp_path):
+    r = run_cli("tokenizer", "train", "--from", TRAIN_HEAD, "--max-stories", "0", "--out", tmp_path / "t")
+    one_line_error(r, "--max-stories 0", ">= 1")
+    assert not (tmp_path / "t").exists()
 
 
 def test_not_a_tokenizer_file(tmp_path):

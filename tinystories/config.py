@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from tinystories.errors import UserError
 
@@ -65,6 +65,12 @@ class ModelConfig(_Strict):
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
+def _at_least_one(v: int | None) -> int | None:
+    if v is not None and v < 1:
+        raise ValueError("must be >= 1, or null to use every story")
+    return v
+
+
 class DataConfig(_Strict):
     """Where raw text comes from and where the token cache lives."""
 
@@ -73,6 +79,18 @@ class DataConfig(_Strict):
     val_fraction: float = 0.01  # held-out share when no official validation file is present
     max_stories: int | None = None
 
+    @field_validator("val_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1), e.g. 0.01 (0 = hold out nothing)")
+        return v
+
+    @field_validator("max_stories")
+    @classmethod
+    def _stories(cls, v: int | None) -> int | None:
+        return _at_least_one(v)
+
 
 class TokenizerConfig(_Strict):
     """Either a path to an existing tokenizer, or the settings to train one."""
@@ -80,6 +98,11 @@ class TokenizerConfig(_Strict):
     path: str | None = None  # tokenizer.json, a directory holding one, or a SentencePiece .model
     vocab_size: int = 10000
     max_stories: int | None = None
+
+    @field_validator("max_stories")
+    @classmethod
+    def _stories(cls, v: int | None) -> int | None:
+        return _at_least_one(v)
 
 
 class TrainConfig(_Strict):
@@ -113,6 +136,14 @@ class TrainConfig(_Strict):
     wandb: bool = False
     wandb_project: str = "tinystories"
 
+    @field_validator("max_steps", "max_tokens", "epochs", "max_minutes")
+    @classmethod
+    def _run_length(cls, v: float | None) -> float | None:
+        # 0 is not "unset" (null is): a zero or negative run length is a mistake, not a request
+        if v is not None and not 0 < v < math.inf:
+            raise ValueError("must be a positive number, or null to leave it unset")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         for key in ("batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
@@ -131,16 +162,35 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def _format_validation_error(err: ValidationError, origin: str, overrides: list[str] | None = None) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     kind = first["type"]
+    origin = _blame(origin, tuple(str(p) for p in first["loc"]), overrides or [], kind == "extra_forbidden")
     if kind == "extra_forbidden":
         return f"{origin}: unknown key '{key}' (check the spelling; see configs/ for valid keys)"
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
     return f"{origin}: invalid value for '{key}': {msg}{shown}"
+
+
+def _override_path(item: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in item.split("=", 1)[0].strip().split("."))
+
+
+def _blame(origin: str, loc: tuple[str, ...], overrides: list[str], unknown_key: bool = False) -> str:
+    """Where the offending key came from: the --set that wrote it (or a section above it; for an unknown section,
+    the --set that created it), else the file, naming the --set overrides that touched the section when the
+    error is about a whole section (e.g. model.dim not divisible by model.n_heads)."""
+    for item in reversed(overrides):  # the last --set of a key wins
+        path = _override_path(item)
+        if loc[: len(path)] == path or (unknown_key and loc and path[: len(loc)] == loc):
+            return f"--set {item}"
+    touched = [item for item in overrides if loc and _override_path(item)[: len(loc)] == loc]
+    if touched:
+        return f"{origin} with " + " ".join(f"--set {item}" for item in touched)
+    return origin
 
 
 def _parse_scalar(text: str) -> Any:
@@ -182,7 +232,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, origin)) from None
+        raise UserError(_format_validation_error(e, origin, overrides)) from None
 
 
 def config_from_dict(raw: dict, origin: str = "checkpoint config") -> RunConfig:

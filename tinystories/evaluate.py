@@ -59,10 +59,13 @@ def split_long_documents(docs: list[str]) -> list[str]:
     return out
 
 
-def read_documents(path: str | Path) -> list[str]:
+def read_documents(path: str | Path, flag: str | None = None) -> list[str]:
+    """The documents of a text file or directory; `flag` (e.g. "--reference") is the option that named it, for errors."""
     from tinystories.textdata import iter_documents, list_text_files
 
-    return list(iter_documents(list_text_files(path)))
+    if not Path(path).exists():
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: no such file or directory")
+    return list(iter_documents(list_text_files(path, flag or "the path")))
 
 
 def open_run_cache(state: dict):
@@ -102,7 +105,7 @@ def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | Non
     from tinystories.story_stats import vocabulary
 
     if train_text:
-        return vocabulary(read_documents(train_text)), str(train_text)
+        return vocabulary(read_documents(train_text, "--train-text")), str(train_text)
     if cache is None:
         return None, "no training text (pass --train-text FILE)"
     sources = [Path(s["path"]) for s in cache.manifest.get("sources", []) if s.get("split", "train") == "train"]
@@ -130,12 +133,12 @@ def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | Non
 def reference_stories(tok, cache, reference: str | None, text: str | None) -> tuple[list[str], str]:
     """Real stories to compare with: --reference, else the cache's validation split, else --text."""
     if reference:
-        return split_long_documents(read_documents(reference))[:REFERENCE_STORIES], str(reference)
+        return split_long_documents(read_documents(reference, "--reference"))[:REFERENCE_STORIES], str(reference)
     if cache is not None and cache.manifest["splits"]["val"]["tokens"]:
         docs = split_long_documents(decode_docs(tok, cache.split("val"), REFERENCE_STORIES))
         return docs[:REFERENCE_STORIES], f"{cache.path} (validation split)"
     if text:
-        return split_long_documents(read_documents(text))[:REFERENCE_STORIES], str(text)
+        return split_long_documents(read_documents(text, "--text"))[:REFERENCE_STORIES], str(text)
     return [], "none (pass --reference FILE)"
 
 
@@ -334,8 +337,11 @@ def evaluate(args, log=print) -> dict:
         raise UserError("--judge-url and --judge-model go together (e.g. --judge-url http://localhost:8000 --judge-model gpt-4o-mini)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed).validate()
-    if args.text and not Path(args.text).exists():
-        raise UserError(f"--text {args.text}: no such file or directory")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1 (leave it out to score all the text)")
+    for flag, value in (("--text", args.text), ("--reference", args.reference), ("--train-text", args.train_text)):
+        if value and not Path(value).exists():  # checked before the model loads and the stories are generated
+            raise UserError(f"{flag} {value}: no such file or directory")
     device = pick_device(args.device)
     model, ck = load_model(args.checkpoint, device)
     tok = ck.tokenizer
@@ -346,7 +352,7 @@ def evaluate(args, log=print) -> dict:
     # likelihood
     t0 = time.time()
     if args.text:
-        docs = read_documents(args.text)
+        docs = read_documents(args.text, "--text")
         stream, n_bytes = encode_documents(tok, docs)
         if args.max_tokens and len(stream) > args.max_tokens + 1:
             stream = stream[: args.max_tokens + 1]  # max_tokens predicted tokens
@@ -456,7 +462,7 @@ def register_cli(sub) -> None:
         _cmd_eval)
     p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
     p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all the text)")
     p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES, help=f"stories to generate (default {DEFAULT_STORIES}; 0 = none)")
     p.add_argument("--reference", help="real stories to compare with (default: the cache's validation split, else --text)")
     p.add_argument("--train-text", help="training text for the invented-words statistic (default: the cache's sources)")

@@ -28,7 +28,21 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
     points = read_metrics(run_dir)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fig_types = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in fig_types:
+        raise UserError(f"--out {out}: matplotlib cannot write '{out.suffix}' files; use .png (or one of "
+                        f"{', '.join('.' + t for t in sorted(fig_types))})")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name, e.g. --out {out / 'loss.png'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+        raise UserError(f"--out {out}: cannot create the directory {out.parent} ({why}); pick another --out") from None
     # a resumed run appends again from its checkpoint's step: keep the last value logged for each step
     train = {p["step"]: p for p in points if p["kind"] == "train"}
     val = {p["step"]: p for p in points if p["kind"] == "val"}
@@ -55,9 +69,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{Path(run_dir).resolve().name}")
     fig.tight_layout()
-    out = out or Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write the plot ({e.strerror or e}); pick another --out") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -74,4 +91,4 @@ def register_cli(sub) -> None:
                     "  tinystories plot runs/cpu                 # writes runs/cpu/loss.png\n"
                     "  tinystories plot runs/cpu --out cpu.png\n", _cmd_plot)
     p.add_argument("run_dir", help="run directory with metrics.jsonl")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png); missing parent directories are created")

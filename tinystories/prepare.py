@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tinystories.config import RunConfig
+from tinystories.errors import UserError
 
 DEFAULT_TOKENIZER_DIR = "tokenizer"  # under the data directory
 REPORT_STORIES = 2000
@@ -45,10 +46,12 @@ def train_tokenizer(source: Path, vocab_size: int, out_dir: Path, max_stories: i
 def ensure_run_data(cfg: RunConfig, log=print):
     """The tokenizer and token cache a run needs, trained/built when missing. Returns (tokenizer, cache)."""
     from tinystories.cache import TokenCache, prepare
-    from tinystories.textdata import resolve_source
+    from tinystories.textdata import list_text_files, resolve_source
     from tinystories.tokenizer import load_tokenizer
 
-    source = resolve_source(cfg.data.source, cfg.data.data_dir)
+    # `train` and `quickstart` name the raw text with --data (or the config's data.source)
+    source = resolve_source(cfg.data.source, cfg.data.data_dir, flag="--data")
+    list_text_files(source, flag="--data")
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
@@ -65,7 +68,33 @@ def ensure_run_data(cfg: RunConfig, log=print):
     sp = cache.manifest["splits"]
     log(f"token cache {path} ({'cache hit' if hit else f'built in {time.time() - t0:.1f}s'}): "
         f"train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens")
+    note = empty_val_note(cache.manifest, source, "data.val_fraction=")
+    if note:
+        log(note)
     return tok, cache
+
+
+def empty_val_note(manifest: dict, source: Path, setting: str) -> str | None:
+    """One line when a cache has no held-out text: training then validates on its train split (train.py's
+    validation_subset), so "val loss" is a train loss. `setting` names the knob: "data.val_fraction=" or
+    "--val-fraction "."""
+    if manifest["splits"]["val"]["tokens"] >= 2:
+        return None
+    fraction = manifest.get("val_fraction") or 0
+    if any(s.get("split") == "val" for s in manifest.get("sources", [])):
+        why = f"the validation file(s) in {source} hold no text"
+    elif not fraction:
+        why = f"{setting}{fraction:g} and {source} has no validation file"
+    else:
+        why = (f"{setting}{fraction:g} held out none of the {manifest['splits']['train']['documents']:,} stories "
+               f"(it holds out 1 story in {max(2, round(1 / fraction))})")
+    return (f"note: the validation split is empty ({why}): training validates on the train split, so its "
+            f"val loss measures memorisation, not generalisation")
+
+
+def _check_count(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: must be >= 1 (leave it out to use every story)")
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -90,6 +119,7 @@ def _source(args) -> Path:
 def _cmd_tokenizer_train(args) -> int:
     from tinystories.tokenizer import format_report, load_tokenizer, report
 
+    _check_count("--max-stories", args.max_stories)
     source = _source(args)
     out = Path(args.out)
     t0 = time.time()
@@ -107,6 +137,8 @@ def _cmd_tokenizer_report(args) -> int:
 
     from tinystories.tokenizer import format_report, format_reports_side_by_side, load_tokenizer, report
 
+    if args.stories < 1:
+        raise UserError(f"--stories {args.stories}: must be >= 1 (held-out stories to measure; default {REPORT_STORIES})")
     reps = [report(load_tokenizer(t), held_out_docs(_source(args), args.stories)) for t in args.tokenizer]
     if args.json:
         Path(args.json).write_text(json.dumps(reps, indent=2))
@@ -121,6 +153,9 @@ def _cmd_prepare(args) -> int:
     from tinystories.cache import TokenCache, prepare
     from tinystories.tokenizer import load_tokenizer
 
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction:g}: must be in [0, 1), e.g. 0.01 (0 = hold out nothing)")
+    _check_count("--max-stories", args.max_stories)
     tok = load_tokenizer(args.tokenizer)
     source = _source(args)
     t0 = time.time()
@@ -142,6 +177,9 @@ def _cmd_prepare(args) -> int:
         print(f"  {split:5} {s['documents']:>9,} stories {s['tokens']:>13,} tokens {s['bytes']:>14,} bytes "
               f"({s['bytes'] / max(s['tokens'], 1):.2f} bytes/token)")
     print(f"  tokenizer {m['tokenizer']['path']} (sha256 {m['tokenizer']['sha256'][:12]}), dtype {m['dtype']}")
+    note = empty_val_note(m, source, "--val-fraction ")
+    if note:
+        print(note)
     return 0
 
 
@@ -168,7 +206,9 @@ def register_cli(sub) -> None:
     p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
     p.add_argument("--data-dir", default="data", help="data directory; the cache goes to DATA_DIR/cache")
     p.add_argument("--cache-dir", default=None, help="cache root (default: DATA_DIR/cache)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share when there is no validation file")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="held-out share in [0, 1) when there is no validation file: 1 story in round(1/F), at most "
+                        "1 in 2 (default 0.01; 0 = none, and training then validates on the train split)")
     p.add_argument("--max-stories", type=int, default=None, help="use only the first N training stories")
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer and report on its vocabulary",

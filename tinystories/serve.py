@@ -551,6 +551,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
             raise UserError(f"--cors-origin {origin!r}: give an origin like http://localhost:3000 (or '*')")
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads}: must be at least 1")
+    # take the port before the (possibly slow) model load and compile: a port in use fails at once, in one line
+    sockets = bind_sockets(host, port)
+    port = sockets[0].getsockname()[1]  # --port 0: the port the system picked
     import torch
 
     if threads or str(device).startswith("cpu"):
@@ -575,7 +578,61 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}, reachable from other machines; the server has no authentication",
               flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                          timeout_graceful_shutdown=2))
+    try:
+        server.run(sockets=sockets)
+    except OSError as e:  # listen() on a socket another process bound meanwhile
+        raise UserError(_bind_error(host, port, e)) from None
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host}: pick another --port"
+    if e.errno == errno.EACCES:
+        return f"--port {port}: permission denied (ports below 1024 need privileges): pick another --port"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host}: not an address of this machine (use 127.0.0.1, or 0.0.0.0 for all interfaces)"
+    return f"cannot listen on {host}:{port} ({e.strerror or e}): check --host and --port"
+
+
+def bind_sockets(host: str, port: int) -> list:
+    """Bound (not yet listening) TCP sockets for host:port, one per address the host resolves to, as asyncio's
+    create_server would make them (SO_REUSEADDR, IPv6 sockets IPv6-only). A UserError when one cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror}); use an address such as 127.0.0.1") from None
+    addrs: list = []
+    for family, type_, proto, _, addr in infos:
+        if (family, type_, proto, addr) not in addrs:
+            addrs.append((family, type_, proto, addr))
+    sockets: list = []
+    try:
+        for family, type_, proto, addr in addrs:
+            if port == 0 and sockets:  # --port 0: every address on the one port the system picked first
+                addr = (addr[0], sockets[0].getsockname()[1], *addr[2:])
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                raise UserError(_bind_error(host, port, e)) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _cmd_serve(args) -> int:

@@ -32,11 +32,18 @@ def is_validation_file(path: Path) -> bool:
     return "valid" in name or "val." in name or "-val" in name or "_val" in name or "test" in name
 
 
-def list_text_files(source: str | Path) -> list[Path]:
-    """The text files under `source` (a file or a directory, searched recursively), sorted by path."""
+def _source_hint(flag: str) -> str:
+    """How to name the raw text, for the command the user ran (`--from` in `data`/`tokenizer`, `--data` in `train`)."""
+    return f"pass {flag} FILE_OR_DIR" + (", set data.source in the config" if flag == "--data" else "")
+
+
+def list_text_files(source: str | Path, flag: str = "--from") -> list[Path]:
+    """The text files under `source` (a file or a directory, searched recursively), sorted by path.
+
+    `flag` is the option that named `source` in the command the user ran; error messages point at it."""
     path = Path(source)
     if not path.exists():
-        raise UserError(f"{path}: no such file or directory (pass --from FILE_OR_DIR, or run `tinystories data fetch`)")
+        raise UserError(f"{path}: no such file or directory ({_source_hint(flag)}, or run `tinystories data fetch`)")
     if path.is_file():
         return [path]
     files = sorted(
@@ -44,19 +51,21 @@ def list_text_files(source: str | Path) -> list[Path]:
         if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
-        raise UserError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory")
+        raise UserError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory (check {flag})")
     return files
 
 
-def resolve_source(source: str | Path | None, data_dir: str | Path = DEFAULT_DATA_DIR) -> Path:
-    """The raw-text location: `source` when given, else the directory `data fetch` filled."""
+def resolve_source(source: str | Path | None, data_dir: str | Path = DEFAULT_DATA_DIR, flag: str = "--from") -> Path:
+    """The raw-text location: `source` when given, else the directory `data fetch` filled.
+
+    `flag` is the option that gives the source in the command the user ran; the error message names it."""
     if source is not None:
         return Path(source)
     fetched = Path(data_dir) / "raw"
     if fetched.is_dir() and any(fetched.iterdir()):
         return fetched
     raise UserError(
-        f"no raw text found: pass --from FILE_OR_DIR, or run `tinystories data fetch` to download TinyStories into {fetched}"
+        f"no raw text found: {_source_hint(flag)}, or run `tinystories data fetch` to download TinyStories into {fetched}"
     )
 
 
