@@ -76,6 +76,13 @@ def test_missing_path_hint_names_the_flag_of_the_command(tmp_path):
     empty = tmp_path / "emptydir"
     empty.mkdir()
     one_line_error(run_cli("tokenizer", "train", "--from", empty, "--out", tmp_path / "t"), "no text files", "--from")
+    # quickstart names its --data or $TINYSTORIES_DATA
+    r = run_cli("quickstart", "--data", tmp_path / "nope", "--out", tmp_path / "qs", "--data-dir", tmp_path / "d")
+    assert "--from" not in one_line_error(r, "--data", "nope")
+    r = run_cli("quickstart", "--out", tmp_path / "qs", "--data-dir", tmp_path / "d",
+                env={"TINYSTORIES_DATA": str(tmp_path / "gone")})
+    one_line_error(r, "$TINYSTORIES_DATA", "gone")
+    assert not (tmp_path / "qs").exists()
 
 
 @pytest.mark.parametrize("extra,needle", [

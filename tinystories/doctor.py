@@ -65,7 +65,7 @@ def check_articles(tok, counts: np.ndarray | None) -> Check:
     detail = ", ".join(f"' {w}' {shares[w]:.2%}" for w in ARTICLE_PIECES) + " of train tokens"
     if sum(shares.values()) < MIN_ARTICLE_SHARE:
         return Check("article tokens", "WARN", f"single tokens but rare: {detail}",
-                     "the text or the tokenizer does not look like TinyStories English; check --from and the tokenizer")
+                     "the text or the tokenizer does not look like TinyStories English; check the run's data.source and tokenizer")
     return Check("article tokens", "PASS", f"single tokens; {detail}")
 
 
@@ -253,7 +253,7 @@ def run_checks(run_dir: str | Path, samples: int = SAMPLE_STORIES, reference: st
 
         model, _ = load_model(ck.path, device)
         if reference:
-            ref = split_long_documents(read_documents(reference))[:300]
+            ref = split_long_documents(read_documents(reference, "--reference"))[:300]
         else:
             ref, _ = reference_stories(tok, cache if cache_check.status != "FAIL" else None, None, None)
         checks.append(check_samples(model, tok, ref, samples))

@@ -23,7 +23,10 @@ def find_data(data: str | None, data_dir: Path, log=print) -> Path:
 
     for source, what in ((data, "--data"), (os.environ.get("TINYSTORIES_DATA"), "$TINYSTORIES_DATA")):
         if source:
-            files = list_text_files(source)
+            if not Path(source).exists():
+                raise UserError(f"{what} {source}: no such file or directory (give a TinyStories text file or "
+                                f"directory, or leave it unset to download TinyStories from the Hub)")
+            files = list_text_files(source, flag=what)
             log(f"data: {source} ({what}; {sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} file(s))")
             return Path(source)
     raw = data_dir / "raw"

@@ -7,7 +7,7 @@
     GET  /v1/model         architecture, parameter count, tokenizer, training step, validation bits per byte
     GET  /health           liveness and the number of generations running
     GET  /                 the playground page (static files, no build step, works offline)
-    GET  /openapi.json     the schema (interactive docs at /docs)
+    GET  /openapi.json     the schema (interactive docs at /docs: Swagger UI, whose scripts FastAPI loads from a CDN)
 
 The model is loaded once. Each generation runs `sampling.sample` (the one sampling implementation) in a worker
 thread, so the event loop keeps serving; it stops at the next token when the client goes away or the request's
@@ -561,16 +561,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
         # (a 260K-parameter model decodes ~5x faster with 1 thread than with 2 on a 2-core machine)
         torch.set_num_threads(threads or 1)
     model, ck = load_model(checkpoint, device)
-    if compile_decoding:
-        from tinystories.sampling import SamplingParams, sample
+    if compile_decoding:  # before listening: no request waits on the compile
+        from tinystories.sampling import compile_decoding_now
 
-        t0 = time.perf_counter()
-        print("compiling the decoding step (torch.compile)...", flush=True)
-        model.compile_decoding()
-        for _ in sample(model, [[ck.tokenizer.doc_start_id]], SamplingParams(max_new_tokens=2, temperature=0.0)):
-            pass  # the first one-token step compiles, before any request waits on it
-        if model.decoding_is_compiled:  # else decode() printed why and stays eager
-            print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+        compile_decoding_now(model, ck.tokenizer.doc_start_id, lambda line: print(line, flush=True))
     app = create_app(model, ck, max_concurrent, timeout_s, cors_origins)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
