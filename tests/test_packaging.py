@@ -8,11 +8,12 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO
+from conftest import REPO, one_line_error, run_cli
 
 
 def test_wheel_ships_configs_and_static_files(tmp_path):
-    from tinystories.quickstart import CONFIG_DIR, pick_config
+    from tinystories.config import CONFIG_DIR
+    from tinystories.quickstart import pick_config
 
     # build from the tracked files alone, as from a fresh clone (no build/ or *.egg-info left by earlier builds)
     src = tmp_path / "src"
@@ -34,3 +35,14 @@ def test_wheel_ships_configs_and_static_files(tmp_path):
         assert f"tinystories/{f.relative_to(package).as_posix()}" in names, f
     # the repository's configs/ (used in every README command) is the packaged directory itself
     assert (REPO / "configs").resolve() == CONFIG_DIR.resolve()
+
+
+def test_shipped_configs_load_by_name_outside_a_checkout(tmp_path):
+    from tinystories.config import load_config
+
+    # run from a directory without configs/: `--config configs/cpu.yaml` and `--config cpu.yaml` find the shipped copy
+    for name in ("configs/cpu.yaml", "cpu.yaml"):  # the file loaded: the bad --set is what fails
+        one_line_error(run_cli("train", "--config", name, "--set", "train.nope=3", cwd=tmp_path), "--set train.nope=3")
+    assert load_config("cpu.yaml").model.dim == load_config(REPO / "configs" / "cpu.yaml").model.dim
+    line = one_line_error(run_cli("train", "--config", "configs/gpu.yaml", cwd=tmp_path), "configs/gpu.yaml")
+    assert "configs/cpu.yaml" in line and "configs/tinystories-23M.yaml" in line

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from tinystories.errors import UserError
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; the repo's configs/ links here
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -221,7 +223,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         origin = str(path)
         if not path.is_file():
-            raise UserError(f"config file {path} not found (ship-in configs live in configs/)")
+            shipped = CONFIG_DIR / path.name
+            if path.parent in (Path("."), Path("configs")) and shipped.is_file():
+                path = shipped  # `configs/cpu.yaml` or `cpu.yaml` outside a checkout: the copy shipped in the package
+            else:
+                names = ", ".join(f"configs/{p.name}" for p in sorted(CONFIG_DIR.glob("*.yaml")))
+                raise UserError(f"config file {path} not found (shipped configs: {names})")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:

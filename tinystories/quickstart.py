@@ -12,10 +12,10 @@ import os
 import time
 from pathlib import Path
 
+from tinystories.config import CONFIG_DIR
 from tinystories.errors import UserError
 
 CLASSIC_OPENINGS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog"]
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; the repo's configs/ links here
 
 
 def find_data(data: str | None, data_dir: Path, log=print) -> Path:
