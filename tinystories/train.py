@@ -335,16 +335,15 @@ def find_micro_batch(model, cfg: RunConfig, device, dtype) -> int:
 def train(cfg: RunConfig, resume: bool = False, init_from: str | None = None, micro_batch: str | None = None) -> dict:
     """Train a run. Returns a summary dict (final step, val metrics, paths)."""
     d = init_distributed(cfg.train.device)
-    try:
-        result = _train(cfg, d, resume, init_from, micro_batch)
-        if d.enabled:
-            # every rank waits for rank 0's final checkpoint before any tears its process group down: a rank that
-            # destroys gloo's group while a peer is still busy can abort at exit ("terminate called ...", SIGABRT)
-            dist.barrier()
-        return result
-    finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    result = _train(cfg, d, resume, init_from, micro_batch)
+    # Teardown on success only: after an error a peer may sit inside a collective, where a (collective) destroy
+    # could hang; the process exits non-zero and torchrun stops the others. On success every rank first waits for
+    # rank 0's final checkpoint: a rank that destroyed gloo's group while a peer was still busy once aborted at
+    # exit ("terminate called without an active exception", SIGABRT) after a finished run.
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_batch: str | None) -> dict:
