@@ -83,3 +83,21 @@ def test_cli_run_length_error_is_one_line(tmp_path):
     r = run_cli("train", "--config", "configs/cpu.yaml", "--set", "data.val_fraction=1.5", "--out", tmp_path / "run")
     one_line_error(r, "data.val_fraction", "[0, 1)", "1.5")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["serve", "--checkpoint", "x", "--port", "abc"], ["tinystories serve", "--port", "'abc'"]),
+    (["bogus"], ["invalid choice: 'bogus'"]),
+    (["data"], ["tinystories data", "ACTION"]),
+    (["data", "prepare", "--from", "x"], ["tinystories data prepare", "--tokenizer"]),
+    (["export", "--format", "onnx", "--checkpoint", "x", "--out", "y"], ["--format", "'onnx'"]),
+    (["quickstart", "--minutes", "ten"], ["--minutes", "'ten'"]),
+])
+def test_argument_errors_are_one_line(args, needles):
+    line = one_line_error(run_cli(*args), *needles)
+    assert "--help" in line and "usage:" not in line
+
+
+def test_help_still_shows_examples():
+    r = run_cli("train", "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "--init-from" in r.stdout

@@ -32,8 +32,16 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad type, a missing or unknown argument) in the project's form: one line,
+    exit status 2, instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinystories",
         description="From raw TinyStories text to a small Llama-style model that writes children's stories.",
         epilog="Run `tinystories COMMAND --help` for a command's options and examples.",
