@@ -148,6 +148,21 @@ def test_interrupted_prepare_leaves_no_complete_looking_cache(tmp_path, tok4k, m
     assert not hit
 
 
+def test_json_report_replaces_only_an_earlier_report(tmp_path, tok4k):
+    args = ("tokenizer", "report", "--tokenizer", tok4k, "--from", TRAIN_HEAD, "--stories", "20", "--json")
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    one_line_error(run_cli(*args, notes), "--json", "notes.md", "not a JSON report")
+    assert notes.read_text() == "# my notes\n"
+    one_line_error(run_cli(*args, tmp_path), "is a directory")
+    out = tmp_path / "reports" / "tok.json"  # a missing parent directory is made
+    for _ in range(2):  # a rerun replaces its own report
+        r = run_cli(*args, out)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(out.read_text())[0]["vocab_size"] == 4096
+    assert [p.name for p in out.parent.iterdir()] == ["tok.json"]  # no temporary file left
+
+
 def test_prepare_cli_reports_cache_hit(tmp_path, tok4k):
     args = ("data", "prepare", "--tokenizer", tok4k, "--from", DATA_DIR, "--data-dir", tmp_path / "d")
     first, second = run_cli(*args), run_cli(*args)

@@ -84,3 +84,37 @@ def add_command(sub, name: str, help: str, examples: str, func) -> argparse.Argu
     p = sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter)
     p.set_defaults(func=func)
     return p
+
+
+def check_report_path(path: str | os.PathLike, flag: str = "--json") -> None:
+    """A report may replace an earlier JSON file, never anything else: a typo such as `--json README.md` must not
+    destroy a file that is not a report. Commands call this before their (slow) work, and again on writing."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name such as report.json")
+    if path.exists():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise UserError(f"{flag} {path}: exists and is not a JSON report; refusing to overwrite it "
+                            f"(choose another file name, or delete it first)") from None
+
+
+def write_json_report(path: str | os.PathLike, obj, flag: str = "--json") -> None:
+    """Write a command's JSON report atomically (see check_report_path)."""
+    import json
+    from pathlib import Path
+
+    check_report_path(path, flag)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None

@@ -275,15 +275,18 @@ def format_checks(checks: list[Check]) -> str:
 
 
 def _cmd_doctor(args) -> int:
+    from tinystories.cli import check_report_path, write_json_report
     from tinystories.evaluate import pick_device
 
     if args.samples < 0:
         raise UserError(f"--samples {args.samples}: must be >= 0 (0 skips the sample check)")
+    if args.json:
+        check_report_path(args.json)
     checks, ck_path = run_checks(args.run_dir, args.samples, args.reference, pick_device(args.device))
     print(f"checkpoint {ck_path}")
     print(format_checks(checks))
     if args.json:
-        Path(args.json).write_text(json.dumps([c.__dict__ for c in checks], indent=2))
+        write_json_report(args.json, [c.__dict__ for c in checks])
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 

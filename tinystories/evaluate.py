@@ -440,12 +440,13 @@ def format_result(r: dict) -> str:
 
 
 def _cmd_eval(args) -> int:
+    from tinystories.cli import check_report_path, write_json_report
+
+    if args.json:
+        check_report_path(args.json)
     result = evaluate(args)
     if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write ({e.strerror})") from None
+        write_json_report(args.json, result)
     print(format_result(result))
     return 0
 

@@ -133,15 +133,16 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_tokenizer_report(args) -> int:
-    import json
-
+    from tinystories.cli import check_report_path, write_json_report
     from tinystories.tokenizer import format_report, format_reports_side_by_side, load_tokenizer, report
 
     if args.stories < 1:
         raise UserError(f"--stories {args.stories}: must be >= 1 (held-out stories to measure; default {REPORT_STORIES})")
+    if args.json:
+        check_report_path(args.json)
     reps = [report(load_tokenizer(t), held_out_docs(_source(args), args.stories)) for t in args.tokenizer]
     if args.json:
-        Path(args.json).write_text(json.dumps(reps, indent=2))
+        write_json_report(args.json, reps)
     if len(reps) > 1:
         print(format_reports_side_by_side(reps))
     else:
