@@ -53,6 +53,16 @@ def test_report_shows_article_starvation_of_32k_vocab(tok4k):
     assert custom["bytes_per_token"] > 3.0
 
 
+def test_tokenizer_train_keeps_an_existing_tokenizer_without_force(tmp_path):
+    base = ("tokenizer", "train", "--from", TRAIN_HEAD, "--max-stories", "300", "--out", tmp_path / "t")
+    assert run_cli(*base, "--vocab-size", "400").returncode == 0
+    before = (tmp_path / "t" / "tokenizer.json").read_bytes()
+    one_line_error(run_cli(*base, "--vocab-size", "300"), "tokenizer.json already exists", "--force")
+    assert (tmp_path / "t" / "tokenizer.json").read_bytes() == before
+    r = run_cli(*base, "--vocab-size", "300", "--force")
+    assert r.returncode == 0 and load_tokenizer(tmp_path / "t").vocab_size == 300
+
+
 def test_vocab_below_byte_alphabet_is_rejected(tmp_path):
     r = run_cli("tokenizer", "train", "--vocab-size", "200", "--from", TRAIN_HEAD, "--out", tmp_path / "t")
     assert r.returncode == 2 and "256" in r.stderr and "Traceback" not in r.stderr

@@ -122,6 +122,9 @@ def _cmd_tokenizer_train(args) -> int:
     _check_count("--max-stories", args.max_stories)
     source = _source(args)
     out = Path(args.out)
+    if (out / "tokenizer.json").is_file() and not args.force:
+        raise UserError(f"{out / 'tokenizer.json'} already exists (token caches and runs may be built on it): "
+                        f"choose another --out, or pass --force to replace it")
     t0 = time.time()
     path = train_tokenizer(source, args.vocab_size, out, args.max_stories)
     tok = load_tokenizer(path)
@@ -224,6 +227,7 @@ def register_cli(sub) -> None:
     p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
     p.add_argument("--data-dir", default="data", help="data directory used when --from is not given")
     p.add_argument("--out", required=True, help="output directory for tokenizer.json")
+    p.add_argument("--force", action="store_true", help="replace a tokenizer.json already in --out")
 
     p = add_command(tsub, "report", "vocabulary report: bytes/token, article tokens and their share, unused entries",
                     "  tinystories tokenizer report --tokenizer data/tokenizer --from ../shared/data/tinystories\n"
