@@ -170,8 +170,38 @@ def test_import_rejects_wrong_tokenizer_and_existing_out(tmp_path, tok4k, capsys
     (precious / "notes.txt").write_text("keep me")
     code, _, err = cli(capsys, "import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", precious, "--force")
     assert code == 2 and (precious / "notes.txt").read_text() == "keep me"
+    # a training run is never replaced, --force or not (its config.yaml would otherwise pass for a checkpoint)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    for args in (["import", "llama2c", STORIES260K, "--tokenizer", TOK512],
+                 ["export", "--format", "hf", "--checkpoint", out]):
+        code, _, err = cli(capsys, *args, "--out", run, "--force")
+        assert code == 2 and "is a training run" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
     code, _, err = cli(capsys, "import")
     assert code == 2 and "tinystories import llama2c" in err
+
+
+def test_export_llama2c_replaces_only_its_own_kind_of_file(s260, random_checkpoint, tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text("keep me")
+    code, _, err = cli(capsys, "export", "--format", "llama2c", "--checkpoint", s260, "--out", notes, "--force")
+    assert code == 2 and "is not a llama2.c model file" in err and notes.read_text() == "keep me"
+    # two exports of one model into one folder share its tokenizer.bin; another tokenizer there is not replaced
+    for version in ("0", "1"):
+        code, _, err = cli(capsys, "export", "--format", "llama2c", "--checkpoint", s260, "--version", version,
+                           "--out", tmp_path / f"v{version}.bin")
+        assert code == 0, err
+    assert (tmp_path / "tokenizer.bin").read_bytes() == TOK512_BIN.read_bytes()
+    (tmp_path / "tokenizer.bin").write_bytes(TOK512_BIN.read_bytes()[:-1] + b"X")  # another model's tokenizer
+    code, _, err = cli(capsys, "export", "--format", "llama2c", "--checkpoint", s260, "--out", tmp_path / "v2.bin")
+    assert code == 2 and "--tokenizer-out" in err and not (tmp_path / "v2.bin").exists()
+    (tmp_path / "tokenizer.bin").write_text("not a tokenizer")
+    code, _, err = cli(capsys, "export", "--format", "llama2c", "--checkpoint", s260, "--out", tmp_path / "v2.bin",
+                       "--force")
+    assert code == 2 and "is not a llama2.c tokenizer" in err
 
 
 def test_export_llama2c_refuses_what_run_c_cannot_hold(tmp_path, tok4k, capsys):

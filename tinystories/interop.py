@@ -235,10 +235,47 @@ def _prepare_out_dir(out: Path, force: bool, what: str) -> None:
         if not out.is_dir():
             raise UserError(f"{out} exists and is not a directory; remove it yourself")
         names = {p.name for p in out.iterdir()}
+        if names & {"checkpoints", "metrics.jsonl"}:
+            raise UserError(f"{out} is a training run (it has checkpoints/ or metrics.jsonl); refusing to replace it "
+                            f"even with --force: choose another --out")
         if names and not names & {"model.safetensors", "config.json", "config.yaml"}:
             raise UserError(f"{out} is a non-empty directory that does not look like a {what}; refusing to replace it even with --force")
     if not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _is_llama2c_model(path: Path) -> bool:
+    try:
+        read_llama2c(path)
+    except UserError:
+        return False
+    return True
+
+
+def _is_llama2c_tokenizer(path: Path) -> bool:
+    """A complete llama2.c tokenizer.bin: int32 max token length, then (float32 score, int32 length, bytes)*."""
+    data = path.read_bytes()
+    if len(data) < 4:
+        return False
+    (max_len,), pos = struct.unpack_from("<i", data), 4
+    while pos < len(data):
+        if pos + 8 > len(data):
+            return False
+        (n,) = struct.unpack_from("<i", data, pos + 4)
+        if not 0 <= n <= max_len:
+            return False
+        pos += 8 + n
+    return pos == len(data)
+
+
+def _check_replaceable_file(target: Path, force: bool, looks_right, what: str, hint: str = "") -> None:
+    """An existing output file is replaced only with --force, and only when it is what we would write there."""
+    if not target.exists():
+        return
+    if not force:
+        raise UserError(f"{target} already exists; pass --force to replace it{hint}")
+    if not target.is_file() or not looks_right(target):
+        raise UserError(f"{target} exists and is not a {what}; refusing to replace it even with --force")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -483,19 +520,22 @@ def _cmd_export(args) -> int:
     if tok_out.resolve() == out.resolve():
         raise UserError(f"--out {out} and the tokenizer file would be the same; pass --tokenizer-out")
     spm = ck.tokenizer.kind == "sentencepiece"
-    for target in [out] + ([tok_out] if spm else []):
-        if target.exists() and not args.force:
-            raise UserError(f"{target} already exists; pass --force to replace it")
+    tok_data = sentencepiece_to_llama2c_bin(Path(ck.tokenizer.path)) if spm else None
+    _check_replaceable_file(out, args.force, _is_llama2c_model, "llama2.c model file")
+    tok_same = tok_out.is_file() and tok_data is not None and tok_out.read_bytes() == tok_data
+    if spm and not tok_same:  # the same tokenizer already there (another export of this model family) is kept
+        _check_replaceable_file(tok_out, args.force, _is_llama2c_tokenizer, "llama2.c tokenizer",
+                                " (it holds another model's tokenizer: give this one its own --tokenizer-out)")
     _check_llama2c_compatible(model.cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = write_llama2c(model, out, version)
     print(f"exported {ck.path} -> {out} (llama2.c version {version}, {n:,} bytes)")
     if spm:
-        data = sentencepiece_to_llama2c_bin(Path(ck.tokenizer.path))
-        tmp = tok_out.with_name(f".{tok_out.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, tok_out)
-        print(f"  tokenizer -> {tok_out} (llama2.c tokenizer.bin format)")
+        if not tok_same:
+            tmp = tok_out.with_name(f".{tok_out.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(tok_data)
+            os.replace(tmp, tok_out)
+        print(f"  tokenizer -> {tok_out} (llama2.c tokenizer.bin format{', already there' if tok_same else ''})")
         if version == 0:
             print(f"  run: ./run {out} -z {tok_out}")
     else:
