@@ -1,8 +1,10 @@
-"""Training: loss falls on real data, exact resume after kill -9, atomic saves, NaN guard, mismatch errors."""
+"""Training: loss falls on real data, exact resume after kill -9, atomic saves, NaN guard, mismatch errors,
+fine-tuning an imported llama2.c model with --init-from."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_DIR, REPO, run_cli
-from tinystories.checkpoint import load_model, read_checkpoint, save_checkpoint
+from conftest import DATA_DIR, REPO, LLAMA2_TOKENIZER, STORIES260K, TOK512, TRAIN_HEAD, one_line_error, run_cli
+from tinystories.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
 from tinystories.config import load_config
 from tinystories.errors import UserError
 from tinystories.train import lr_at, train
@@ -202,12 +204,44 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k):
+def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k, random_checkpoint):
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=5", "train.eval_interval=1000")
     train(cfg)
-    r = run_cli("train", "--resume", tmp_path / "run", "--set",
-                f"tokenizer.path={REPO.parent / 'shared/models/llama2c-stories260K/tok512.model'}")
-    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+    run = tmp_path / "run"
+    data = tmp_path / "data"
+    built = sorted(p.name for p in data.rglob("*"))
+
+    def untouched():  # a refused resume built no token cache or tokenizer, and left the run as it was
+        assert sorted(p.name for p in data.rglob("*")) == built
+        assert read_checkpoint(run, prefer="latest").step == 5
+
+    # the architecture and the tokenizer are checked before anything is built, naming what to do
+    r = run_cli("train", "--resume", run, "--set", "model.dim=128")
+    one_line_error(r, "--resume: model.dim cannot change on resume (the run has 64)", "--set model.dim=128")
+    r = run_cli("train", "--resume", run, "--set", "model.n_kv_heads=2")
+    one_line_error(r, "--resume: model.n_kv_heads cannot change on resume (the run has 4)")
+    r = run_cli("train", "--resume", run, "--set", f"tokenizer.path={TOK512}")
+    line = one_line_error(r, "--resume: the tokenizer cannot change on resume", "tok512.model",
+                          f"start a new run, or fine-tune with --init-from {run}")
+    assert "vocab_size" not in line  # not the old advice to set model.vocab_size=0
+    r = run_cli("train", "--resume", run, "--set", "tokenizer.path=null", "--set", "tokenizer.vocab_size=2048")
+    one_line_error(r, "--resume: the tokenizer cannot change on resume", "2048")
+    untouched()
+    # not a training run: an imported checkpoint, a directory without config.yaml, a checkpoint inside a run
+    r = run_cli("train", "--resume", random_checkpoint)
+    one_line_error(r, "not a training run (an imported/exported checkpoint)",
+                   f"fine-tune it with --init-from {random_checkpoint} --out NEW_RUN")
+    assert not (random_checkpoint / "checkpoints").exists() and not (random_checkpoint / "metrics.jsonl").exists()
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("train", "--resume", tmp_path / "empty"), "no config.yaml",
+                   "pass a run directory made by `tinystories train`, e.g. runs/cpu")
+    one_line_error(run_cli("train", "--resume", run / "checkpoints" / "latest"), f"--resume {run}")
+    # --config is not silently ignored, nor is --init-from
+    r = run_cli("train", "--resume", run, "--config", REPO / "configs" / "cpu.yaml")
+    one_line_error(r, "--config and --resume cannot be combined: a resumed run keeps its own config",
+                   "change keys with --set")
+    one_line_error(run_cli("train", "--resume", run, "--init-from", random_checkpoint), "cannot be combined")
+    untouched()
     # a checkpoint whose weights do not fit its config's architecture
     ck = read_checkpoint(tmp_path / "run")
     text = (ck.path / "config.yaml").read_text().replace("n_layers: 2", "n_layers: 3")
@@ -217,6 +251,52 @@ def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k):
     # starting a new run over an existing one is refused without --force
     r = run_cli(*cli_args(tmp_path, tok4k, "train.max_steps=5"))
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_finetune_imported_stories260k_with_init_from(tmp_path):
+    """--init-from alone (no --config, no model keys): the architecture and the SentencePiece tokenizer come from
+    the imported llama2.c checkpoint; train.* from the defaults and --set."""
+    s260 = tmp_path / "s260k"
+    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", s260)
+    assert r.returncode == 0, r.stderr
+    run, data = tmp_path / "ft", tmp_path / "data"
+    common = ["--set", f"data.data_dir={data}", "--set", "train.compile=false", "--set", "train.batch_size=4",
+              "--set", "train.eval_tokens=4096", "--set", "train.sample_tokens=8", "--set", "train.lr=3e-4",
+              "--set", "train.min_lr=3e-5", "--set", "train.log_interval=1"]
+    # a contradicting architecture key is refused before anything is built
+    r = run_cli("train", "--init-from", s260, "--data", TRAIN_HEAD, "--out", run, "--set", "train.max_steps=4",
+                "--set", "model.dim=128", *common)
+    one_line_error(r, "model.dim cannot differ from the --init-from checkpoint (64)", "model.dim=128")
+    assert not run.exists() and not data.exists()
+    r = run_cli("train", "--init-from", s260, "--data", TRAIN_HEAD, "--out", run, "--set", "train.max_steps=4",
+                "--set", f"tokenizer.path={LLAMA2_TOKENIZER}", *common)
+    one_line_error(r, "the tokenizer cannot differ from the --init-from checkpoint")
+    assert not run.exists() and not data.exists()
+
+    r = run_cli("train", "--init-from", s260, "--data", TRAIN_HEAD, "--out", run, "--set", "train.max_steps=4",
+                "--set", "model.dropout=0.05", *common)  # dropout is not architecture: it may change
+    assert r.returncode == 0, r.stderr
+    assert "initialised from" in r.stdout
+    val = [p for p in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if p["kind"] == "val"]
+    assert val[0]["step"] == 0 and val[-1]["step"] == 4
+    # it starts from the trained model: ~1.1 bits per byte (llama2.c's measurement), not the ~6.2 nats of a
+    # random 512-token model
+    assert 0.8 < val[0]["val_bpb"] < 1.4 and val[0]["val_loss"] < 2.0, val[0]
+    assert math.isfinite(val[-1]["val_loss"]) and val[-1]["val_loss"] < 2.0, val[-1]
+    src = read_checkpoint(s260)
+    cfg = load_config(run / "config.yaml")
+    assert architecture(cfg.model) == architecture(src.cfg.model) and cfg.model.dropout == 0.05
+    assert cfg.model.max_seq_len == 512 and cfg.model.n_kv_heads == 4 and cfg.model.hidden_dim == 172
+    assert Path(cfg.tokenizer.path).suffix == ".model" and Path(cfg.tokenizer.path).parent.parent == run
+    ck = read_checkpoint(run, prefer="latest")
+    assert ck.tokenizer.kind == "sentencepiece" and ck.tokenizer.sha256 == src.tokenizer.sha256
+    assert ck.state["init_from"] == str(src.path)
+    # the run is an ordinary run: resumable, and generate loads it
+    r = run_cli("train", "--resume", run, "--set", "train.max_steps=6")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert read_checkpoint(run, prefer="latest").step == 6
+    r = run_cli("generate", "--checkpoint", run, "--prompt", "Once upon a time", "--max-new-tokens", "20")
+    assert r.returncode == 0 and "Once upon a time" in r.stdout, r.stderr
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):

@@ -165,6 +165,31 @@ def read_checkpoint(path: str | Path, prefer: str = "best") -> Checkpoint:
     return Checkpoint(ck, cfg, tok, state)
 
 
+# model.* keys that are not architecture: they may differ between a checkpoint and a run that loads its weights
+NOT_ARCHITECTURE = ("dropout",)
+
+
+def architecture(m) -> dict:
+    """The architecture of a ModelConfig: every model.* key that the weights (or what they compute) depend on, with
+    the derived values filled in (n_kv_heads None -> n_heads, hidden_dim None -> the computed width)."""
+    arch = {k: getattr(m, k) for k in type(m).model_fields if k not in NOT_ARCHITECTURE}
+    arch["n_kv_heads"] = m.kv_heads
+    arch["hidden_dim"] = m.ffn_dim
+    return arch
+
+
+def architecture_diff(m, ref) -> tuple[str, object, object] | None:
+    """The first architecture key where ModelConfig `m` differs from `ref`: (key, m's value, ref's value), else None.
+    A vocab_size of 0 ("take it from the tokenizer") matches any vocabulary."""
+    a, b = architecture(m), architecture(ref)
+    for key in a:
+        if key == "vocab_size" and a[key] == 0:
+            continue
+        if a[key] != b[key]:
+            return key, a[key], b[key]
+    return None
+
+
 def load_weights(model: Transformer, ck_path: Path) -> None:
     try:
         sd = load_file(str(ck_path / WEIGHTS))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from tinystories.cache import TokenCache
 from tinystories.checkpoint import (
-    load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint,
+    WEIGHTS, architecture_diff, load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint,
 )
 from tinystories.config import RunConfig, load_config, save_config
 from tinystories.errors import UserError
@@ -378,7 +378,12 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
     if resume:
         ck = read_checkpoint(run_dir, prefer="latest")
         if ck.tokenizer.sha256 != tok.sha256:
-            raise UserError(f"{ck.path}: the checkpoint's tokenizer differs from the run's tokenizer {tok.path}; resume with the original data settings")
+            raise UserError(f"--resume: the tokenizer cannot change on resume ({ck.path} was trained with "
+                            f"{ck.tokenizer.path.name}, the config gives {tok.path}); start a new run, or fine-tune "
+                            f"with --init-from {run_dir} --out NEW_RUN")
+        diff = architecture_diff(cfg.model, ck.cfg.model)
+        if diff:
+            raise UserError(f"--resume: model.{diff[0]} cannot change on resume (the run has {diff[2]})")
         trainer_state, state = load_trainer_state(ck.path), ck.state
 
     torch.manual_seed(cfg.train.seed + d.rank)
@@ -388,9 +393,14 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
     elif init_from:
         src = read_checkpoint(init_from)
         if src.tokenizer.sha256 != tok.sha256:
-            raise UserError(f"--init-from {init_from}: its tokenizer differs from the run's; set tokenizer.path to {src.path} so the data is tokenized the same way")
+            raise UserError(f"--init-from {init_from}: its tokenizer ({src.tokenizer.path}) differs from the run's "
+                            f"({tok.path}); the run must tokenize its data with the checkpoint's tokenizer")
+        diff = architecture_diff(cfg.model, src.cfg.model)
+        if diff:
+            raise UserError(f"model.{diff[0]} cannot differ from the --init-from checkpoint ({diff[2]}); the run has {diff[1]}")
         load_weights(model, src.path)
-        log(f"initialised from {src.path} (step {src.step})")
+        state = {"init_from": str(src.path)}
+        log(f"initialised from {src.path} (step {src.step}; architecture and tokenizer from the checkpoint)")
     model.to(device)
     n_params = model.num_params()
     log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings), "
@@ -499,6 +509,8 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
             "global_batch": global_batch, "world_size": d.world, "n_params": n_params,
             "deadline_left_s": (deadline - time.time()) if deadline else None,
         }
+        if state.get("init_from"):
+            st["init_from"] = state["init_from"]  # the checkpoint this run was fine-tuned from
         ts = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
         if device.type == "cuda":
             ts["cuda_rng"] = torch.cuda.get_rng_state()
@@ -664,27 +676,216 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+def _set_items(overrides: list[str], section: str) -> list[tuple[str, str, str]]:
+    """(key, value text, the --set item) of each --set in `section` (e.g. "model"), in order."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            continue  # load_config reports it
+        key, value = item.split("=", 1)
+        parts = [p.strip() for p in key.strip().split(".")]
+        if parts[0] == section and len(parts) == 2:
+            out.append((parts[1], value, item))
+    return out
+
+
+def _require_run_length(cfg: RunConfig) -> None:
+    t = cfg.train
+    if not (t.max_steps or t.max_tokens or t.epochs or t.max_minutes):
+        raise UserError("set the run length: --set train.max_steps=N (or train.max_tokens, train.epochs, "
+                        "train.max_minutes)")
+
+
+def _configured_tokenizer(cfg: RunConfig) -> Path | None:
+    """The tokenizer file a run's config names (tokenizer.path, else data_dir/tokenizer-VOCAB), or None when it
+    does not exist yet (it would be trained)."""
+    from tinystories.prepare import DEFAULT_TOKENIZER_DIR
+    from tinystories.tokenizer import find_tokenizer_file
+
+    if cfg.tokenizer.path:
+        return find_tokenizer_file(cfg.tokenizer.path)  # a missing path is an error
+    f = Path(cfg.data.data_dir) / f"{DEFAULT_TOKENIZER_DIR}-{cfg.tokenizer.vocab_size}" / "tokenizer.json"
+    return f if f.is_file() else None
+
+
+def _resume_config(args, overrides: list[str]) -> RunConfig:
+    """The config of a resumed run, with every check that can fail made before the tokenizer or cache is built."""
+    from tinystories.tokenizer import load_tokenizer
+
+    run_dir = Path(args.resume)
+    if args.config:
+        raise UserError(f"--config and --resume cannot be combined: a resumed run keeps its own config "
+                        f"({run_dir / 'config.yaml'}); change keys with --set")
+    if args.init_from:
+        raise UserError(f"--init-from and --resume cannot be combined: --resume {run_dir} continues that run with its "
+                        f"own weights; --init-from starts a new run from a checkpoint (give it --out NEW_RUN)")
+    if args.out and Path(args.out).resolve() != run_dir.resolve():
+        raise UserError(f"--out and --resume cannot be combined: a resumed run stays in {run_dir}; to start a new "
+                        f"run from its weights use --init-from {run_dir} --out {args.out}")
+    hint = "pass a run directory made by `tinystories train`, e.g. runs/cpu"
+    if not run_dir.exists():
+        raise UserError(f"--resume {run_dir}: no such run directory; {hint}")
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: not a directory; {hint}")
+    if (run_dir / WEIGHTS).is_file():  # a checkpoint directory, not a run directory
+        run = run_dir.resolve().parent.parent
+        if (run_dir / "trainer.pt").is_file() and run_dir.resolve().parent.name == "checkpoints" and \
+                (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run_dir}: a checkpoint inside the run {run}; resume the run: "
+                            f"--resume {run}")
+        raise UserError(f"--resume {run_dir}: not a training run (an imported/exported checkpoint): fine-tune it "
+                        f"with --init-from {run_dir} --out NEW_RUN")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml); {hint}")
+    if not any((run_dir / "checkpoints" / n / WEIGHTS).is_file() for n in ("latest", "best")):
+        raise UserError(f"--resume {run_dir}: the run has no checkpoint to continue from (it stopped before its "
+                        f"first save); start it again with `tinystories train --config {run_dir / 'config.yaml'} "
+                        f"--out {run_dir}`")
+    ck = read_checkpoint(run_dir, prefer="latest")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg.out_dir = str(run_dir)
+    if args.data:
+        cfg.data.source = args.data
+    diff = architecture_diff(cfg.model, ck.cfg.model)
+    if diff:
+        key, new, old = diff
+        item = next((item for k, _, item in reversed(_set_items(overrides, "model")) if k == key), None)
+        asked = f"; --set {item} asks for {new}" if item else f"; its config.yaml now has {new}"
+        raise UserError(f"--resume: model.{key} cannot change on resume (the run has {old}){asked}: the "
+                        f"weights have the run's shape; another architecture is a new run (--config ... --out NEW_RUN)")
+    # the tokenizer: compared now when it exists; one still to be trained must come from unchanged settings
+    # (the trainer compares it with the checkpoint's once it is there)
+    tok_file = _configured_tokenizer(cfg)
+    old_tok = ck.tokenizer
+    if tok_file is not None:
+        changed = load_tokenizer(tok_file).sha256 != old_tok.sha256
+        what = str(tok_file)
+    else:
+        changed = (cfg.tokenizer.model_dump() != ck.cfg.tokenizer.model_dump()
+                   or cfg.data.data_dir != ck.cfg.data.data_dir)
+        what = f"a new {cfg.tokenizer.vocab_size}-token tokenizer"
+    if changed:
+        sets = [item for item in overrides if item.split("=", 1)[0].strip().startswith(("tokenizer.", "data.data_dir"))]
+        via = f" ({' '.join('--set ' + i for i in sets)})" if sets else ""
+        raise UserError(f"--resume: the tokenizer cannot change on resume: the run was trained with "
+                        f"{old_tok.kind} {old_tok.vocab_size}-token {old_tok.path.name}, the config now gives "
+                        f"{what}{via}; start a new run, or fine-tune with --init-from {run_dir} --out NEW_RUN")
+    return cfg
+
+
+def _init_from_config(args, overrides: list[str]) -> RunConfig:
+    """A fine-tuning run's config: train.* and data.* from --config (or the defaults) and --set; the architecture
+    (every model.* key but dropout) and the tokenizer from the --init-from checkpoint. A --set that contradicts
+    the checkpoint is an error."""
+    from pydantic import ValidationError
+
+    from tinystories.checkpoint import architecture
+    from tinystories.config import _format_validation_error, _parse_scalar
+    from tinystories.tokenizer import load_tokenizer
+
+    src = read_checkpoint(args.init_from)
+    flag = f"--init-from {args.init_from}"
+    arch = architecture(src.cfg.model)
+    model_sets = _set_items(overrides, "model")
+    for key, text, item in model_sets:
+        if key not in arch:
+            continue  # dropout; an unknown key is reported by the validation below
+        value = _parse_scalar(text)
+        if (key == "vocab_size" and value == 0) or (key in ("n_kv_heads", "hidden_dim") and value is None):
+            continue  # "follow the tokenizer" / "derive it": the checkpoint's value
+        if value != arch[key]:
+            raise UserError(f"--set {item}: model.{key} cannot differ from the --init-from checkpoint "
+                            f"({arch[key]}); the architecture comes from {src.path} (leave model.{key} out)")
+    model_items = {item for _, _, item in model_sets}
+    other = [item for item in overrides if item not in model_items]
+    cfg = load_config(args.config, other)
+    for key, text, item in _set_items(overrides, "tokenizer"):
+        if key == "path":
+            same = load_tokenizer(_parse_scalar(text)).sha256 == src.tokenizer.sha256
+        elif key == "vocab_size":
+            same = _parse_scalar(text) == src.tokenizer.vocab_size
+        else:
+            continue  # tokenizer.max_stories: only for training a tokenizer, which a fine-tune does not do
+        if not same:
+            raise UserError(f"--set {item}: the tokenizer cannot differ from the --init-from checkpoint's "
+                            f"({src.tokenizer.kind} {src.tokenizer.vocab_size}-token {src.tokenizer.path.name}, "
+                            f"which its weights were trained with); leave tokenizer.{key} out")
+    if args.config:
+        ignored = [f"model.{k}={v}" for k, v in architecture(cfg.model).items()
+                   if v != arch[k] and not (k == "vocab_size" and v == 0)]
+        if ignored and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {flag}: the architecture and tokenizer come from the checkpoint; {args.config}'s "
+                  f"{', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''} are not used")
+    raw_model = src.cfg.model.model_dump()  # dropout (not architecture) too, unless --set
+    for key, text, _ in model_sets:
+        raw_model[key] = _parse_scalar(text)
+    raw = cfg.model_dump()
+    raw["model"] = raw_model
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, flag, overrides)) from None
+    if args.out:
+        cfg.out_dir = args.out
+    if args.data:
+        cfg.data.source = args.data
+    # the run keeps its own copy of the tokenizer: a run directory's checkpoints are replaced as it trains
+    cfg.tokenizer.path = str((Path(cfg.out_dir) / "tokenizer" / _tokenizer_name(src.tokenizer)).resolve())
+    cfg.tokenizer.vocab_size = src.tokenizer.vocab_size
+    cfg.model.vocab_size = src.tokenizer.vocab_size
+    return cfg
+
+
+def _tokenizer_name(tok) -> str:
+    return "tokenizer.json" if tok.kind == "bpe" else "tokenizer.model"
+
+
+def _install_tokenizer(cfg: RunConfig, init_from: str) -> None:
+    """Copy the --init-from checkpoint's tokenizer to where the run's config names it (atomically)."""
+    import shutil
+
+    import hashlib
+
+    src = read_checkpoint(init_from)
+    dest = Path(cfg.tokenizer.path)
+    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == src.tokenizer.sha256:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src.tokenizer.path, tmp)
+    os.replace(tmp, dest)
+
+
 def _cmd_train(args) -> int:
     overrides = list(args.set or [])
     mb = args.micro_batch
     if mb is not None and mb != "auto" and not (mb.isdigit() and int(mb) >= 1):
         raise UserError(f"--micro-batch {mb!r}: give a whole number of sequences >= 1, or auto")
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        resolve_checkpoint(run_dir, prefer="latest")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        cfg.out_dir = str(run_dir)
+        cfg = _resume_config(args, overrides)
     else:
-        if not args.config:
-            raise UserError("give --config FILE (e.g. configs/cpu.yaml) or --resume RUN_DIR")
-        cfg = load_config(args.config, overrides)
-        if args.out:
-            cfg.out_dir = args.out
-        if args.data:
-            cfg.data.source = args.data
-        ck = Path(cfg.out_dir) / "checkpoints" / "latest"
+        if args.init_from:
+            cfg = _init_from_config(args, overrides)
+        else:
+            if not args.config:
+                raise UserError("give --config FILE (e.g. configs/cpu.yaml), --resume RUN_DIR, or --init-from "
+                                "CHECKPOINT (fine-tuning)")
+            cfg = load_config(args.config, overrides)
+            if args.out:
+                cfg.out_dir = args.out
+            if args.data:
+                cfg.data.source = args.data
+        _require_run_length(cfg)
+        out = Path(cfg.out_dir)
+        if (out / WEIGHTS).is_file():
+            raise UserError(f"--out {out}: is a checkpoint directory (e.g. an imported model), not a run; choose "
+                            f"another --out")
+        if args.init_from:
+            src = resolve_checkpoint(args.init_from).resolve()
+            if src == out.resolve() or out.resolve() in src.parents:
+                raise UserError(f"--init-from {args.init_from}: lies in the run directory --out {out}, which the "
+                                f"new run would replace; give the fine-tuning run another --out")
+        ck = out / "checkpoints" / "latest"
         if ck.exists() and not args.force:
             raise UserError(f"{cfg.out_dir} already holds a run: continue it with --resume {cfg.out_dir}, "
                             f"choose another --out, or pass --force to start over")
@@ -693,6 +894,8 @@ def _cmd_train(args) -> int:
 
             shutil.rmtree(Path(cfg.out_dir) / "checkpoints")
             (Path(cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        if args.init_from:
+            _install_tokenizer(cfg, args.init_from)
     result = train(cfg, resume=bool(args.resume), init_from=args.init_from, micro_batch=args.micro_batch)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # a torchrun worker whose run is saved and whose process group is gone leaves without interpreter
@@ -712,13 +915,18 @@ def register_cli(sub) -> None:
                     "  tinystories train --config configs/tinystories-23M.yaml --set train.lr=3e-4 --set train.compile=true\n"
                     "  tinystories train --resume runs/cpu                      # continue exactly where it stopped\n"
                     "  tinystories train --resume runs/cpu --set train.max_steps=6000   # ... and train longer\n"
+                    "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
+                    "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
                     "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
                     _cmd_train)
-    p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml")
+    p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml (optional with --init-from: train.* "
+                                    "and data.* only; not with --resume)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (overrides out_dir)")
     p.add_argument("--data", help="raw text file or directory (overrides data.source)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from these weights (fine-tuning), fresh optimizer")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: a new run starting from these weights (a checkpoint or run directory) with a fresh "
+                        "optimizer; its architecture (model.*) and tokenizer come from the checkpoint")
     p.add_argument("--micro-batch", metavar="N|auto", help="micro-batch per process; auto finds the largest that fits (GPU)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
