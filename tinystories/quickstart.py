@@ -52,6 +52,22 @@ def pick_config(on_gpu: bool) -> Path:
     return CONFIG_DIR / ("tinystories-23M.yaml" if on_gpu else "cpu.yaml")
 
 
+def _check_same_request(out: Path, cfg) -> None:
+    """A run already in --out is reused (or resumed) only when it was made from the same data, vocabulary and
+    time budget: `quickstart --minutes 10` after a 1-minute run must not hand back the 1-minute model."""
+    from tinystories.config import load_config
+
+    old = load_config(out / "config.yaml")
+    wanted = {"data": Path(str(cfg.data.source)).resolve(), "vocabulary": cfg.tokenizer.vocab_size,
+              "minutes": cfg.train.max_minutes}
+    had = {"data": Path(str(old.data.source)).resolve(), "vocabulary": old.tokenizer.vocab_size,
+           "minutes": old.train.max_minutes}
+    diff = [f"{k} {had[k]} (now {wanted[k]})" for k in wanted if had[k] != wanted[k]]
+    if diff:
+        raise UserError(f"{out} holds a quickstart run made with other settings: {'; '.join(diff)}; delete it, "
+                        f"or pass --out to train a new one next to it")
+
+
 def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
     import torch
 
@@ -76,6 +92,7 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
 
     latest = out / "checkpoints" / "latest"
     if latest.exists():
+        _check_same_request(out, cfg)
         state = read_checkpoint(out, prefer="latest").state
         done = state.get("total_steps") and state["step"] >= state["total_steps"]
         if done:
