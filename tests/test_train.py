@@ -99,9 +99,10 @@ def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k)
                    "train.eval_interval=100000", "train.checkpoint_interval=100000")
     train(cfg)
     pts = lr_points(budget / "run")
-    assert [p["total_steps"] for p in pts[:10]] == [None] * 10 and pts[-1]["total_steps"] == pts[-1]["step"]
-    assert pts[-1]["lr"] < 3.5e-4  # decayed to min_lr although the run was far shorter than its warmup
-    assert lr_check(budget / "run").status == "PASS"
+    lengths = [p["total_steps"] for p in pts]
+    fixed = next(i for i, n in enumerate(lengths) if n is not None)  # after 10 steps, or earlier at the deadline
+    assert fixed <= 10 and set(lengths[:fixed]) == {None} and set(lengths[fixed:]) == {pts[-1]["step"]}
+    assert lr_check(budget / "run").status == "PASS"  # the warmup-only points and the fixed schedule both check
     (budget / "run" / "metrics.jsonl").write_text("".join(json.dumps({**p, "lr": 3e-3}) + "\n" for p in pts))
     assert lr_check(budget / "run").status == "FAIL"
 
