@@ -57,15 +57,23 @@ def _check_same_request(out: Path, cfg) -> None:
     time budget: `quickstart --minutes 10` after a 1-minute run must not hand back the 1-minute model."""
     from tinystories.config import load_config
 
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"{out} holds checkpoints but no config.yaml, so it cannot be checked against this request; "
+                        f"delete it, or pass --out to train a new run elsewhere")
     old = load_config(out / "config.yaml")
     wanted = {"data": Path(str(cfg.data.source)).resolve(), "vocabulary": cfg.tokenizer.vocab_size,
               "minutes": cfg.train.max_minutes}
     had = {"data": Path(str(old.data.source)).resolve(), "vocabulary": old.tokenizer.vocab_size,
            "minutes": old.train.max_minutes}
-    diff = [f"{k} {had[k]} (now {wanted[k]})" for k in wanted if had[k] != wanted[k]]
+    diff = [k for k in wanted if had[k] != wanted[k]]
     if diff:
-        raise UserError(f"{out} holds a quickstart run made with other settings: {'; '.join(diff)}; delete it, "
-                        f"or pass --out to train a new one next to it")
+        def show(v):
+            return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+        said = "; ".join(f"{k} {show(had[k])} (now {show(wanted[k])})" for k in diff)
+        suffix = (f"{wanted['minutes']:g}min" if "minutes" in diff else
+                  Path(str(cfg.data.source)).stem if "data" in diff else f"v{wanted['vocabulary']}")
+        raise UserError(f"{out} holds a run made with other settings: {said}; delete it, "
+                        f"or pass --out {out}-{suffix} to train a new one next to it")
 
 
 def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
