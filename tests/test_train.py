@@ -292,6 +292,9 @@ def test_finetune_imported_stories260k_with_init_from(tmp_path):
     ck = read_checkpoint(run, prefer="latest")
     assert ck.tokenizer.kind == "sentencepiece" and ck.tokenizer.sha256 == src.tokenizer.sha256
     assert ck.state["init_from"] == str(src.path)
+    # the starting model is saved at step 0, so `best` is the lowest val loss even if fine-tuning made it worse
+    best = read_checkpoint(run, prefer="best")
+    assert best.state["metrics"]["val_loss"] == pytest.approx(min(p["val_loss"] for p in val))
     # the run is an ordinary run: resumable, and generate loads it
     r = run_cli("train", "--resume", run, "--set", "train.max_steps=6")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr

@@ -556,7 +556,7 @@ def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_b
                                f"bpb {ev['val_bpb']:.4f}{' (best)' if improved else ''}")
                 if d.main:
                     reporter.print(f"  sample: {sample_story()}")
-                if step > start_step and d.main:
+                if (step > start_step or init_from) and d.main:  # fine-tuning: the starting model can stay the best
                     checkpoint(step, last_metrics, improved)
                 if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
                     stop_reason = f"early stop: no val improvement in {bad_evals} evaluations"
