@@ -9,6 +9,7 @@ previous one. SentencePiece models follow llama2.c: BOS before every story, gene
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -211,9 +212,17 @@ class _Counter:
             yield x
 
 
+def tokenizer_file_name(tok: TextTokenizer) -> str:
+    """The file name a tokenizer gets when copied into a checkpoint or run directory."""
+    return "tokenizer.json" if tok.kind == "bpe" else "tokenizer.model"
+
+
 def copy_tokenizer(tok: TextTokenizer, dest_dir: Path) -> Path:
-    dest = dest_dir / ("tokenizer.json" if tok.kind == "bpe" else "tokenizer.model")
-    shutil.copyfile(tok.path, dest)
+    """Copy the tokenizer file into dest_dir (atomically: a reader never sees half a file)."""
+    dest = dest_dir / tokenizer_file_name(tok)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copyfile(tok.path, tmp)
+    os.replace(tmp, dest)
     return dest
 
 

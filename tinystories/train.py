@@ -25,12 +25,13 @@ import torch.distributed as dist
 
 from tinystories.cache import TokenCache
 from tinystories.checkpoint import (
-    WEIGHTS, architecture_diff, load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint, save_checkpoint,
+    WEIGHTS, Checkpoint, architecture_diff, load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint,
+    save_checkpoint,
 )
 from tinystories.config import RunConfig, load_config, save_config
 from tinystories.errors import UserError
 from tinystories.model import Transformer
-from tinystories.tokenizer import TextTokenizer
+from tinystories.tokenizer import TextTokenizer, copy_tokenizer, tokenizer_file_name
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
                    "5090": 209e12, "3090": 71e12, "V100": 125e12, "L40": 181e12}
@@ -297,6 +298,7 @@ class NonFiniteLoss(Exception):
 
 
 def _total_steps(cfg: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
+    _require_run_length(cfg)
     t = cfg.train
     if t.max_steps:
         return t.max_steps
@@ -304,9 +306,7 @@ def _total_steps(cfg: RunConfig, tokens_per_step: int, train_tokens: int) -> int
         return max(1, math.ceil(t.max_tokens / tokens_per_step))
     if t.epochs:
         return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
-    if t.max_minutes:
-        return None  # measured during warmup
-    raise UserError("set the run length: train.max_steps, train.max_tokens, train.epochs or train.max_minutes")
+    return None  # train.max_minutes: the length is measured during the first steps
 
 
 def find_micro_batch(model, cfg: RunConfig, device, dtype) -> int:
@@ -773,7 +773,7 @@ def _resume_config(args, overrides: list[str]) -> RunConfig:
     return cfg
 
 
-def _init_from_config(args, overrides: list[str]) -> RunConfig:
+def _init_from_config(args, overrides: list[str]) -> tuple[RunConfig, Checkpoint]:
     """A fine-tuning run's config: train.* and data.* from --config (or the defaults) and --set; the architecture
     (every model.* key but dropout) and the tokenizer from the --init-from checkpoint. A --set that contradicts
     the checkpoint is an error."""
@@ -830,30 +830,10 @@ def _init_from_config(args, overrides: list[str]) -> RunConfig:
     if args.data:
         cfg.data.source = args.data
     # the run keeps its own copy of the tokenizer: a run directory's checkpoints are replaced as it trains
-    cfg.tokenizer.path = str((Path(cfg.out_dir) / "tokenizer" / _tokenizer_name(src.tokenizer)).resolve())
+    cfg.tokenizer.path = str((Path(cfg.out_dir) / "tokenizer" / tokenizer_file_name(src.tokenizer)).resolve())
     cfg.tokenizer.vocab_size = src.tokenizer.vocab_size
     cfg.model.vocab_size = src.tokenizer.vocab_size
-    return cfg
-
-
-def _tokenizer_name(tok) -> str:
-    return "tokenizer.json" if tok.kind == "bpe" else "tokenizer.model"
-
-
-def _install_tokenizer(cfg: RunConfig, init_from: str) -> None:
-    """Copy the --init-from checkpoint's tokenizer to where the run's config names it (atomically)."""
-    import shutil
-
-    import hashlib
-
-    src = read_checkpoint(init_from)
-    dest = Path(cfg.tokenizer.path)
-    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == src.tokenizer.sha256:
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src.tokenizer.path, tmp)
-    os.replace(tmp, dest)
+    return cfg, src
 
 
 def _cmd_train(args) -> int:
@@ -865,7 +845,7 @@ def _cmd_train(args) -> int:
         cfg = _resume_config(args, overrides)
     else:
         if args.init_from:
-            cfg = _init_from_config(args, overrides)
+            cfg, src = _init_from_config(args, overrides)
         else:
             if not args.config:
                 raise UserError("give --config FILE (e.g. configs/cpu.yaml), --resume RUN_DIR, or --init-from "
@@ -881,8 +861,8 @@ def _cmd_train(args) -> int:
             raise UserError(f"--out {out}: is a checkpoint directory (e.g. an imported model), not a run; choose "
                             f"another --out")
         if args.init_from:
-            src = resolve_checkpoint(args.init_from).resolve()
-            if src == out.resolve() or out.resolve() in src.parents:
+            src_dir = resolve_checkpoint(args.init_from).resolve()
+            if src_dir == out.resolve() or out.resolve() in src_dir.parents:
                 raise UserError(f"--init-from {args.init_from}: lies in the run directory --out {out}, which the "
                                 f"new run would replace; give the fine-tuning run another --out")
         ck = out / "checkpoints" / "latest"
@@ -894,8 +874,9 @@ def _cmd_train(args) -> int:
 
             shutil.rmtree(Path(cfg.out_dir) / "checkpoints")
             (Path(cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
-        if args.init_from:
-            _install_tokenizer(cfg, args.init_from)
+        if args.init_from:  # the run keeps its own copy of the checkpoint's tokenizer, where its config names it
+            Path(cfg.tokenizer.path).parent.mkdir(parents=True, exist_ok=True)
+            copy_tokenizer(src.tokenizer, Path(cfg.tokenizer.path).parent)
     result = train(cfg, resume=bool(args.resume), init_from=args.init_from, micro_batch=args.micro_batch)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # a torchrun worker whose run is saved and whose process group is gone leaves without interpreter
