@@ -1,13 +1,24 @@
-"""Load test for `tinystories serve`: N concurrent streaming clients for a fixed time.
+"""Load test for `tinystories serve`: N simultaneous streaming clients for a fixed time, old vs new server.
 
-    python benchmarks/serve_load.py --checkpoint CK                 # starts a server on a free loopback port
-    python benchmarks/serve_load.py --url http://127.0.0.1:8000     # an already running server
+    python benchmarks/serve_load.py --checkpoint CK                          # 1, 8, 20, 64 clients; old vs new
     python benchmarks/serve_load.py --checkpoint CK --clients 20 --duration 30 --max-new-tokens 128
+    python benchmarks/serve_load.py --checkpoint CK --config "b8=--max-batch 8" --config "b32=--max-batch 32"
+    python benchmarks/serve_load.py --checkpoint CK --config "v0=--max-concurrent 4" --code v0=/tmp/old-checkout
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000              # an already running server
+    python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,16,32,64   # the engine alone, no HTTP
 
-Each client loops: POST /v1/generate with stream=true, read the server-sent events to the final `done` event,
-repeat. A 429 (the server's --max-concurrent limit) is counted separately and retried after Retry-After;
-anything else that goes wrong (a status other than 200/429, a broken stream, no `done` event) is an error.
-Prints requests completed, errors, 429s, time to first token (p50/p99) and tokens per second.
+For each configuration (default: `old` = `--max-batch 1 --max-queue 0`, i.e. one generation at a time and a
+429 for everyone else, and `new` = the defaults: continuous batching and a queue) the script starts `tinystories
+serve` on a free loopback port (from another source tree with --code LABEL=DIR, e.g. an earlier checkout) and
+runs each client count in turn for --duration seconds. Each client loops: POST /v1/generate with stream=true,
+read the events to the final `done`, repeat; a 429 is counted and retried after Retry-After; every
+--abandon-every'th request of a client is dropped after 3 tokens (a reader who leaves). Anything else that goes
+wrong (a 5xx, a broken stream or connection, no `done` event) is an error. Per run it prints requests
+completed, 429s, errors, time to first token (p50/p99, from sending the request), aggregate tokens/s, whether
+every slot was free afterwards (and how many abandoned requests the server counted as cancelled), the server's
+own cancel-to-free time, and for the last client count the server's RSS after 10 s and at the end. Then a
+disconnect probe: with 8 clients streaming, a client reads a few tokens, closes its connection and polls
+/health until the server counts the cancellation (client close -> slot free, over HTTP).
 """
 
 from __future__ import annotations
@@ -16,8 +27,8 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -34,33 +45,25 @@ def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 class Stats:
     def __init__(self):
-        self.completed = 0
-        self.errors = 0
-        self.busy = 0
+        self.completed = self.errors = self.busy = self.server_errors = self.abandoned = self.tokens = 0
         self.ttft: list[float] = []
-        self.latency: list[float] = []
-        self.tokens = 0
-        self.decode_rates: list[float] = []
         self.error_samples: list[str] = []
 
     def error(self, what: str) -> None:
         self.errors += 1
-        if len(self.error_samples) < 5:
+        if len(self.error_samples) < 3:
             self.error_samples.append(what)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: Stats) -> float:
-    """Returns seconds to wait before the next request (Retry-After on 429, else 0)."""
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: Stats, abandon: bool) -> float:
+    """One streaming request. Returns seconds to wait before the next one (Retry-After on 429, else 0)."""
     t0 = time.perf_counter()
-    first = None
-    n = 0
-    done = None
+    first, n, done = None, 0, None
     try:
         async with client.stream("POST", url + "/v1/generate", json=body) as r:
             if r.status_code == 429:
@@ -68,6 +71,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: St
                 await r.aread()
                 return float(r.headers.get("Retry-After", "1"))
             if r.status_code != 200:
+                stats.server_errors += r.status_code >= 500
                 stats.error(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                 return 0.0
             event = None
@@ -76,9 +80,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: St
                     event = line[6:].strip()
                 elif line.startswith("data:"):
                     if event == "token":
-                        if first is None:
-                            first = time.perf_counter()
+                        first = first or time.perf_counter()
                         n += 1
+                        if abandon and n >= 3:
+                            stats.abandoned += 1
+                            stats.ttft.append(first - t0)
+                            return 0.0  # leaving the block closes the connection mid-stream
                     elif event == "done":
                         done = json.loads(line[5:])
                     elif event == "error":
@@ -87,17 +94,13 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: St
     except httpx.HTTPError as e:
         stats.error(f"{type(e).__name__}: {e}")
         return 0.0
-    end = time.perf_counter()
     if done is None:
         stats.error("stream ended without a done event")
         return 0.0
     stats.completed += 1
     stats.tokens += done["completion_tokens"]
-    stats.latency.append(end - t0)
     if first is not None:
         stats.ttft.append(first - t0)
-        if n > 1 and end > first:
-            stats.decode_rates.append((n - 1) / (end - first))
     return 0.0
 
 
@@ -109,17 +112,94 @@ async def client_loop(i: int, url: str, args, stats: Stats, deadline: float) -> 
             body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_new_tokens": args.max_new_tokens,
                     "temperature": 0.8, "stream": True, "seed": i * 1000 + k}
             k += 1
-            wait = await one_request(client, url, body, stats)
+            abandon = bool(args.abandon_every) and k % args.abandon_every == 0
+            wait = await one_request(client, url, body, stats, abandon)
             if wait:
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
 
 
-async def run_load(url: str, args) -> tuple[Stats, float]:
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def run_load(url: str, clients: int, args, pid: int | None) -> tuple[Stats, float, list]:
     stats = Stats()
     t0 = time.perf_counter()
     deadline = t0 + args.duration
-    await asyncio.gather(*(client_loop(i, url, args, stats, deadline) for i in range(args.clients)))
-    return stats, time.perf_counter() - t0
+    rss: list = [None, None]
+
+    async def sample_rss():
+        await asyncio.sleep(min(10.0, args.duration / 2))
+        rss[0] = rss_mb(pid)
+
+    probe = asyncio.create_task(sample_rss())
+    await asyncio.gather(*(client_loop(i, url, args, stats, deadline) for i in range(clients)))
+    rss[1] = rss_mb(pid)
+    probe.cancel()
+    return stats, time.perf_counter() - t0, rss
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=30).json()
+
+
+def wait_free(url: str, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        h = health(url)
+        if h["active"] == 0 and h.get("queued", 0) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def disconnect_probe(url: str, args, repeats: int = 5) -> list[float]:
+    """With 8 clients streaming, close a stream after 3 tokens and poll /health until the server counted the
+    cancellation. Returns the times (s) from closing to the slot being free."""
+    out: list[float] = []
+    stop = time.perf_counter() + 3600
+    bg_args = argparse.Namespace(**{**vars(args), "abandon_every": 0})
+    background = [asyncio.create_task(client_loop(100 + i, url, bg_args, Stats(), stop)) for i in range(8)]
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.sleep(1.0)
+            h = (await client.get(url + "/health")).json()
+            if "cancelled" not in h or not h.get("max_queue"):
+                # a server that does not count cancellations, or has no queue: there a client that just finished
+                # sends its next request at once and takes the free row again, so the probe would starve
+                return out
+            for k in range(repeats):
+                before = (await client.get(url + "/health")).json()["cancelled"]
+                body = {"prompt": "Once upon a time", "max_new_tokens": 400, "stream": True, "seed": k}
+                n = 0
+                while n < 3:  # until a stream is admitted (a server without a queue answers 429 meanwhile)
+                    async with httpx.AsyncClient(timeout=30) as own:  # its own connection, closed on leaving
+                        async with own.stream("POST", url + "/v1/generate", json=body) as r:
+                            async for line in r.aiter_lines():
+                                n += line.startswith("event: token")
+                                if n >= 3:
+                                    break
+                    if n < 3:
+                        await asyncio.sleep(0.05)
+                t_close = time.perf_counter()
+                while (await client.get(url + "/health")).json()["cancelled"] <= before:
+                    if time.perf_counter() - t_close > 30:
+                        break
+                    await asyncio.sleep(0.005)
+                out.append(time.perf_counter() - t_close)
+    finally:
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    return out
 
 
 def free_port() -> int:
@@ -128,28 +208,103 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, flags: list[str], code: Path, checkpoint: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "tinystories", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
-           "--max-concurrent", str(args.max_concurrent or args.clients), "--timeout", str(args.request_timeout),
-           "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(Path(checkpoint).resolve()),
+           "--port", str(port), "--timeout", str(args.request_timeout), "--log-level", "warning", *flags]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if not args.compile:
         cmd.append("--no-compile")
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(code)}
+    proc = subprocess.Popen(cmd, cwd=code, env=env)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
+    end = time.monotonic() + 300
     while time.monotonic() < end:
         if proc.poll() is not None:
-            sys.exit(f"the server exited with status {proc.returncode}")
+            sys.exit(f"the server exited with status {proc.returncode}: {shlex.join(cmd)}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.terminate()
-    sys.exit("the server did not start within 120 s")
+    sys.exit("the server did not start within 300 s")
+
+
+def bench(label: str, url: str, args, pid: int | None) -> list[dict]:
+    rows = []
+    for clients in args.clients:
+        before = health(url)
+        stats, wall, rss = asyncio.run(run_load(url, clients, args, pid))
+        freed = wait_free(url)
+        after = health(url)
+        cancelled = after.get("cancelled", 0) - before.get("cancelled", 0)
+        c2f = after.get("cancel_to_free_ms")
+        row = {"config": label, "clients": clients, "completed": stats.completed, "429": stats.busy,
+               "errors": stats.errors, "5xx": stats.server_errors, "ttft_p50_ms": 1000 * percentile(stats.ttft, 50),
+               "ttft_p99_ms": 1000 * percentile(stats.ttft, 99), "tokens_per_s": stats.tokens / wall,
+               "abandoned": stats.abandoned, "cancelled": cancelled, "slots_free": freed,
+               "cancel_to_free_max_ms": c2f["max"] if c2f else None, "rss_mb": rss}
+        rows.append(row)
+        print_row(row)
+        for e in stats.error_samples:
+            print(f"    error: {e}")
+    probe = asyncio.run(disconnect_probe(url, args))
+    if probe:
+        print(f"{label:>8}  disconnect probe (8 streaming clients): client close -> slot free over HTTP "
+              f"{', '.join(f'{1000 * t:.0f}' for t in probe)} ms (max {1000 * max(probe):.0f} ms)")
+    return rows
+
+
+HEADER = (f"{'config':>8} {'clients':>7} {'done':>6} {'429s':>6} {'errors':>6} {'5xx':>4} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'tokens/s':>9}  {'left':>4} {'cancelled':>9} {'freed':>5}  RSS MB (10 s -> end)")
+
+
+def print_row(r: dict) -> None:
+    rss = r["rss_mb"]
+    rss_s = f"{rss[0]:.0f} -> {rss[1]:.0f}" if rss and rss[0] and rss[1] else "-"
+    print(f"{r['config']:>8} {r['clients']:>7} {r['completed']:>6} {r['429']:>6} {r['errors']:>6} {r['5xx']:>4} "
+          f"{r['ttft_p50_ms']:>6.0f} ms {r['ttft_p99_ms']:>6.0f} ms {r['tokens_per_s']:>9.1f}  {r['abandoned']:>4} "
+          f"{r['cancelled']:>9} {'yes' if r['slots_free'] else 'NO':>5}  {rss_s}", flush=True)
+
+
+def engine_only(args) -> int:
+    """The engine without HTTP: for each --max-batch in --engine-batches, 2 x batch requests (at least 16) of
+    --max-new-tokens each, submitted at once; prints aggregate tokens/s (how --max-batch's default was chosen)."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from tinystories.checkpoint import load_model
+    from tinystories.engine import Engine
+    from tinystories.sampling import SamplingParams, prompt_ids
+
+    torch.set_num_threads(args.threads or 1)
+    model, ck = load_model(args.checkpoint, "cpu")
+    if args.compile:
+        model.compile_decoding()
+
+    async def run(batch: int) -> tuple[int, float, float]:
+        engine = Engine(model, ck.tokenizer, max_batch=batch, max_queue=10_000)
+        t0 = time.perf_counter()
+        engine.warm_up()
+        warm = time.perf_counter() - t0
+        jobs = [engine.submit(prompt_ids(ck.tokenizer, PROMPTS[i % len(PROMPTS)]),
+                              SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=i))
+                for i in range(max(16, 2 * batch))]
+        t0 = time.perf_counter()
+        for job in jobs:
+            await job.result()
+        engine.close()
+        return sum(len(j.token_ids) for j in jobs), time.perf_counter() - t0, warm
+
+    print(f"engine only (no HTTP): {ck.path}, {'compiled' if args.compile else 'eager'}, "
+          f"{args.max_new_tokens} new tokens per request, {torch.get_num_threads()} torch thread(s)")
+    for batch in [int(b) for b in args.engine_batches.split(",")]:
+        tokens, secs, warm = asyncio.run(run(batch))
+        print(f"  --max-batch {batch:>3}: {tokens:>6,} tokens in {secs:5.2f} s = {tokens / secs:7.0f} tokens/s"
+              f"  (warm-up {warm:.1f} s)", flush=True)
+    return 0
 
 
 def main() -> int:
@@ -157,44 +312,69 @@ def main() -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="start `tinystories serve` on this checkpoint (loopback, free port)")
     src.add_argument("--url", help="use a running server instead")
-    ap.add_argument("--clients", type=int, default=20, help="concurrent streaming clients (default: 20)")
-    ap.add_argument("--duration", type=float, default=30.0, help="seconds to keep starting requests (default: 30)")
+    ap.add_argument("--clients", default="1,8,20,64", help="simultaneous clients, one run each (default: 1,8,20,64)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per run (default: 20)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per request (default: 128)")
-    ap.add_argument("--max-concurrent", type=int, default=None,
-                    help="the started server's --max-concurrent (default: --clients, so no 429s)")
-    ap.add_argument("--threads", type=int, default=None, help="the started server's --threads")
+    ap.add_argument("--config", action="append", default=None, metavar="LABEL=FLAGS",
+                    help="a server to compare, e.g. 'old=--max-batch 1 --max-queue 0' (repeatable; default: that "
+                         "and 'new=' with the defaults)")
+    ap.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
+                    help="run configuration LABEL from the source tree DIR (e.g. an earlier checkout)")
+    ap.add_argument("--checkpoint-of", action="append", default=[], metavar="LABEL=CK",
+                    help="configuration LABEL serves this checkpoint instead (e.g. a copy an older tree can read)")
+    ap.add_argument("--abandon-every", type=int, default=5,
+                    help="every Nth request of a client leaves after 3 tokens (default: 5; 0: never)")
+    ap.add_argument("--threads", type=int, default=None, help="the started servers' --threads")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="the started server's --compile / --no-compile (default: compiled decoding, as serve)")
+                    help="the started servers' --compile / --no-compile (default: compiled decoding, as serve)")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="per-request limit in seconds")
+    ap.add_argument("--engine-batches", default=None, metavar="B1,B2,...",
+                    help="instead of HTTP load: the engine in-process at these --max-batch values (needs --checkpoint)")
     args = ap.parse_args()
+    if args.engine_batches:
+        if not args.checkpoint:
+            ap.error("--engine-batches needs --checkpoint")
+        return engine_only(args)
+    args.clients = [int(c) for c in str(args.clients).split(",")]
+    configs = [c.split("=", 1) for c in (args.config or ["old=--max-batch 1 --max-queue 0", "new="])]
+    codes = {label: Path(d).resolve() for label, d in (c.split("=", 1) for c in args.code)}
+    checkpoints = dict(c.split("=", 1) for c in args.checkpoint_of)
 
-    proc = None
-    url = args.url.rstrip("/") if args.url else None
-    if args.checkpoint:
-        proc, url = start_server(args)
-    try:
-        info = httpx.get(url + "/v1/model", timeout=10).json()
-        health = httpx.get(url + "/health", timeout=10).json()
-        print(f"server    {url}  model {info['name']} ({info['parameters']:,} parameters, device {info['device']}), "
-              f"max-concurrent {health['max_concurrent']}")
-        print(f"load      {args.clients} streaming clients for {args.duration:g} s, "
-              f"{args.max_new_tokens} new tokens per request")
-        stats, wall = asyncio.run(run_load(url, args))
-    finally:
-        if proc is not None:
+    print(f"load: {','.join(map(str, args.clients))} streaming clients, {args.duration:g} s each, "
+          f"{args.max_new_tokens} new tokens per request, every {args.abandon_every or 'no'}th request abandoned; "
+          f"{os.cpu_count()} CPUs")
+    rows = []
+    if args.url:
+        print(HEADER)
+        return report(bench("url", args.url.rstrip("/"), args, None))
+    for label, flags in configs:
+        code, checkpoint = codes.get(label, REPO), checkpoints.get(label, args.checkpoint)
+        proc, url = start_server(args, shlex.split(flags), code, checkpoint)
+        try:
+            info = httpx.get(url + "/v1/model", timeout=10).json()
+            print(f"\n{label}: tinystories serve {flags or '(defaults)'}  [{code}]  model "
+                  f"{info['name']} ({info['parameters']:,} parameters, device {info['device']}), limits "
+                  f"{json.dumps(info.get('limits'))}")
+            print(HEADER)
+            rows += bench(label, url, args, proc.pid)
+        finally:
             proc.terminate()
             proc.wait(15)
-    ms = lambda s: f"{s * 1000:.0f} ms"  # noqa: E731
-    print(f"wall      {wall:.1f} s (requests still running at the deadline were finished)")
-    print(f"requests  {stats.completed} completed, {stats.errors} errors, {stats.busy} rejected with 429 (retried)")
-    print(f"TTFT      p50 {ms(percentile(stats.ttft, 50))}, p99 {ms(percentile(stats.ttft, 99))}")
-    print(f"latency   p50 {percentile(stats.latency, 50):.2f} s, p99 {percentile(stats.latency, 99):.2f} s per request")
-    print(f"tokens    {stats.tokens:,} generated, {stats.tokens / wall:.1f} tokens/s in all; "
-          f"{statistics.median(stats.decode_rates) if stats.decode_rates else float('nan'):.1f} tokens/s per stream "
-          f"(median)")
-    for e in stats.error_samples:
-        print(f"error     {e}")
-    return 1 if stats.errors else 0
+    return report(rows)
+
+
+def report(rows: list[dict]) -> int:
+    by = {(r["config"], r["clients"]): r for r in rows}
+    labels = list(dict.fromkeys(r["config"] for r in rows))
+    if len(labels) >= 2:
+        base, new = labels[0], labels[-1]
+        print(f"\n{new} vs {base}: aggregate tokens/s")
+        for c in dict.fromkeys(r["clients"] for r in rows):
+            if (base, c) in by and (new, c) in by and by[(base, c)]["tokens_per_s"] > 0:
+                print(f"  {c:>3} clients: {by[(new, c)]['tokens_per_s']:.1f} / {by[(base, c)]['tokens_per_s']:.1f} = "
+                      f"{by[(new, c)]['tokens_per_s'] / by[(base, c)]['tokens_per_s']:.2f}x")
+    bad = [r for r in rows if r["errors"] or not r["slots_free"]]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import time
 import torch
 
 from tinystories.config import RunConfig
+from tinystories.device import autocast_ctx, peak_flops, pick_dtype
 from tinystories.model import Transformer
-from tinystories.train import autocast_ctx, make_optimizer, pick_dtype
+from tinystories.optim import make_optimizer
 
 
 def main() -> None:
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -43,13 +45,14 @@ def main() -> None:
     cfg = RunConfig.model_validate({
         "model": {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                   "n_kv_heads": args.n_kv_heads, "hidden_dim": args.hidden_dim, "max_seq_len": args.seq_len},
-        "train": {"batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile},
+        "train": {"batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
+                  "optimizer": args.optimizer},
     })
     device = torch.device(args.device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg.train, device)
     step_model = torch.compile(model) if args.compile else model
     amp = autocast_ctx(device, dtype)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
@@ -68,9 +71,16 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     tps = args.batch_size * args.seq_len / med
-    print(f"model {model.num_params() / 1e6:.2f}M params | device {device} | dtype {str(dtype).removeprefix('torch.')} | "
-          f"compile {args.compile} | threads {torch.get_num_threads()} | batch {args.batch_size} x {args.seq_len}")
-    print(f"step median {med * 1000:.1f} ms (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}) over {len(times)} steps")
+    print(f"model {model.num_params() / 1e6:.2f}M params | device {device} | "
+          f"dtype {str(dtype).removeprefix('torch.')} | optimizer {args.optimizer} | compile {args.compile} | "
+          f"threads {torch.get_num_threads()} | batch {args.batch_size} x {args.seq_len}")
+    print(f"step median {med * 1000:.1f} ms (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}) "
+          f"over {len(times)} steps")
+    flops = tps * model.flops_per_token()
+    peak = peak_flops(device, dtype)
+    mfu = f" | MFU {flops / peak:.1%} of the {'measured' if device.type == 'cpu' else 'datasheet'} " \
+          f"{str(dtype).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s" if peak else ""
+    print(f"achieved {flops / 1e9:,.1f} GFLOP/s (6N + attention per token){mfu}")
     print(f"tokens_per_s={tps:.0f}")
 
 

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +87,7 @@ def run_arm(arm: str, out: Path, minutes: float, stories: int, max_new_tokens: i
     from tinystories.checkpoint import load_model
     from tinystories.config import load_config
     from tinystories.evaluate import evaluate
+    from tinystories.sampling import SamplingParams
     from tinystories.train import train
 
     arm_dir = out / (arm if arm == "llama2" else f"bpe-{arm}")
@@ -109,11 +109,9 @@ def run_arm(arm: str, out: Path, minutes: float, stories: int, max_new_tokens: i
     n_body = model.num_params(non_embedding=True)
     del model
     t1 = time.time()
-    ev = evaluate(Namespace(
-        checkpoint=str(arm_dir), text=str(text), max_tokens=None, num_stories=stories,
-        reference=str(VALID_TEXT), train_text=str(TRAIN_TEXT), seed=1234, max_new_tokens=max_new_tokens,
-        temperature=0.8, top_k=50, top_p=0.95, judge_url=None, judge_model=None, judge_timeout=60.0,
-        json=None, device="cpu"), log=log)
+    ev = evaluate(str(arm_dir), text=str(text), num_stories=stories, reference=str(VALID_TEXT),
+                  train_text=str(TRAIN_TEXT), sampling=SamplingParams(max_new_tokens=max_new_tokens), device="cpu",
+                  log=log)
     wall_eval = time.time() - t1
     tm = train_metrics(arm_dir)
     st = ev["stories"]

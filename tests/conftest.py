@@ -82,3 +82,20 @@ def stories300(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stories300") / "stories.txt"
     out.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_run(tmp_path_factory, tok4k, stories300) -> Path:
+    """A real run directory: a tiny model (dim 64, 2 layers, grouped-query attention) trained by `tinystories train`
+    for 80 steps on 300 real stories with the 4K BPE (metrics.jsonl, checkpoints/best, state.json)."""
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    args = ["train", "--config", REPO / "configs" / "cpu.yaml", "--out", tmp / "run", "--data", stories300]
+    for s in ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=128",
+              "model.dropout=0", "train.batch_size=8", "train.max_steps=80", "train.max_minutes=null",
+              "train.warmup_steps=8", "train.lr=4e-3", "train.eval_interval=40", "train.eval_tokens=4096",
+              "train.log_interval=20", "train.checkpoint_interval=40", "train.sample_tokens=8", "train.dtype=float32",
+              "train.compile=false", f"tokenizer.path={tok4k}", f"data.data_dir={tmp / 'data'}"):
+        args += ["--set", s]
+    r = run_cli(*args, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "run"

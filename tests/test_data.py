@@ -214,3 +214,116 @@ def test_fetch_from_local_dir(tmp_path):
     r = run_cli("data", "fetch", "--from", DATA_DIR, "--data-dir", tmp_path / "data")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "raw" / "TinyStories-train-head.txt").read_bytes() == TRAIN_HEAD.read_bytes()
+
+
+class _DroppingHubHandler(_HubHandler):
+    """The Hub protocol with sha256 ETags (as for LFS files); `drop_after`: the first GET of the big file sends that
+    many bytes, then the connection is cut and the server closes (the network is gone); `head_size` overrides the
+    size a HEAD announces."""
+
+    drop_after: int | None = None
+    head_size: int | None = None
+    server = None
+    ranges: list[str] = []
+
+    def _headers(self, body: bytes, start: int = 0):
+        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
+        self.send_header("X-Repo-Commit", "a" * 40)
+        self.send_header("Accept-Ranges", "bytes")
+        size = self.head_size if self.head_size and self.command == "HEAD" else len(body)
+        self.send_header("Content-Length", str(size - start))
+
+    def do_GET(self):
+        body = self._lookup()
+        if body is None:
+            return
+        rng = self.headers.get("Range")
+        type(self).ranges.append(rng or "")
+        start = int(rng[6:].split("-")[0]) if rng and rng.startswith("bytes=") else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self._headers(body, start)
+        self.end_headers()
+        cut = type(self).drop_after
+        if cut is None or len(body) < cut:
+            self.wfile.write(memoryview(body)[start:])
+            return
+        type(self).drop_after = None
+        self.wfile.write(memoryview(body)[start:cut])
+        self.wfile.flush()
+        import socket
+
+        self.connection.shutdown(socket.SHUT_RDWR)  # mid-body: the client got `cut` of len(body) bytes
+        self.close_connection = True
+        srv = type(self).server
+        threading.Thread(target=lambda: (srv.shutdown(), srv.server_close()), daemon=True).start()
+
+
+def _serve(handler):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.server = srv
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def _hub_env(tmp_path, url):
+    return {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+
+
+@pytest.mark.slow
+def test_fetch_resumes_after_the_connection_drops_part_way(tmp_path):
+    import random
+
+    big = random.Random(0).randbytes(200_000_000)  # a 200 MB file, made here
+    files = {"TinyStoriesV2-GPT4-train.txt": big, "TinyStoriesV2-GPT4-valid.txt": VALID_HEAD.read_bytes()[:50_000]}
+
+    class First(_DroppingHubHandler):
+        drop_after = 60_000_000
+        ranges: list[str] = []
+
+    First.files = files
+    srv, url = _serve(First)
+    r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=_hub_env(tmp_path, url), timeout=600)
+    raw = tmp_path / "data" / "raw"
+    # the network went away after 60 MB: a one-line error, and what arrived is kept
+    assert r.returncode == 2 and "rerun resumes" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0
+    part = raw / ".TinyStoriesV2-GPT4-train.txt.part"
+    kept = part.stat().st_size
+    assert 0 < kept <= 60_000_000 and part.read_bytes() == big[:kept]
+    assert not (raw / "TinyStoriesV2-GPT4-train.txt").exists()
+
+    class Second(_DroppingHubHandler):
+        ranges: list[str] = []
+
+    Second.files = files
+    srv2, url2 = _serve(Second)
+    try:
+        r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=_hub_env(tmp_path, url2), timeout=600)
+    finally:
+        srv2.shutdown()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming at {kept / 1e6:,.1f} MB" in r.stdout
+    assert Second.ranges[0] == f"bytes={kept}-"  # only the rest was sent
+    got = (raw / "TinyStoriesV2-GPT4-train.txt").read_bytes()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(big).hexdigest()
+    valid = "TinyStoriesV2-GPT4-valid.txt"
+    assert not part.exists() and (raw / valid).read_bytes() == files[valid]
+
+
+def test_fetch_checks_free_disk_space_first(tmp_path):
+    class Huge(_DroppingHubHandler):
+        head_size = 10**16  # 10 PB announced
+        ranges: list[str] = []
+
+    Huge.files = {"TinyStoriesV2-GPT4-train.txt": b"x" * 1000, "TinyStoriesV2-GPT4-valid.txt": b"y" * 1000}
+    srv, url = _serve(Huge)
+    try:
+        r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=_hub_env(tmp_path, url), timeout=120)
+    finally:
+        srv.shutdown()
+    line = one_line_error(r, "free disk", "GB", "--data-dir")
+    assert "needs 10000000.10 GB" in line  # the announced size + a 0.1 GB margin
+    assert Huge.ranges == []  # nothing downloaded

@@ -157,3 +157,30 @@ def test_overfitting_fix_builds_on_the_runs_dropout():
     assert plain.status == "FAIL" and "add model.dropout=0.1" in plain.fix
     regularised = check_val_loss(rising, RunConfig.model_validate({"model": {"dropout": 0.1}}))
     assert "raise model.dropout (now 0.1) to 0.2" in regularised.fix and "add model.dropout" not in regularised.fix
+
+
+# --- issue 15: the grammar check (the real link-parser) ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grammar_check_thresholds():
+    from tinystories.doctor import GRAMMAR_PASS_POINTS, GRAMMAR_WARN_POINTS, check_grammar
+    from tinystories.grammar import find_parser
+
+    if find_parser() is None:
+        pytest.fail("link-parser is not installed: apt-get install link-grammar", pytrace=False)
+    real = [x for x in VALID_HEAD.read_text(encoding="utf-8").splitlines() if x.strip()]
+    as_samples = lambda texts: [{"prompt": "", "text": t, "ended": True} for t in texts]  # noqa: E731
+    same = check_grammar(as_samples(real[100:130]), real)  # other real stories: the same rate, give or take
+    assert same.status == "PASS" and "in real stories" in same.detail, same
+    broken = "He go home. The dog is run to park the happy very. She were happy because. The girl saw a."
+    bad = check_grammar(as_samples([broken, "The dog ran to the park. " + broken]), real)
+    assert bad.status == "FAIL" and "points below real text" in bad.detail and "train longer" in bad.fix, bad
+    good = ("The dog ran to the park. Lily and Ben played with a red ball. The cat sat on the mat. It was a sunny "
+            "day. He wanted to climb the tall tree. The bird flew over the house. They went home and ate some cake. "
+            "She was happy because her mom gave her a big hug. Tom had a big red ball. The sun was warm. "
+            "Sam wanted to play. Mom was in the kitchen.")
+    warn = check_grammar(as_samples([good + " He go home. She were happy because."]), real)  # 12 of 14 parse
+    gap = float(warn.detail.split(" points")[0])
+    assert warn.status == "WARN" and GRAMMAR_PASS_POINTS < gap <= GRAMMAR_WARN_POINTS, warn
+    assert check_grammar(None, real).status == "SKIP"

@@ -287,3 +287,77 @@ def test_cut_stream_at_story_boundary():
     assert s.tolist() == [0, 5, 6, 7, 0, 8, 9] and b == 50
     s, b = cut_stream(None, split, None)
     assert len(s) == 12 and b == 100
+
+
+# --- issue 15: held-out prompts and the grammar rows ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s260(tmp_path_factory) -> Path:
+    """llama2.c's stories260K (a real model that writes sentences), imported through the real CLI."""
+    from conftest import STORIES260K, TOK512
+
+    out = tmp_path_factory.mktemp("s260") / "ck"
+    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_eval_held_out_prompts_and_grammar_rows(s260, tmp_path, judge_server):
+    from tinystories.evaluate import OPENINGS, held_out_prompts, judge_messages
+    from tinystories.grammar import find_parser
+    from tinystories.textdata import iter_documents
+
+    docs = list(iter_documents([TRAIN_HEAD], 12))
+    text = tmp_path / "twelve.txt"
+    text.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
+    url, _ = judge_server("good")
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "--checkpoint", s260, "--text", text, "--num-stories", "3", "--max-new-tokens", "64",
+                "--prompts", "held-out", "--show-grammar-errors", "2", "--json", out, "--judge-url", url,
+                "--judge-model", "m")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    prompts = [s["prompt"] for s in res["samples"]]
+    assert prompts == held_out_prompts(docs, 3) and res["sampling"]["prompts"] == "held-out"
+    assert all(any(d.startswith(p) for d in docs) for p in prompts) and not set(prompts) & set(OPENINGS)
+    assert res["judge"]["judged"] == 3  # the judge grades completions of the same held-out beginnings
+    assert prompts[0] + "***" in judge_messages(prompts[0], res["samples"][0]["text"])[-1]["content"]
+    if find_parser() is None:
+        pytest.fail("link-parser is not installed: apt-get install link-grammar", pytrace=False)
+    model, ref = res["stories"]["model"], res["stories"]["reference"]
+    assert model["grammar_sentences"] > 0 and ref["grammar_sentences"] > 50
+    for st in (model, ref):
+        assert st["grammar_measured"] is True
+        for key in ("grammatical_sentences", "grammatical_stories", "grammatical_timed_out"):
+            assert 0.0 <= st[key] <= 1.0
+        assert 0.0 <= st["grammar_score_mean"] <= 10.0
+    assert ref["grammatical_sentences"] > 0.85
+    assert "grammatical sentences (parser)" in r.stdout and "grammar score /10 (mean)" in r.stdout
+    if model["grammar_rejected"]:
+        assert "sentences link-parser rejects in the generated stories" in r.stdout and "    x " in r.stdout
+    else:
+        assert "link-parser rejects no sentence of the generated stories" in r.stdout
+    assert f"prompts: 3 beginnings of {text}" in r.stdout
+
+
+@pytest.mark.slow
+def test_eval_held_out_prompts_fall_back_to_openings(random_checkpoint, tmp_path):
+    ref = tmp_path / "short.txt"
+    ref.write_text("Hi.\n<|endoftext|>\nThe end. Bye.\n<|endoftext|>\n", encoding="utf-8")  # nothing to complete
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "--checkpoint", random_checkpoint, "--text", VALID_HEAD, "--max-tokens", "100",
+                "--reference", ref, "--num-stories", "2", "--max-new-tokens", "8", "--prompts", "held-out",
+                "--no-grammar", "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [s["prompt"] for s in res["samples"]] == ["Once upon a time", "One day,"]
+    assert "no held-out stories: the fixed openings were used" in r.stdout
+    assert "grammar_measured" not in res["stories"]["model"] and "grammatical sentences" not in r.stdout
+
+
+def test_eval_bad_grammar_options(random_checkpoint):
+    assert "--show-grammar-errors -1" in _one_line_error(
+        run_cli("eval", "--checkpoint", random_checkpoint, "--show-grammar-errors", "-1"))
+    assert "--prompts" in _one_line_error(run_cli("eval", "--checkpoint", random_checkpoint, "--prompts", "random"))

@@ -136,26 +136,109 @@ def test_held_out_fraction_without_validation_file(tmp_path, tok4k):
     assert sp["val"]["documents"] == 231 and sp["train"]["documents"] == 2316 - 231
 
 
-def test_interrupted_prepare_leaves_no_complete_looking_cache(tmp_path, tok4k, monkeypatch):
+def _shards(path):
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.suffix in (".bin", ".npy")}
+
+
+def test_interrupted_prepare_resumes_without_redoing_finished_units(tmp_path, tok4k, monkeypatch):
     import tinystories.cache as cache_mod
+    import tinystories.textdata as textdata
 
+    monkeypatch.setattr(textdata, "UNIT_BYTES", 200_000)  # the 2 MB head in ~10 units
     tok = load_tokenizer(tok4k)
-    calls = {"n": 0}
-    original = cache_mod._SplitWriter.add
+    built = []
+    original = cache_mod.build_unit
 
-    def crash_after_first(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > 1:
+    def crash_on_fourth(*a, **k):
+        if len(built) == 3:
             raise KeyboardInterrupt
-        return original(self, *a, **k)
+        built.append(a[2].name)
+        return original(*a, **k)
 
-    monkeypatch.setattr(cache_mod._SplitWriter, "add", crash_after_first)
+    monkeypatch.setattr(cache_mod, "build_unit", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        prepare(tok, DATA_DIR, tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
-    monkeypatch.undo()
-    _, hit = prepare(tok, DATA_DIR, tmp_path / "cache")
-    assert not hit
+        prepare(tok, DATA_DIR, tmp_path / "cache", workers=1)
+    [cache_dir] = list((tmp_path / "cache").iterdir())
+    assert not (cache_dir / "manifest.json").exists()  # an interrupted build never looks complete
+    with pytest.raises(UserError, match="not a token cache"):
+        TokenCache.open(cache_dir)
+    assert len(built) == 3 and not list(cache_dir.glob(".*tmp*"))
+    first = list(built)
+    built.clear()
+    monkeypatch.setattr(cache_mod, "build_unit", lambda *a, **k: built.append(a[2].name) or original(*a, **k))
+    path, hit = prepare(tok, DATA_DIR, tmp_path / "cache", workers=1)
+    assert not hit and path == cache_dir
+    assert not set(first) & set(built) and len(built) > 3  # only the units not finished before
+    # the same bytes as an uninterrupted build
+    other, _ = prepare(tok, DATA_DIR, tmp_path / "fresh", workers=1)
+    assert _shards(path) == _shards(other)
+    assert TokenCache.open(path).manifest["splits"] == TokenCache.open(other).manifest["splits"]
+
+
+def test_part_of_the_cache_is_extended_not_rebuilt(tmp_path, tok4k, monkeypatch):
+    import tinystories.cache as cache_mod
+    import tinystories.textdata as textdata
+
+    monkeypatch.setattr(textdata, "UNIT_BYTES", 200_000)
+    tok = load_tokenizer(tok4k)
+    built = []
+    original = cache_mod.build_unit
+    monkeypatch.setattr(cache_mod, "build_unit", lambda *a, **k: built.append(a[2].name) or original(*a, **k))
+    path, hit = prepare(tok, DATA_DIR, tmp_path / "cache", train_tokens=100_000, workers=1)
+    m = TokenCache.open(path).manifest
+    assert not hit and m["part"]["units"] < m["part"]["of"] and "-part" in m["fingerprint"]
+    assert 100_000 <= m["splits"]["train"]["tokens"] < 200_000
+    assert m["splits"]["val"]["documents"] == 1  # the whole validation file, always
+    train = TokenCache.open(path).split("train")
+    assert len(train.docs) == m["splits"]["train"]["documents"] and train.docs[-1, 0] < train.tokens
+    # a smaller request is a hit; the whole cache adds only the missing units
+    assert prepare(tok, DATA_DIR, tmp_path / "cache", train_tokens=50_000, workers=1) == (path, True)
+    first = list(built)
+    built.clear()
+    path2, hit2 = prepare(tok, DATA_DIR, tmp_path / "cache", workers=1)
+    assert path2 == path and not hit2 and not set(first) & set(built)
+    m2 = TokenCache.open(path).manifest
+    assert m2["part"] is None and m2["splits"]["train"]["documents"] == 2316
+    assert prepare(tok, DATA_DIR, tmp_path / "cache", train_tokens=50_000, workers=1) == (path, True)
+
+
+def test_worker_processes_build_the_same_cache(tmp_path, tok4k, monkeypatch):
+    import tinystories.textdata as textdata
+
+    monkeypatch.setattr(textdata, "UNIT_BYTES", 300_000)
+    tok = load_tokenizer(tok4k)
+    one, _ = prepare(tok, TRAIN_HEAD, tmp_path / "one", val_fraction=0.1, workers=1)
+    two, _ = prepare(tok, TRAIN_HEAD, tmp_path / "two", val_fraction=0.1, workers=2)
+    assert _shards(one) == _shards(two)
+    cache = TokenCache.open(two)
+    train = cache.split("train")
+    assert len(train.shards) > 1
+    stream = train.stream()  # several shards, read as one sequence without loading them whole
+    whole = np.concatenate([np.asarray(s) for s in train.shards])
+    assert len(stream) == len(whole) == train.tokens
+    for a, b in ((0, 10), (len(train.shards[0]) - 3, len(train.shards[0]) + 5), (5, len(whole)), (-7, None)):
+        assert np.array_equal(stream[a:b], whole[a:b])
+    assert stream[len(train.shards[0])] == whole[len(train.shards[0])]
+    docs = train.docs
+    assert np.all(whole[np.asarray(docs[:, 0])] == tok.doc_start_id)  # global offsets across the shards
+    # the held-out story of each unit: 1 in 10 of every unit's stories, 2316 in all
+    sp = cache.manifest["splits"]
+    assert sp["train"]["documents"] + sp["val"]["documents"] == 2316 and 200 < sp["val"]["documents"] < 260
+
+
+def test_file_units_end_at_story_boundaries(tmp_path):
+    from tinystories.textdata import file_units, unit_documents
+
+    for unit in (1_000, 50_000, 10**9):
+        units = file_units(TRAIN_HEAD, unit)
+        assert units[0][0] == 0 and units[-1][1] == TRAIN_HEAD.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
+        docs = [d for a, b in units for d in unit_documents(TRAIN_HEAD, a, b)]
+        assert docs == list(iter_documents([TRAIN_HEAD])) and len(docs) == 2316
+    text = tmp_path / "stories.txt"  # blank-line separated plain text, CRLF line ends
+    text.write_bytes(b"one\r\nstory\r\n\r\ntwo\r\n \r\n\r\nthree\r\n\r\n" * 50)
+    docs = [d for a, b in file_units(text, 20) for d in unit_documents(text, a, b)]
+    assert docs == ["one\r\nstory", "two", "three"] * 50
 
 
 def test_json_report_replaces_only_an_earlier_report(tmp_path, tok4k):

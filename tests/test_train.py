@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_DIR, REPO, LLAMA2_TOKENIZER, STORIES260K, TOK512, TRAIN_HEAD, one_line_error, run_cli
+from conftest import DATA_DIR, LLAMA2_TOKENIZER, REPO, STORIES260K, TOK512, TRAIN_HEAD, one_line_error, run_cli
 from tinystories.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
 from tinystories.config import load_config
 from tinystories.errors import UserError
@@ -70,6 +70,7 @@ def lr_points(run_dir: Path) -> list[dict]:
     return [p for p in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if p["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k):
     from tinystories.doctor import run_checks
 
@@ -107,6 +108,7 @@ def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k)
     assert lr_check(budget / "run").status == "FAIL"
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_data(tmp_path, tok4k):
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=60", "train.eval_interval=60")
     result = train(cfg)
@@ -129,6 +131,7 @@ def test_loss_falls_on_real_data(tmp_path, tok4k):
     assert again["loss_per_token"] == pytest.approx(ck.state["metrics"]["val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill_9(tmp_path, tok4k):
     common = ("train.max_steps=150", "train.checkpoint_interval=20", "train.eval_interval=1000")
     ref = tmp_path / "ref"
@@ -160,6 +163,7 @@ def test_exact_resume_after_kill_9(tmp_path, tok4k):
     assert [a[s] for s in after] == [b[s] for s in after]  # in fact bit for bit on CPU
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_a_crash_mid_save(tmp_path, tok4k, monkeypatch):
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=20", "train.eval_interval=1000")
     train(cfg)
@@ -181,6 +185,7 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, tok4k, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, tok4k, monkeypatch):
     import tinystories.model as model_mod
 
@@ -205,6 +210,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k, random_checkpoint):
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=5", "train.eval_interval=1000")
     train(cfg)
@@ -254,6 +260,7 @@ def test_resume_with_other_tokenizer_and_arch_mismatch(tmp_path, tok4k, random_c
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
+@pytest.mark.slow
 def test_finetune_imported_stories260k_with_init_from(tmp_path):
     """--init-from alone (no --config, no model keys): the architecture and the SentencePiece tokenizer come from
     the imported llama2.c checkpoint; train.* from the defaults and --set."""
@@ -303,6 +310,7 @@ def test_finetune_imported_stories260k_with_init_from(tmp_path):
     assert r.returncode == 0 and "Once upon a time" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
     proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(tmp_path, tok4k, "train.max_steps=100000",
                              "train.eval_interval=100000", "train.checkpoint_interval=100000")],
@@ -321,8 +329,10 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
     assert read_checkpoint(tmp_path / "run", prefer="latest").step > 0
 
 
+@pytest.mark.slow
 def test_bad_micro_batch_is_a_one_line_error(tmp_path):
     for value in ("foo", "0", "-2", "1.5"):
-        r = run_cli("train", "--config", REPO / "configs" / "cpu.yaml", "--out", tmp_path / "run", "--micro-batch", value)
+        r = run_cli("train", "--config", REPO / "configs" / "cpu.yaml", "--out", tmp_path / "run",
+                    "--micro-batch", value)
         assert r.returncode == 2 and f"--micro-batch '{value}'" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

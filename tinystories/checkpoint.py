@@ -16,31 +16,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from tinystories.config import RunConfig, config_from_dict, save_config
+from tinystories.atomic import fsync_tree_files, replace_symlink, swap_in_dir
+from tinystories.config import RunConfig, config_from_dict, parse_scalar, save_config, set_items
 from tinystories.errors import UserError
 from tinystories.model import Transformer
 from tinystories.tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer
 
-import yaml
-
 WEIGHTS = "model.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,30 +53,20 @@ def unwrap(model: torch.nn.Module) -> Transformer:
 
 
 def write_checkpoint_dir(
-    dest: Path, model: torch.nn.Module, cfg: RunConfig, tok: TextTokenizer, state: dict, trainer_state: dict | None = None
+    dest: Path, model: torch.nn.Module, cfg: RunConfig, tok: TextTokenizer, state: dict,
+    trainer_state: dict | None = None,
 ) -> None:
     """Write a complete checkpoint into `dest` (created) and fsync it."""
     dest.mkdir(parents=True)
-    weights = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in model_state(model).items()}
+    weights = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+               for k, v in model_state(model).items()}
     save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
     save_config(cfg, dest / "config.yaml")
     copy_tokenizer(tok, dest)
     (dest / "state.json").write_text(json.dumps(state, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, dest / "trainer.pt")
-    for f in dest.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(dest)
-
-
-def _point(link: Path, target_name: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target_name, tmp)
-    os.replace(tmp, link)  # atomic
-    _fsync_dir(link.parent)
+    fsync_tree_files(dest)
 
 
 def save_checkpoint(
@@ -99,18 +79,15 @@ def save_checkpoint(
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save): keep the old until swapped
-        old = ckdir / f".old-{name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(ckdir)
-    _point(ckdir / "latest", name)
+    try:
+        write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
+        # re-saving the same step (e.g. Ctrl-C right after a save) keeps the old one until the new is in place
+        swap_in_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    replace_symlink(ckdir / "latest", name)
     if is_best:
-        _point(ckdir / "best", name)
+        replace_symlink(ckdir / "best", name)
     keep = {os.readlink(ckdir / n) for n in ("latest", "best") if (ckdir / n).is_symlink()}
     for d in ckdir.iterdir():
         if d.is_dir() and not d.is_symlink() and d.name.startswith("step-") and d.name not in keep:
@@ -160,7 +137,8 @@ def read_checkpoint(path: str | Path, prefer: str = "best") -> Checkpoint:
     cfg = config_from_dict(raw, str(cfg_file))
     tok = load_tokenizer(ck)
     if cfg.model.vocab_size != tok.vocab_size:
-        raise UserError(f"{ck}: model vocab_size {cfg.model.vocab_size} does not match its tokenizer's {tok.vocab_size}")
+        raise UserError(f"{ck}: model vocab_size {cfg.model.vocab_size} does not match its tokenizer's "
+                        f"{tok.vocab_size}")
     state = json.loads((ck / "state.json").read_text()) if (ck / "state.json").is_file() else {}
     return Checkpoint(ck, cfg, tok, state)
 
@@ -190,6 +168,61 @@ def architecture_diff(m, ref) -> tuple[str, object, object] | None:
     return None
 
 
+def check_compatible(ck: Checkpoint, cfg: RunConfig, tok: TextTokenizer | None, *, resume: bool,
+                     where: str | Path, overrides: Sequence[str] = (), origin: str = "the config") -> None:
+    """The one rule for a run that loads a checkpoint's weights: the same architecture (every model.* key but
+    dropout; a vocab_size of 0 follows the tokenizer) and the same tokenizer, compared by hash.
+
+    `resume`: the run `where` continues from `ck`; else a new run starts from `ck` (--init-from `where`). `tok` is the
+    run's tokenizer, or None before it exists: a resumed run's tokenizer still to be trained must then come from the
+    settings the run had; a fine-tuning run's tokenizer is the checkpoint's, and only what a --set asks is compared.
+    A mismatch is a UserError naming the key, the --set (or `origin`) that asked for it, and what to do."""
+    overrides = list(overrides)
+    diff = architecture_diff(cfg.model, ck.cfg.model)
+    if diff:
+        key, new, old = diff
+        item = next((item for k, _, item in reversed(set_items(overrides, "model")) if k == key), None)
+        if resume:
+            asked = f"; --set {item} asks for {new}" if item else f"; {origin} now has {new}"
+            raise UserError(f"--resume: model.{key} cannot change on resume (the run has {old}){asked}: the weights "
+                            f"have the run's shape; another architecture is a new run (--config ... --out NEW_RUN)")
+        why = f"--set {item}: model.{key}" if item else f"--init-from {where}: the run's model.{key} ({new})"
+        raise UserError(f"{why} cannot differ from the --init-from checkpoint ({old}); the architecture comes from "
+                        f"{ck.path} (leave model.{key} out)")
+    old_tok = ck.tokenizer
+    trained_with = f"{old_tok.kind} {old_tok.vocab_size}-token {old_tok.path.name}"
+    if resume:
+        if tok is not None:
+            changed, what = tok.sha256 != old_tok.sha256, str(tok.path)
+        else:
+            changed = (cfg.tokenizer.model_dump() != ck.cfg.tokenizer.model_dump()
+                       or cfg.data.data_dir != ck.cfg.data.data_dir)
+            what = f"a new {cfg.tokenizer.vocab_size}-token tokenizer"
+        if changed:
+            sets = [i for i in overrides if i.split("=", 1)[0].strip().startswith(("tokenizer.", "data.data_dir"))]
+            via = f" ({' '.join('--set ' + i for i in sets)})" if sets else ""
+            raise UserError(f"--resume: the tokenizer cannot change on resume: the run was trained with "
+                            f"{trained_with}, the config now gives {what}{via}; start a new run, or fine-tune with "
+                            f"--init-from {where} --out NEW_RUN")
+        return
+
+    def differs(blame: str, key: str) -> UserError:
+        return UserError(f"{blame}: the tokenizer cannot differ from the --init-from checkpoint's ({trained_with}, "
+                         f"which its weights were trained with); leave tokenizer.{key} out")
+
+    for key, text, item in set_items(overrides, "tokenizer"):
+        if key == "path":
+            same = load_tokenizer(parse_scalar(text)).sha256 == old_tok.sha256
+        elif key == "vocab_size":
+            same = parse_scalar(text) == old_tok.vocab_size
+        else:
+            continue  # tokenizer.max_stories: only for training a tokenizer, which a fine-tune does not do
+        if not same:
+            raise differs(f"--set {item}", key)
+    if tok is not None and tok.sha256 != old_tok.sha256:
+        raise differs(f"--init-from {where}", "path")
+
+
 def load_weights(model: Transformer, ck_path: Path) -> None:
     try:
         sd = load_file(str(ck_path / WEIGHTS))
@@ -203,12 +236,14 @@ def load_weights(model: Transformer, ck_path: Path) -> None:
     wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if missing or extra or wrong:
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
-                  else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the config needs {tuple(expected[wrong[0]].shape)}")
+                  else f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the config needs "
+                       f"{tuple(expected[wrong[0]].shape)}")
         raise UserError(f"{ck_path}: weights do not match the architecture in its config.yaml ({detail})")
     model.load_state_dict(sd, strict=True)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> tuple[Transformer, Checkpoint]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               prefer: str = "best") -> tuple[Transformer, Checkpoint]:
     """Load a checkpoint (run dir or checkpoint dir) for inference: model in eval mode on `device`."""
     ck = read_checkpoint(path, prefer)
     model = Transformer(ck.cfg.model)
@@ -220,5 +255,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", prefer: str
 def load_trainer_state(ck_path: Path) -> dict:
     f = ck_path / "trainer.pt"
     if not f.is_file():
-        raise UserError(f"{ck_path}: checkpoint has no trainer.pt (optimizer state), so it cannot be resumed; use --init-from to fine-tune from it")
+        raise UserError(f"{ck_path}: checkpoint has no trainer.pt (optimizer state), so it cannot be resumed; use "
+                        f"--init-from to fine-tune from it")
     return torch.load(f, map_location="cpu", weights_only=True)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from tinystories import __version__
 from tinystories.errors import UserError
@@ -32,12 +34,45 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class OutOfRange(argparse.ArgumentTypeError):
+    """A value of the right type outside its range (raised by a `ranged` type)."""
+
+
+def ranged(kind: Callable[[str], Any], ok: Callable[[Any], bool], says: str) -> Callable[[str], Any]:
+    """An argparse `type=` for a number that must satisfy `ok`, e.g. `ranged(int, lambda v: v >= 1, "must be at
+    least 1")`: a value outside is the parser's one-line error `--flag VALUE: must be at least 1`, before any
+    work starts; text that is not a number stays argparse's `invalid int value: 'abc'`."""
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError: argparse's own "invalid <kind> value"
+        if not ok(value):
+            raise OutOfRange(says)
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def at_least(n: int) -> Callable[[str], int]:
+    return ranged(int, lambda v: v >= n, f"must be at least {n}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (a bad type, a missing or unknown argument) in the project's form: one line,
     exit status 2, instead of the usage block followed by the message."""
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def _get_value(self, action, arg_string):
+        # argparse's one hook between a type's error and the message: an OutOfRange names the flag and value
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as e:
+            if isinstance(e.__context__, OutOfRange) and action.option_strings:
+                raise argparse.ArgumentError(None, f"{action.option_strings[-1]} {arg_string}: {e.__context__}") \
+                    from None
+            raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +143,12 @@ def write_json_report(path: str | os.PathLike, obj, flag: str = "--json") -> Non
     import json
     from pathlib import Path
 
+    from tinystories.atomic import write_text_atomic
+
     check_report_path(path, flag)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from tinystories.atomic import write_text_atomic
 from tinystories.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; the repo's configs/ links here
@@ -80,6 +81,9 @@ class DataConfig(_Strict):
     data_dir: str = "data"  # where `data fetch` puts downloads; caches go to data_dir/cache
     val_fraction: float = 0.01  # held-out share when no official validation file is present
     max_stories: int | None = None
+    # build only the first units of the cache holding at least this many train tokens (None: all of the text);
+    # quickstart sets it from its time budget, a later larger value or null extends the same cache
+    cache_tokens: int | None = None
 
     @field_validator("val_fraction")
     @classmethod
@@ -88,7 +92,7 @@ class DataConfig(_Strict):
             raise ValueError("must be in [0, 1), e.g. 0.01 (0 = hold out nothing)")
         return v
 
-    @field_validator("max_stories")
+    @field_validator("max_stories", "cache_tokens")
     @classmethod
     def _stories(cls, v: int | None) -> int | None:
         return _at_least_one(v)
@@ -99,7 +103,9 @@ class TokenizerConfig(_Strict):
 
     path: str | None = None  # tokenizer.json, a directory holding one, or a SentencePiece .model
     vocab_size: int = 10000
-    max_stories: int | None = None
+    # trained on the first N stories (a bounded, deterministic sample; null = every story): see
+    # benchmarks/tokenizer_sample.py for where held-out bytes/token stops improving
+    max_stories: int | None = 100_000
 
     @field_validator("max_stories")
     @classmethod
@@ -123,6 +129,16 @@ class TrainConfig(_Strict):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # optimizer (tinystories/optim.py): adamw for every weight, or muon for the blocks' matrices + adamw for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # warmed up linearly to muon_momentum over muon_momentum_warmup steps
+    muon_momentum_warmup: int = 300
+    muon_weight_decay: float = 0.0
+    zero_init_residual: bool = False  # start wo and w2 at zero (each block starts as the identity)
+    lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # decay after warmup; wsd: constant, then linear
+    cooldown_frac: float = 0.2  # wsd: the share of the run spent decaying to min_lr
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
     device: str = "auto"
@@ -164,7 +180,8 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
 
 
-def _format_validation_error(err: ValidationError, origin: str, overrides: list[str] | None = None) -> str:
+def format_validation_error(err: ValidationError, origin: str, overrides: list[str] | None = None) -> str:
+    """A pydantic error as one line naming the key, the value and where it came from (a --set, else `origin`)."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     kind = first["type"]
@@ -195,8 +212,21 @@ def _blame(origin: str, loc: tuple[str, ...], overrides: list[str], unknown_key:
     return origin
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
+    """A --set value as YAML reads a scalar (3e-4 -> float, null -> None, true -> bool); '' stays ''."""
     return yaml.safe_load(text) if text != "" else ""
+
+
+def set_items(overrides: list[str], section: str) -> list[tuple[str, str, str]]:
+    """(key, value text, the --set item) of each --set in `section` (e.g. "model"), in order."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            continue  # apply_overrides reports it
+        path = _override_path(item)
+        if path[0] == section and len(path) == 2:
+            out.append((path[1], item.split("=", 1)[1], item))
+    return out
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -211,7 +241,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = parse_scalar(value)
     return raw
 
 
@@ -239,15 +269,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, origin, overrides)) from None
+        raise UserError(format_validation_error(e, origin, overrides)) from None
 
 
 def config_from_dict(raw: dict, origin: str = "checkpoint config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, origin)) from None
+        raise UserError(format_validation_error(e, origin)) from None
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -40,6 +40,7 @@ DEFAULT_STORIES = 20
 REFERENCE_STORIES = 300
 TRAIN_VOCAB_BYTES = 100 << 20  # read at most this much training text for the vocabulary
 TRAIN_VOCAB_TOKENS = 20_000_000  # or decode at most this many cached training tokens
+PROGRESS_TOKENS = 100_000  # scoring a longer text shows progress (tokens/s, ETA) on stderr (issue 13)
 LONG_DOC = 20000  # a "document" longer than this with several lines is a one-paragraph-per-line file
 JUDGE_RUBRIC = ("grammar", "creativity", "consistency", "plot")
 JUDGE_RETRIES = 2
@@ -145,19 +146,45 @@ def reference_stories(tok, cache, reference: str | None, text: str | None) -> tu
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def generate_stories(model, tok, n: int, params) -> list[dict]:
-    """`n` stories from the fixed openings (story i uses opening i mod len), seeded per opening."""
+def generate_stories(model, tok, n: int, params, prompts: list[str] | None = None) -> list[dict]:
+    """`n` stories from `prompts` (default: the fixed openings; story i uses prompt i mod len), seeded per prompt."""
     from dataclasses import replace
 
     from tinystories.sampling import generate_texts
 
-    counts = [n // len(OPENINGS) + (1 if i < n % len(OPENINGS) else 0) for i in range(len(OPENINGS))]
+    prompts = prompts or OPENINGS
+    counts = [n // len(prompts) + (1 if i < n % len(prompts) else 0) for i in range(len(prompts))]
     out: list[dict] = []
-    for i, (prompt, k) in enumerate(zip(OPENINGS, counts)):
+    for i, (prompt, k) in enumerate(zip(prompts, counts)):
         if k:
             seed = None if params.seed is None else params.seed + i
             out.extend(generate_texts(model, tok, prompt, replace(params, seed=seed), k))
     return out
+
+
+# --- held-out prompts (issue 15) -------------------------------------------------------------------------------
+PROMPT_KINDS = ("openings", "held-out")
+PROMPT_MIN_WORDS = 8  # a first sentence shorter than this takes the second one with it
+
+
+def held_out_prompts(stories: list[str], n: int) -> list[str]:
+    """Beginnings of real held-out stories as prompts, as in the TinyStories paper: a story's first sentence, or its
+    first two when the first has fewer than PROMPT_MIN_WORDS words. Stories with fewer than three sentences (little
+    left to complete) or a first sentence that is not "Capital ... end." of at least 3 words (a paragraph that starts
+    mid-story: "Spot.") are passed over. At most `n`."""
+    from tinystories.story_stats import sentences, well_formed, words
+
+    out: list[str] = []
+    for story in stories:
+        ss = sentences(story)
+        if len(ss) < 3 or not well_formed(ss[0]) or len(words(ss[0])) < 3:
+            continue
+        k = 2 if len(words(ss[0])) < PROMPT_MIN_WORDS else 1
+        out.append(" ".join(ss[:k]))
+        if len(out) == n:
+            break
+    return out
+# --- end of held-out prompts --------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------ judge
@@ -319,31 +346,36 @@ def judge_stories(samples: list[dict], url: str, model: str, timeout: float = 60
 
 
 def pick_device(name: str | None) -> str:
-    from tinystories.train import Dist
-    from tinystories.train import pick_device as resolve
+    from tinystories.device import pick_device as resolve
 
-    return str(resolve(name or "auto", Dist()))
+    return str(resolve(name or "auto"))
 
 
-def evaluate(args, log=print) -> dict:
+def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_tokens: int | None = None,
+             num_stories: int = DEFAULT_STORIES, reference: str | Path | None = None,
+             train_text: str | Path | None = None, sampling=None, judge_url: str | None = None,
+             judge_model: str | None = None, judge_timeout: float = 60.0, device: str | None = None,
+             prompts: str = "openings", grammar: bool = True, show_grammar_errors: int = 0, log=print) -> dict:
+    """Evaluate a checkpoint: likelihood of `text` (default: the run's validation split, at most `max_tokens`
+    tokens), `num_stories` sampled stories (SamplingParams `sampling`, default its defaults) against real ones,
+    and the LLM judge at `judge_url` when given. Returns every figure as a dict (the JSON report)."""
     from tinystories.checkpoint import load_model
     from tinystories.likelihood import encode_documents, likelihood
     from tinystories.sampling import SamplingParams
     from tinystories.story_stats import story_stats
 
-    if args.num_stories < 0:
-        raise UserError(f"--num-stories {args.num_stories}: must be >= 0 (0 skips generation)")
-    if (args.judge_url is None) != (args.judge_model is None) and args.num_stories:
+    if num_stories < 0:
+        raise UserError(f"--num-stories {num_stories}: must be >= 0 (0 skips generation)")
+    if (judge_url is None) != (judge_model is None) and num_stories:
         raise UserError("--judge-url and --judge-model go together (e.g. --judge-url http://localhost:8000 --judge-model gpt-4o-mini)")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k or None, top_p=args.top_p, seed=args.seed).validate()
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1 (leave it out to score all the text)")
-    for flag, value in (("--text", args.text), ("--reference", args.reference), ("--train-text", args.train_text)):
+    params = (sampling or SamplingParams()).validate()
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: must be >= 1 (leave it out to score all the text)")
+    for flag, value in (("--text", text), ("--reference", reference), ("--train-text", train_text)):
         if value and not Path(value).exists():  # checked before the model loads and the stories are generated
             raise UserError(f"{flag} {value}: no such file or directory")
-    device = pick_device(args.device)
-    model, ck = load_model(args.checkpoint, device)
+    device = pick_device(device)
+    model, ck = load_model(checkpoint, device)
     tok = ck.tokenizer
     cache = open_run_cache(ck.state)
     window = model.cfg.max_seq_len
@@ -351,28 +383,35 @@ def evaluate(args, log=print) -> dict:
 
     # likelihood
     t0 = time.time()
-    if args.text:
-        docs = read_documents(args.text, "--text")
+    if text:
+        docs = read_documents(text, "--text")
         stream, n_bytes = encode_documents(tok, docs)
-        if args.max_tokens and len(stream) > args.max_tokens + 1:
-            stream = stream[: args.max_tokens + 1]  # max_tokens predicted tokens
+        if max_tokens and len(stream) > max_tokens + 1:
+            stream = stream[: max_tokens + 1]  # max_tokens predicted tokens
             n_bytes = len(tok.decode(stream.tolist()).encode("utf-8"))
-        result["text"] = str(args.text)
+        result["text"] = str(text)
     else:
         if cache is None:
             where = ck.state.get("cache_dir")
             why = f"the run's cache {where} is gone" if where else "this checkpoint does not record its token cache"
-            raise UserError(f"{args.checkpoint}: {why}; pass the text to score with --text FILE "
+            raise UserError(f"{checkpoint}: {why}; pass the text to score with --text FILE "
                             f"(e.g. --text ../shared/data/tinystories/TinyStories-valid-head.txt)")
         cache.check_tokenizer(tok)
         split = cache.split("val")
         if not split.tokens:
             raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
-        stream, n_bytes = cut_stream(tok, split, args.max_tokens)
+        stream, n_bytes = cut_stream(tok, split, max_tokens)
         result["text"] = f"{cache.path} (validation split)"
     if len(stream) < 2:
         raise UserError(f"{result['text']}: no text to score")
-    lk = likelihood(model, stream, n_bytes, window=window)
+    bar = None
+    if log is not None and len(stream) > PROGRESS_TOKENS:  # long texts: tokens/s and ETA on stderr
+        from tinystories.prepare import Progress
+
+        bar = Progress("scoring", lambda line: print(line, file=sys.stderr, flush=True), unit="tokens", scale=1)
+    lk = likelihood(model, stream, n_bytes, window=window, progress=bar)
+    if bar is not None:
+        bar.close()
     result.update(lk)
     result["likelihood_seconds"] = time.time() - t0
 
@@ -382,12 +421,21 @@ def evaluate(args, log=print) -> dict:
     result["samples"] = []
     result["stories"] = None
     result["judge"] = None
-    if args.num_stories:
+    if num_stories:
+        ref, ref_src = reference_stories(tok, cache, reference, text)
+        # --- held-out prompts (issue 15): the same starts for the model, the reference and the judge ---
+        prompts, prompt_kind = OPENINGS, prompts
+        if prompt_kind == "held-out":
+            prompts = held_out_prompts(ref, num_stories) or OPENINGS
+            result["sampling"]["prompts_note"] = (f"{len(prompts)} beginnings of {ref_src}" if prompts is not OPENINGS
+                                                  else "no held-out stories: the fixed openings were used")
+        result["sampling"]["prompts"] = "held-out" if prompts is not OPENINGS else "openings"
+        result["sampling"]["openings"] = prompts
+        # --- end of held-out prompts ---
         t0 = time.time()
-        samples = generate_stories(model, tok, args.num_stories, params)
+        samples = generate_stories(model, tok, num_stories, params, prompts)
         result["generation_seconds"] = time.time() - t0
-        vocab, vocab_src = train_vocabulary(tok, cache, args.train_text)
-        ref, ref_src = reference_stories(tok, cache, args.reference, args.text)
+        vocab, vocab_src = train_vocabulary(tok, cache, train_text)
         result["samples"] = samples
         result["stories"] = {
             "model": story_stats([s["text"] for s in samples], vocab, [s["ended"] for s in samples]),
@@ -395,13 +443,22 @@ def evaluate(args, log=print) -> dict:
             "reference_source": ref_src,
             "train_vocabulary": {"source": vocab_src, "words": len(vocab) if vocab is not None else None},
         }
-        if args.judge_url:
-            result["judge"] = judge_stories(samples, args.judge_url, args.judge_model, args.judge_timeout,
+        # --- grammar (issue 15): Link Grammar's verdict on every sentence, generated and real ---
+        if grammar:
+            from tinystories.grammar import grammar_stats, sample_grammar_stats
+
+            keep = max(50, show_grammar_errors or 0)
+            result["stories"]["model"].update(sample_grammar_stats(samples, max_errors=keep))
+            if ref:
+                result["stories"]["reference"].update(grammar_stats(ref, max_errors=keep))
+        # --- end of grammar ---
+        if judge_url:
+            result["judge"] = judge_stories(samples, judge_url, judge_model, judge_timeout,
                                             log=(lambda m: print(m, end="", file=sys.stderr)) if sys.stderr.isatty() else None)
     return result
 
 
-def format_result(r: dict) -> str:
+def format_result(r: dict, show_grammar_errors: int = 0) -> str:
     from tinystories.story_stats import TABLE_ROWS, format_value
 
     lines = [
@@ -418,6 +475,11 @@ def format_result(r: dict) -> str:
         lines += ["", f"{'generated stories vs real ones':34} {'model':>10} {'reference':>10}"]
         for key, label, fmt in TABLE_ROWS:
             lines.append(f"  {label:32} {format_value(m.get(key), fmt):>10} {format_value(ref.get(key), fmt):>10}")
+        # --- grammar rows (issue 15) ---
+        from tinystories.grammar import format_rows
+
+        lines += format_rows(m, ref)
+        # --- end of grammar rows ---
         lines.append(f"  reference: {st['reference_source']}")
         lines.append(f"  training vocabulary: {st['train_vocabulary']['source']}")
         ex = m["examples"]
@@ -427,6 +489,14 @@ def format_result(r: dict) -> str:
             lines.append(f"  invented words e.g.: {', '.join(m['invented_examples'])}")
         s0 = r["samples"][0]
         lines.append(f"  sample: {s0['text'][:300]!r}")
+        # --- prompts and grammar errors (issue 15) ---
+        if r["sampling"].get("prompts_note"):
+            lines.append(f"  prompts: {r['sampling']['prompts_note']}")
+        if show_grammar_errors:
+            from tinystories.grammar import format_errors
+
+            lines += [""] + format_errors([s["text"] for s in r["samples"]], m, show_grammar_errors)
+        # --- end of prompts and grammar errors ---
     j = r.get("judge")
     if j:
         lines.append("")
@@ -442,38 +512,59 @@ def format_result(r: dict) -> str:
 def _cmd_eval(args) -> int:
     from tinystories.cli import check_report_path, write_json_report
 
+    if args.show_grammar_errors < 0:  # issue 15
+        raise UserError(f"--show-grammar-errors {args.show_grammar_errors}: must be >= 0")
     if args.json:
         check_report_path(args.json)
-    result = evaluate(args)
+    from tinystories.sampling import sampling_params
+
+    result = evaluate(args.checkpoint, text=args.text, max_tokens=args.max_tokens, num_stories=args.num_stories,
+                      reference=args.reference, train_text=args.train_text, sampling=sampling_params(args),
+                      judge_url=args.judge_url, judge_model=args.judge_model, judge_timeout=args.judge_timeout,
+                      device=args.device, prompts=args.prompts, grammar=args.grammar,
+                      show_grammar_errors=args.show_grammar_errors)
     if args.json:
         write_json_report(args.json, result)
-    print(format_result(result))
+    print(format_result(result, show_grammar_errors=args.show_grammar_errors))
     return 0
+
+
+def _tokens_or_all(value: str) -> int | None:
+    """--max-tokens N or all (issue 13)"""
+    return None if value.strip().lower() == "all" else int(value)
 
 
 def register_cli(sub) -> None:
     from tinystories.cli import add_command
+    from tinystories.sampling import add_sampling_args
 
     p = add_command(
         sub, "eval", "likelihood (loss, perplexity, bits per byte), story statistics vs real stories, optional LLM judge",
         "  tinystories eval --checkpoint runs/tiny                     # the run's validation split, 20 stories\n"
         "  tinystories eval --checkpoint runs/tiny --text ../shared/data/tinystories/TinyStories-valid-head.txt --json eval.json\n"
         "  tinystories eval --checkpoint runs/tiny --num-stories 0     # likelihood only\n"
-        "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n",
+        "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n"
+        "  tinystories eval --checkpoint runs/tiny --prompts held-out --show-grammar-errors 5   # real story starts\n",
         _cmd_eval)
     p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
     p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all the text)")
+    p.add_argument("--max-tokens", type=_tokens_or_all, default=None,
+                   help="score at most this many tokens, or 'all' (default: all the text)")
     p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES, help=f"stories to generate (default {DEFAULT_STORIES}; 0 = none)")
     p.add_argument("--reference", help="real stories to compare with (default: the cache's validation split, else --text)")
     p.add_argument("--train-text", help="training text for the invented-words statistic (default: the cache's sources)")
-    p.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95)
+    add_sampling_args(p, repetition_penalty=False)
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000 (POST /v1/chat/completions)")
     p.add_argument("--judge-model", help="model name to send to the judge")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
     p.add_argument("--json", help="write every figure and the samples to this JSON file")
+    # --- issue 15: prompts and grammar ---
+    p.add_argument("--prompts", choices=PROMPT_KINDS, default="openings",
+                   help="openings: the fixed story openings (default); held-out: the first sentence or two of real "
+                        "held-out stories (the reference), as in the TinyStories paper (the judge sees the same)")
+    p.add_argument("--show-grammar-errors", type=int, default=0, metavar="N",
+                   help="print N generated sentences the grammar parser (link-parser) rejects, with their stories")
+    p.add_argument("--no-grammar", dest="grammar", action="store_false",
+                   help="skip the grammar parser (Link Grammar's link-parser) rows")
+    # --- end of issue 15 ---
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")

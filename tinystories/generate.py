@@ -7,8 +7,16 @@ import time
 
 import torch
 
-from tinystories.sampling import (SamplingParams, StreamDecoder, compile_decoding_now, generate_texts, prompt_ids,
-                                  sample)
+from tinystories.sampling import (
+    SamplingParams,
+    StreamDecoder,
+    add_sampling_args,
+    compile_decoding_now,
+    generate_texts,
+    prompt_ids,
+    sample,
+    sampling_params,
+)
 
 
 def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout) -> dict:
@@ -34,27 +42,16 @@ def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout
     return {"tokens": n, "seconds": secs, "ended": ended}
 
 
-def _params(args) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-    ).validate()
-
-
 def _cmd_generate(args) -> int:
     from tinystories.checkpoint import load_model
     from tinystories.errors import UserError
 
-    params = _params(args)
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples}: must be at least 1")
+    params = sampling_params(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
-    from tinystories.train import Dist, pick_device
+    from tinystories.device import pick_device
 
-    model, ck = load_model(args.checkpoint, pick_device(args.device, Dist()))
+    model, ck = load_model(args.checkpoint, pick_device(args.device))
     tok = ck.tokenizer
     info = sys.stderr
     if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed
@@ -63,10 +60,12 @@ def _cmd_generate(args) -> int:
     def one(prompt: str) -> None:
         n_prompt = len(prompt_ids(tok, prompt))
         if n_prompt >= model.cfg.max_seq_len:
-            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} tokens")
+            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} "
+                            f"tokens")
         if args.num_samples == 1:
             r = stream_story(model, tok, prompt, params)
-            print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {r['tokens'] / max(r['seconds'], 1e-9):.0f} tokens/s"
+            speed = r["tokens"] / max(r["seconds"], 1e-9)
+            print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {speed:.0f} tokens/s"
                   f"{', end of story' if r['ended'] else ''}]", file=info)
             return
         t0 = time.perf_counter()
@@ -75,7 +74,8 @@ def _cmd_generate(args) -> int:
         for i, s in enumerate(stories, 1):
             print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
         total = sum(s["tokens"] for s in stories)
-        print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]", file=info)
+        print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
+              file=info)
 
     if args.prompt is not None:
         one(args.prompt)
@@ -92,30 +92,24 @@ def _cmd_generate(args) -> int:
             params.seed += 1  # a new story for the same opening next time
 
 
-def add_sampling_args(p, max_new_tokens: int = 256) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to generate (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
-    p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
-
-
 def register_cli(sub) -> None:
-    from tinystories.cli import add_command
+    from tinystories.cli import add_command, at_least
 
-    p = add_command(sub, "generate", "write stories with a model (KV cache, streamed as they are produced)",
-                    "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
-                    "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
-                    "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
-                    "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
-                    _cmd_generate)
-    p.add_argument("--checkpoint", required=True, help="run directory (uses its best checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", default=None, help="story opening; \"\" starts from the start-of-story token alone; omit for an interactive loop")
+    p = add_command(
+        sub, "generate", "write stories with a model (KV cache, streamed as they are produced)",
+        "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
+        "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
+        "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
+        "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
+        _cmd_generate)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (uses its best checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", default=None,
+                   help="story opening; \"\" starts from the start-of-story token alone; omit for an interactive loop")
     add_sampling_args(p)
-    p.add_argument("--num-samples", type=int, default=1, help="stories to sample in one batch (default 1)")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="stories to sample in one batch (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for torch")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (torch.compile): 1.1-1.6x faster decoding on CPU after a "
                         "few seconds of compiling; worth it for many or long stories and interactive sessions")

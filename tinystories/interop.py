@@ -49,11 +49,13 @@ def _check_header(p: dict, path: Path) -> None:
         if not 0 < value <= _LIMITS[key]:
             raise UserError(f"{path}: impossible llama2.c header ({key}={value}); not a llama2.c model file?")
     if p["dim"] % p["n_heads"]:
-        raise UserError(f"{path}: impossible llama2.c header (dim={p['dim']} is not divisible by n_heads={p['n_heads']})")
+        raise UserError(f"{path}: impossible llama2.c header (dim={p['dim']} is not divisible by "
+                        f"n_heads={p['n_heads']})")
     if (p["dim"] // p["n_heads"]) % 2:
         raise UserError(f"{path}: impossible llama2.c header (head size {p['dim'] // p['n_heads']} is odd)")
     if p["n_heads"] % p["n_kv_heads"]:
-        raise UserError(f"{path}: impossible llama2.c header (n_heads={p['n_heads']} is not a multiple of n_kv_heads={p['n_kv_heads']})")
+        raise UserError(f"{path}: impossible llama2.c header (n_heads={p['n_heads']} is not a multiple of "
+                        f"n_kv_heads={p['n_kv_heads']})")
 
 
 def _weight_shapes(p: dict, order: str, shared: bool) -> list[tuple[str, tuple[int, ...]]]:
@@ -67,9 +69,11 @@ def _weight_shapes(p: dict, order: str, shared: bool) -> list[tuple[str, tuple[i
 
     att = per_layer("attention_norm", (dim,))
     ffn = per_layer("ffn_norm", (dim,))
-    mats = (per_layer("attention.wq", (q, dim)) + per_layer("attention.wk", (kv, dim)) + per_layer("attention.wv", (kv, dim))
+    mats = (per_layer("attention.wq", (q, dim)) + per_layer("attention.wk", (kv, dim))
+            + per_layer("attention.wv", (kv, dim))
             + per_layer("attention.wo", (dim, q)))
-    mlp = per_layer("feed_forward.w1", (hid, dim)) + per_layer("feed_forward.w2", (dim, hid)) + per_layer("feed_forward.w3", (hid, dim))
+    mlp = (per_layer("feed_forward.w1", (hid, dim)) + per_layer("feed_forward.w2", (dim, hid))
+           + per_layer("feed_forward.w3", (hid, dim)))
     emb = [("tok_embeddings.weight", (vocab, dim))]
     norm = [("norm.weight", (dim,))]
     if order == "v0":
@@ -92,7 +96,8 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]
     with open(path, "rb") as f:
         head = f.read(V1_HEADER_BYTES)
     if len(head) < V0_HEADER_BYTES:
-        raise UserError(f"{path}: truncated llama2.c file ({size} bytes, shorter than the {V0_HEADER_BYTES}-byte header)")
+        raise UserError(f"{path}: truncated llama2.c file ({size} bytes, shorter than the {V0_HEADER_BYTES}-byte "
+                        "header)")
     keys = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
     (magic,) = struct.unpack("<I", head[:4])
     if magic == MAGIC:
@@ -101,7 +106,8 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]
         (version,) = struct.unpack("<i", head[4:8])
         if version != 1:
             what = "int8-quantized (version 2)" if version == 2 else f"version {version}"
-            raise UserError(f"{path}: llama2.c {what} files are not supported; export version 0 or 1 (fp32) with llama2.c's export.py")
+            raise UserError(f"{path}: llama2.c {what} files are not supported; export version 0 or 1 (fp32) with "
+                            "llama2.c's export.py")
         p = dict(zip(keys, struct.unpack("<7i", head[8:36])))
         flag = head[36]
         if flag not in (0, 1):
@@ -117,10 +123,11 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]
     shapes = _weight_shapes(p, order, shared)
     expected = offset + 4 * sum(int(np.prod(s)) for _, s in shapes)
     if size < expected:
-        raise UserError(f"{path}: truncated llama2.c version-{version} file: the header needs {expected:,} bytes, the file has {size:,}")
+        raise UserError(f"{path}: truncated llama2.c version-{version} file: the header needs {expected:,} bytes, "
+                        f"the file has {size:,}")
     if size > expected:
-        raise UserError(f"{path}: {size - expected:,} bytes more than a llama2.c version-{version} file with this header "
-                        f"({expected:,}); wrong header or not a llama2.c fp32 file")
+        raise UserError(f"{path}: {size - expected:,} bytes more than a llama2.c version-{version} file with this "
+                        f"header ({expected:,}); wrong header or not a llama2.c fp32 file")
     flat = np.fromfile(path, dtype="<f4", offset=offset)
     sd: dict[str, torch.Tensor] = {}
     pos = 0
@@ -142,7 +149,8 @@ def read_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]
 # ------------------------------------------------------------------------------------------- llama2.c write
 
 
-def llama2c_rope_tables(head_dim: int, seq_len: int, theta: float = LLAMA2C_ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+def llama2c_rope_tables(head_dim: int, seq_len: int,
+                        theta: float = LLAMA2C_ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
     """The RoPE tables exactly as llama2.c's model.py precompute_freqs_cis computes them (legacy export)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     t = torch.arange(seq_len, device=freqs.device)
@@ -152,9 +160,11 @@ def llama2c_rope_tables(head_dim: int, seq_len: int, theta: float = LLAMA2C_ROPE
 
 def _check_llama2c_compatible(cfg) -> None:
     if cfg.norm_eps != LLAMA2C_NORM_EPS:
-        raise UserError(f"model.norm_eps={cfg.norm_eps}: llama2.c's run.c hard-codes 1e-5, so this model cannot be exported to it")
+        raise UserError(f"model.norm_eps={cfg.norm_eps}: llama2.c's run.c hard-codes 1e-5, so this model cannot be "
+                        "exported to it")
     if cfg.rope_theta != LLAMA2C_ROPE_THETA:
-        raise UserError(f"model.rope_theta={cfg.rope_theta}: llama2.c's run.c hard-codes 10000, so this model cannot be exported to it")
+        raise UserError(f"model.rope_theta={cfg.rope_theta}: llama2.c's run.c hard-codes 10000, so this model cannot "
+                        "be exported to it")
 
 
 def write_llama2c(model, out: Path, version: int) -> int:
@@ -239,7 +249,8 @@ def _prepare_out_dir(out: Path, force: bool, what: str) -> None:
             raise UserError(f"{out} is a training run (it has checkpoints/ or metrics.jsonl); refusing to replace it "
                             f"even with --force: choose another --out")
         if names and not names & {"model.safetensors", "config.json", "config.yaml"}:
-            raise UserError(f"{out} is a non-empty directory that does not look like a {what}; refusing to replace it even with --force")
+            raise UserError(f"{out} is a non-empty directory that does not look like a {what}; refusing to replace "
+                            "it even with --force")
     if not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -280,13 +291,9 @@ def _check_replaceable_file(target: Path, force: bool, looks_right, what: str, h
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Move the finished temp dir to `out`, replacing an old one only after the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    from tinystories.atomic import swap_in_dir
+
+    swap_in_dir(tmp, out)
 
 
 def import_llama2c(model_file: str | Path, tokenizer: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -301,13 +308,14 @@ def import_llama2c(model_file: str | Path, tokenizer: str | Path, out: str | Pat
     tok = load_tokenizer(tokenizer)
     model_cfg, sd, info = read_llama2c(model_file)
     if tok.vocab_size != model_cfg["vocab_size"]:
-        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but {model_file.name} has a vocabulary of "
-                        f"{model_cfg['vocab_size']}; pass the tokenizer the model was trained with")
+        raise UserError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens but {model_file.name} has a "
+                        f"vocabulary of {model_cfg['vocab_size']}; pass the tokenizer the model was trained with")
     cfg = RunConfig.model_validate({"out_dir": str(out), "model": model_cfg})
     model = Transformer(cfg.model)
     model.load_state_dict(sd, strict=True)
-    state = {"step": 0, "tokens": 0, "source": {"format": "llama2c", "version": info["version"], "file": str(model_file.resolve()),
-                                              "sha256": _sha256(model_file), "tokenizer": str(Path(tok.path).resolve())}}
+    state = {"step": 0, "tokens": 0,
+             "source": {"format": "llama2c", "version": info["version"], "file": str(model_file.resolve()),
+                        "sha256": _sha256(model_file), "tokenizer": str(Path(tok.path).resolve())}}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -368,8 +376,8 @@ def sentencepiece_to_hf_tokenizer(tok):
 
     Built the way transformers' LlamaConverter builds Llama's tokenizer.json (legacy normalizer: prepend "▁",
     spaces to "▁"; BPE merges ordered by the merged piece's score), plus SentencePiece's remove_extra_whitespaces
-    normalization (drop leading/trailing spaces, collapse runs of spaces), which Llama 2's tokenizer turns off but llama2.c's small
-    tokenizers keep on."""
+    normalization (drop leading/trailing spaces, collapse runs of spaces), which Llama 2's tokenizer turns off but
+    llama2.c's small tokenizers keep on."""
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
@@ -377,9 +385,11 @@ def sentencepiece_to_hf_tokenizer(tok):
     proto.ParseFromString(Path(tok.path).read_bytes())
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if norm.precompiled_charsmap:
-        raise UserError(f"{tok.path}: SentencePiece models with a normalization charsmap (e.g. nfkc) cannot be exported to Hugging Face yet")
+        raise UserError(f"{tok.path}: SentencePiece models with a normalization charsmap (e.g. nfkc) cannot be "
+                        "exported to Hugging Face yet")
     if spec.treat_whitespace_as_suffix or not norm.add_dummy_prefix:
-        raise UserError(f"{tok.path}: this SentencePiece whitespace setting is not supported by the Hugging Face export")
+        raise UserError(f"{tok.path}: this SentencePiece whitespace setting is not supported by the Hugging Face "
+                        "export")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     unk = spec.unk_piece if spec.unk_id >= 0 else None
     if spec.model_type == 2:  # BPE
@@ -396,14 +406,17 @@ def sentencepiece_to_hf_tokenizer(tok):
         merges = [(m[3], m[4]) for m in sorted(merges)]
         model = models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
     elif spec.model_type == 1:  # unigram
-        model = models.Unigram([(piece, score) for piece, score, _ in pieces], spec.unk_id if unk else None, spec.byte_fallback)
+        model = models.Unigram([(piece, score) for piece, score, _ in pieces], spec.unk_id if unk else None,
+                               spec.byte_fallback)
     else:
         raise UserError(f"{tok.path}: only BPE and unigram SentencePiece models can be exported to Hugging Face")
     fast = Tokenizer(model)
-    fast.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece, _, kind in pieces if kind in (2, 3)])
+    fast.add_special_tokens([AddedToken(piece, normalized=False, special=True)
+                             for piece, _, kind in pieces if kind in (2, 3)])
     steps = []
     if norm.remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]  # spaces only, not newlines
+        # spaces only, not newlines
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     steps += [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
     fast.normalizer = normalizers.Sequence(steps)
     fast.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -436,8 +449,9 @@ def _hf_tokenizer(tok, max_len: int):
                                    **special)
 
 
-def export_hf(model, tok, out: Path, force: bool = False) -> Path:
-    """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
+def export_hf(model, tok, out: Path, force: bool = False, card: str | None = None) -> Path:
+    """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline, with `card` as its
+    README.md (the Hub's model card)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
 
@@ -456,8 +470,8 @@ def export_hf(model, tok, out: Path, force: bool = False) -> Path:
     tmp.mkdir(parents=True)
     try:
         d = hf_cfg.to_dict()
-        for k in ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "problem_type", "output_attentions",
-                  "output_hidden_states", "return_dict", "is_encoder_decoder"):
+        for k in ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "problem_type",
+                  "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder"):
             d.pop(k, None)
         d["torch_dtype"] = "float32"
         d["dtype"] = "float32"
@@ -475,6 +489,8 @@ def export_hf(model, tok, out: Path, force: bool = False) -> Path:
         smap = tmp / "special_tokens_map.json"
         if not smap.exists():
             smap.write_text(json.dumps({k: v for k, v in hf_tok.special_tokens_map.items()}, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -485,7 +501,8 @@ def export_hf(model, tok, out: Path, force: bool = False) -> Path:
 
 
 def _cmd_import(args) -> int:
-    raise UserError("name the source format: tinystories import llama2c MODEL.bin --tokenizer TOKENIZER.model --out DIR")
+    raise UserError("name the source format: tinystories import llama2c MODEL.bin --tokenizer TOKENIZER.model --out "
+                    "DIR")
 
 
 def _cmd_import_llama2c(args) -> int:
@@ -504,15 +521,38 @@ def _cmd_import_llama2c(args) -> int:
 def _cmd_export(args) -> int:
     from tinystories.checkpoint import load_model
 
+    if args.version is not None and args.format != "llama2c":
+        raise UserError("--version applies to --format llama2c only")
+    if args.dtype is not None and args.format != "gguf":
+        raise UserError("--dtype applies to --format gguf only (hf and llama2c exports are fp32)")
+    if args.format == "llama2c" and (args.push_to_hub or args.eval_json):
+        raise UserError(f"{'--push-to-hub' if args.push_to_hub else '--eval-json'} applies to --format hf and gguf")
+    if not args.push_to_hub and (args.private or args.revision):
+        raise UserError(f"{'--private' if args.private else '--revision'} goes with --push-to-hub OWNER/NAME")
+    if args.push_to_hub:
+        from tinystories.hub import check_push
+
+        check_push(args.push_to_hub)  # before the export work
+    if args.eval_json:
+        from tinystories.hub import find_eval_report
+
+        find_eval_report(Path("."), args.eval_json)  # readable and a report, before the export work
     model, ck = load_model(args.checkpoint)
     out = Path(args.out)
     if args.format == "hf":
-        if args.version is not None:
-            raise UserError("--version applies to --format llama2c only")
-        export_hf(model, ck.tokenizer, out, args.force)
-        print(f"exported {ck.path} -> {out} (Hugging Face LlamaForCausalLM, fp32)")
-        print(f"  load: AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})")
+        from tinystories.hub import model_card, push_to_hub
+
+        card = model_card(model, ck, fmt="hf", repo_id=args.push_to_hub, eval_json=args.eval_json)
+        export_hf(model, ck.tokenizer, out, args.force, card)
+        print(f"exported {ck.path} -> {out} (Hugging Face LlamaForCausalLM, fp32, model card README.md)")
+        print(f"  load: AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+              f"AutoTokenizer.from_pretrained({str(out)!r})")
+        if args.push_to_hub:
+            url = push_to_hub(out, args.push_to_hub, args.private, args.revision)
+            print(f"pushed {out} to {args.push_to_hub}: {url}")
         return 0
+    if args.format == "gguf":
+        return _export_gguf(args, model, ck, out)
     version = 0 if args.version is None else args.version
     tok_out = Path(args.tokenizer_out) if args.tokenizer_out else out.with_name("tokenizer.bin")
     if out.is_dir():
@@ -532,17 +572,53 @@ def _cmd_export(args) -> int:
     print(f"exported {ck.path} -> {out} (llama2.c version {version}, {n:,} bytes)")
     if spm:
         if not tok_same:
-            tmp = tok_out.with_name(f".{tok_out.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(tok_data)
-            os.replace(tmp, tok_out)
+            from tinystories.atomic import write_bytes_atomic
+
+            write_bytes_atomic(tok_out, tok_data)
         print(f"  tokenizer -> {tok_out} (llama2.c tokenizer.bin format{', already there' if tok_same else ''})")
         if version == 0:
             print(f"  run: ./run {out} -z {tok_out}")
     else:
-        print("  note: this model uses a byte-level BPE tokenizer; llama2.c's run.c only reads SentencePiece tokenizers "
-              "(tokenizer.bin), so run.c cannot decode its output. The weights were exported anyway.")
+        print("  note: this model uses a byte-level BPE tokenizer; llama2.c's run.c only reads SentencePiece "
+              "tokenizers (tokenizer.bin), so run.c cannot decode its output. The weights were exported anyway.")
     return 0
 
+
+
+def _export_gguf(args, model, ck, out: Path) -> int:
+    from tinystories.gguf_export import export_gguf
+
+    dtype = args.dtype or "f32"
+    run_name = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.name
+    name = args.push_to_hub.split("/")[-1] if args.push_to_hub else run_name
+    info = export_gguf(model, ck.tokenizer, out, dtype, args.force, name)
+    v = info["vocab"]
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["tensors"].items()))
+    print(f"exported {ck.path} -> {out} (GGUF, llama.cpp architecture llama, {dtype}: {kinds} tensors; "
+          f"{info['bytes']:,} bytes)")
+    print(f"  tokenizer: {v['model']} vocabulary of {len(v['tokens']):,} tokens (pre-tokenizer {v['pre']}), "
+          f"BOS {v['bos']} {v['tokens'][v['bos']]!r}, EOS {v['eos']} {v['tokens'][v['eos']]!r}")
+    print(f"  Ollama Modelfile -> {info['modelfile']}")
+    print("run it:")
+    print(f"  llama-cli -m {out} -p \"Once upon a time\" -n 256   # llama.cpp; newer builds: llama-completion -no-cnv")
+    print(f"  ollama create {out.stem} -f {info['modelfile']} && ollama run {out.stem} \"Once upon a time\"")
+    if args.push_to_hub:
+        import tempfile
+
+        from tinystories.hub import model_card, push_to_hub
+
+        card = model_card(model, ck, fmt="gguf", repo_id=args.push_to_hub, gguf_name=out.name, eval_json=args.eval_json)
+        with tempfile.TemporaryDirectory(prefix=".push-", dir=out.parent) as stage:
+            stage = Path(stage)
+            for f in (out, info["modelfile"]):  # hard links: no copy of the weights
+                try:
+                    os.link(f, stage / f.name)
+                except OSError:
+                    shutil.copyfile(f, stage / f.name)
+            (stage / "README.md").write_text(card, encoding="utf-8")
+            url = push_to_hub(stage, args.push_to_hub, args.private, args.revision)
+        print(f"pushed {out.name}, {info['modelfile'].name} and a model card to {args.push_to_hub}: {url}")
+    return 0
 
 def register_cli(sub) -> None:
     from tinystories.cli import add_command
@@ -566,14 +642,30 @@ def register_cli(sub) -> None:
     q.set_defaults(func=_cmd_import_llama2c)
 
     e = add_command(
-        sub, "export", "Export a checkpoint to Hugging Face transformers or llama2.c.",
+        sub, "export", "Export a checkpoint to Hugging Face transformers, GGUF (llama.cpp, Ollama) or llama2.c.",
         "  tinystories export --format hf --checkpoint runs/stories260K --out exports/stories260K-hf\n"
+        "  tinystories export --format hf --checkpoint runs/quickstart --out exports/qs-hf --push-to-hub NAME/qs\n"
+        "  tinystories export --format gguf --checkpoint runs/stories260K --out exports/s260K.gguf [--dtype q8_0]\n"
         "  tinystories export --format llama2c --checkpoint runs/stories260K --out exports/model.bin\n",
         _cmd_export,
     )
-    e.add_argument("--format", required=True, choices=["hf", "llama2c"], help="hf: a LlamaForCausalLM directory; llama2c: a .bin for run.c")
+    e.add_argument("--format", required=True, choices=["hf", "gguf", "llama2c"],
+                   help="hf: a LlamaForCausalLM directory with a model card; gguf: one file for llama.cpp/Ollama; "
+                        "llama2c: a .bin for run.c")
     e.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
-    e.add_argument("--out", required=True, help="directory (hf) or file (llama2c) to write")
-    e.add_argument("--version", type=int, choices=[0, 1], default=None, help="llama2.c file version (default 0, what run.c reads)")
-    e.add_argument("--tokenizer-out", default=None, help="llama2c: where to write tokenizer.bin (default: beside --out)")
+    e.add_argument("--out", required=True, help="directory (hf) or file (gguf: FILE.gguf, llama2c: FILE.bin) to write")
+    e.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default=None, help="gguf: weight type (default f32)")
+    e.add_argument("--version", type=int, choices=[0, 1], default=None, help="llama2.c file version (default 0, what "
+                                                                             "run.c reads)")
+    e.add_argument("--tokenizer-out", default=None, help="llama2c: where to write tokenizer.bin (default: beside "
+                                                         "--out)")
     e.add_argument("--force", action="store_true", help="replace existing output")
+    e.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                   help="hf, gguf: then upload to this Hugging Face Hub repository (created if needed; token from "
+                        "HF_TOKEN or `hf auth login`)")
+    e.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    e.add_argument("--revision", metavar="BRANCH", default=None,
+                   help="with --push-to-hub: push to this branch (created if needed)")
+    e.add_argument("--eval-json", metavar="FILE", default=None,
+                   help="hf, gguf: the `tinystories eval --json` report to put in the model card (default: one in the "
+                        "run directory for this checkpoint, if any)")

@@ -37,11 +37,12 @@ def likelihood(
     autocast=None,
     rank: int = 0,
     world: int = 1,
+    progress=None,
 ) -> dict:
     """Score every token of `stream` after the first; `n_bytes` is the text's UTF-8 size for bits per byte.
 
     With world > 1 this process scores only every world-th window (its share); sum `nats` and `tokens`
-    over the processes for the total."""
+    over the processes for the total. `progress(done, total)`, if given, is called after each batch."""
     window = window or model.cfg.max_seq_len
     device = model.rope.device
     tokens = torch.as_tensor(np.asarray(stream, dtype=np.int64))
@@ -66,6 +67,8 @@ def likelihood(
         else:
             _, loss = model(x, y, reduction="none")
         total_nats += float(loss.double().sum())  # ignored positions contribute 0
+        if progress is not None:  # progress(tokens scored, tokens to score) after each batch
+            progress(min(n, (chunk[-1] + window) if world == 1 else n * (i + len(chunk)) // len(starts)), n)
     model.train(was_training)
     if world > 1:
         n = sum(min(window, len(tokens) - 1 - s) for s in starts)

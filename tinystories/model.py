@@ -74,6 +74,41 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+@dataclass
+class SlotKVCache:
+    """Keys and values for up to `slots` independent sequences, each at its own position (continuous batching).
+
+    A decoding step feeds one token for each of rows 0..B-1: row b's token goes to position `positions[b]`
+    and attends to its own positions 0..positions[b]; `span` (> every position) bounds the keys read, and
+    the positions beyond a row's own are masked out. Rows are filled by prefilling through `slot(b)`, a
+    KVCache view of one row (writes go straight into this cache)."""
+
+    k: list[torch.Tensor]  # (slots, kv_heads, capacity, head_dim) per layer
+    v: list[torch.Tensor]
+    positions: torch.Tensor | None = None  # (B,) long: where this step's token of each row goes
+    span: int = 0  # keys 0..span-1 are read (max(positions) + 1)
+    uniform: bool = False  # every row is at the same position: no mask needed
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, slots: int, device, dtype, max_len: int | None = None) -> "SlotKVCache":
+        shape = (slots, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim)
+        return cls(k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def slot(self, b: int) -> KVCache:
+        """Row b as a one-sequence KVCache (views, length 0): prefill a prompt into it with model.decode."""
+        return KVCache(k=[t[b : b + 1] for t in self.k], v=[t[b : b + 1] for t in self.v])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (keeps the active rows contiguous)."""
+        for t in (*self.k, *self.v):
+            t[dst, :, :length] = t[src, :, :length]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,15 +119,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rot, cache: KVCache | None, layer: int):
+    def forward(self, x, rot, cache: KVCache | SlotKVCache | None, layer: int, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
-        mask, causal = None, True
-        if cache is not None:
+        causal = True
+        if isinstance(cache, SlotKVCache):  # one token per row, each row at its own position
+            rows = torch.arange(B, device=x.device)
+            cache.k[layer][rows, :, cache.positions] = k[:, :, 0]
+            cache.v[layer][rows, :, cache.positions] = v[:, :, 0]
+            k = cache.k[layer][:B, :, : cache.span]
+            v = cache.v[layer][:B, :, : cache.span]
+            causal = False
+        elif cache is not None:
             start = cache.length
             cache.k[layer][:, :, start : start + T] = k
             cache.v[layer][:, :, start : start + T] = v
@@ -132,8 +174,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rot, cache, layer):
-        x = x + self.attention(self.attention_norm(x), rot, cache, layer)
+    def forward(self, x, rot, cache, layer, mask=None):
+        x = x + self.attention(self.attention_norm(x), rot, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -191,6 +233,8 @@ class Transformer(nn.Module):
     ):
         """Return (logits, loss). With targets, logits are for every position and loss is the mean (or the
         per-token losses with reduction='none'); with a cache, tokens continue the cached sequence."""
+        if isinstance(cache, SlotKVCache):
+            return self._slot_step(tokens, cache), None
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.capacity):
@@ -210,6 +254,18 @@ class Transformer(nn.Module):
         )
         return logits, loss
 
+    def _slot_step(self, tokens: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """Logits (B, 1, V) for one token per row of a SlotKVCache, row b at position cache.positions[b]."""
+        pos = cache.positions
+        rot = (self.rope_real if torch.compiler.is_compiling() else self.rope)[pos][:, None, None]  # (B, 1, 1, ...)
+        mask = None
+        if not cache.uniform:  # row b sees keys 0..pos[b]; (B, 1, 1, span), broadcast over heads
+            mask = (torch.arange(cache.span, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rot, cache, i, mask)
+        return self.output(self.norm(h))
+
     def compile_decoding(self) -> "Transformer":
         """Route one-token decoding steps through torch.compile: inductor fuses each layer's norms, rotary,
         cache writes and SwiGLU into a few C++ kernels around the matmuls, and its C++ wrapper removes the
@@ -225,9 +281,11 @@ class Transformer(nn.Module):
         """compile_decoding() was called and has not fallen back to eager."""
         return self._compiled_step is not None
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T)."""
-        if self._compiled_step is not None and tokens.size(1) == 1 and cache.length > 0:
+    def decode(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T); with a
+        SlotKVCache, one token per row at the rows' own positions (the caller advances them)."""
+        if self._compiled_step is not None and tokens.size(1) == 1 and (isinstance(cache, SlotKVCache)
+                                                                       or cache.length > 0):
             try:  # compiling happens on the first call; without a working C++ toolchain, stay eager
                 logits = self._compiled_step(tokens, cache=cache)[0]
             except Exception as e:

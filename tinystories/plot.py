@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tinystories.atomic import atomic_file
 from tinystories.errors import UserError
 
 
@@ -70,7 +71,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(f"{Path(run_dir).resolve().name}")
     fig.tight_layout()
     try:
-        fig.savefig(out, dpi=110)
+        with atomic_file(out, "wb") as f:  # an old plot stays whole until the new one is written
+            fig.savefig(f, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
     except OSError as e:
         raise UserError(f"--out {out}: cannot write the plot ({e.strerror or e}); pick another --out") from None
     finally:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinystories.config import RunConfig
+from tinystories.config import RunConfig, TokenizerConfig
 from tinystories.errors import UserError
 
 DEFAULT_TOKENIZER_DIR = "tokenizer"  # under the data directory
@@ -40,38 +40,120 @@ def train_tokenizer(source: Path, vocab_size: int, out_dir: Path, max_stories: i
     files = list_text_files(source)
     train_files, val_files = split_files(files)
     ensure_writable_dir(out_dir, "tokenizer output")
-    return train_bpe(iter_documents(train_files or val_files, max_stories), vocab_size, out_dir)
+    return train_bpe(iter_documents(train_files or val_files, max_stories), vocab_size, out_dir,
+                     sample={"source": str(source), "max_stories": max_stories})
+
+
+def sample_note(max_stories: int | None, setting: str) -> str:
+    """How much text a tokenizer is trained on, and the setting that changes it."""
+    if max_stories is None:
+        return f"every story: {setting}"
+    return f"the first {max_stories:,} stories at most: {setting}"
+
+
+class Progress:
+    """A progress line for long stages: amount done, rate and ETA (MB by default; unit="tokens", scale=1 for
+    tokens). On a terminal it redraws one line on stderr; in a log (not a terminal) it writes a line every 10% or
+    30 s, so a long stage is never silent."""
+
+    def __init__(self, label: str, log=print, stream=None, unit: str = "MB", scale: float = 1e6):
+        self.label, self.log, self.t0 = label, log, time.time()
+        self.unit, self.scale = unit, scale
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_t, self.last_frac, self.drawn = 0.0, 0.0, False
+
+    def __call__(self, done: float, total: float) -> None:
+        now = time.time()
+        frac = done / total if total else 1.0
+        if self.tty and now - self.last_t < 0.5 and done < total:
+            return
+        if not self.tty and done < total and frac - self.last_frac < 0.1 and now - self.last_t < 30:
+            return
+        self.last_t, self.last_frac = now, frac
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0
+        u, k = self.unit, self.scale
+        line = (f"  {self.label}: {done / k:,.0f}/{total / k:,.0f} {u} ({frac:.0%}), "
+                f"{rate / k:,.{1 if k > 1 else 0}f} {u}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        if self.tty:
+            print(f"\r{line}\033[K", end="", file=self.stream, flush=True)
+            self.drawn = True
+        else:
+            self.log(line)
+
+    def close(self) -> None:
+        if self.drawn:
+            print(file=self.stream, flush=True)
+            self.drawn = False
+
+
+def full_cache_command(cfg: RunConfig, tok_path: Path, source: Path) -> str:
+    return f"tinystories data prepare --tokenizer {tok_path} --from {source} --data-dir {cfg.data.data_dir}"
 
 
 def ensure_run_data(cfg: RunConfig, log=print):
     """The tokenizer and token cache a run needs, trained/built when missing. Returns (tokenizer, cache)."""
-    from tinystories.cache import TokenCache, prepare
+    source = run_source(cfg)
+    tok = ensure_tokenizer(cfg, source, log)
+    return tok, ensure_cache(cfg, tok, source, log)
+
+
+def run_source(cfg: RunConfig) -> Path:
     from tinystories.textdata import list_text_files, resolve_source
-    from tinystories.tokenizer import load_tokenizer
 
     # `train` and `quickstart` name the raw text with --data (or the config's data.source)
     source = resolve_source(cfg.data.source, cfg.data.data_dir, flag="--data")
     list_text_files(source, flag="--data")
+    return source
+
+
+def run_tokenizer_dir(cfg: RunConfig) -> Path:
+    """Where a run's tokenizer is trained when tokenizer.path is not set."""
+    return Path(cfg.data.data_dir) / f"{DEFAULT_TOKENIZER_DIR}-{cfg.tokenizer.vocab_size}"
+
+
+def ensure_tokenizer(cfg: RunConfig, source: Path, log=print):
+    from tinystories.tokenizer import describe_sample, load_tokenizer, training_sample
+
     if cfg.tokenizer.path:
-        tok = load_tokenizer(cfg.tokenizer.path)
-    else:
-        tok_dir = Path(cfg.data.data_dir) / f"{DEFAULT_TOKENIZER_DIR}-{cfg.tokenizer.vocab_size}"
-        if not (tok_dir / "tokenizer.json").is_file():
-            log(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {source} ...")
-            t0 = time.time()
-            train_tokenizer(source, cfg.tokenizer.vocab_size, tok_dir, cfg.tokenizer.max_stories)
-            log(f"  done in {time.time() - t0:.1f}s -> {tok_dir / 'tokenizer.json'}")
+        return load_tokenizer(cfg.tokenizer.path)
+    tok_dir = run_tokenizer_dir(cfg)
+    if not (tok_dir / "tokenizer.json").is_file():
+        log(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {source} "
+            f"({sample_note(cfg.tokenizer.max_stories, 'tokenizer.max_stories=N or null changes it')}) ...")
+        t0 = time.time()
+        train_tokenizer(source, cfg.tokenizer.vocab_size, tok_dir, cfg.tokenizer.max_stories)
         tok = load_tokenizer(tok_dir)
+        log(f"  done in {time.time() - t0:.1f}s -> {tok_dir / 'tokenizer.json'} "
+            f"(trained on {describe_sample(training_sample(tok))})")
+        return tok
+    tok = load_tokenizer(tok_dir)
+    log(f"tokenizer {tok_dir / 'tokenizer.json'} (trained on {describe_sample(training_sample(tok))})")
+    return tok
+
+
+def ensure_cache(cfg: RunConfig, tok, source: Path, log=print):
+    from tinystories.cache import TokenCache, prepare
+
     t0 = time.time()
-    path, hit = prepare(tok, source, cache_root(cfg.data.data_dir), cfg.data.val_fraction, cfg.data.max_stories)
+    bar = Progress("token cache", log)
+    path, hit = prepare(tok, source, cache_root(cfg.data.data_dir), cfg.data.val_fraction, cfg.data.max_stories,
+                        progress=bar, train_tokens=cfg.data.cache_tokens)
+    bar.close()
     cache = TokenCache.open(path)
     sp = cache.manifest["splits"]
     log(f"token cache {path} ({'cache hit' if hit else f'built in {time.time() - t0:.1f}s'}): "
         f"train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens")
+    part = cache.manifest.get("part")
+    if part:
+        log(f"  a part of the cache: the first {part['units']} of {part['of']} units of the train text "
+            f"(data.cache_tokens={cfg.data.cache_tokens}: what this run can use); the whole cache, for longer runs: "
+            f"{full_cache_command(cfg, tok.path, source)}")
     note = empty_val_note(cache.manifest, source, "data.val_fraction=")
     if note:
         log(note)
-    return tok, cache
+    return cache
 
 
 def empty_val_note(manifest: dict, source: Path, setting: str) -> str | None:
@@ -126,6 +208,7 @@ def _cmd_tokenizer_train(args) -> int:
         raise UserError(f"{out / 'tokenizer.json'} already exists (token caches and runs may be built on it): "
                         f"choose another --out, or pass --force to replace it")
     t0 = time.time()
+    print(f"training on {source}: {sample_note(args.max_stories, '--max-stories N or all changes it')} ...", flush=True)
     path = train_tokenizer(source, args.vocab_size, out, args.max_stories)
     tok = load_tokenizer(path)
     print(f"trained {tok.vocab_size:,}-token byte-level BPE on {source} in {time.time() - t0:.1f}s -> {path}")
@@ -154,7 +237,7 @@ def _cmd_tokenizer_report(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from tinystories.cache import TokenCache, prepare
+    from tinystories.cache import TokenCache, default_workers, prepare
     from tinystories.tokenizer import load_tokenizer
 
     if not 0 <= args.val_fraction < 1:
@@ -162,21 +245,23 @@ def _cmd_prepare(args) -> int:
     _check_count("--max-stories", args.max_stories)
     tok = load_tokenizer(args.tokenizer)
     source = _source(args)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be >= 1 (default: one per CPU core, {default_workers()})")
+    _check_count("--tokens", args.tokens)
     t0 = time.time()
-    last = [0.0]
-
-    def progress(split, tokens, _n):
-        if sys.stderr.isatty() and time.time() - last[0] > 0.5:
-            last[0] = time.time()
-            print(f"\r  {split}: {tokens:,} tokens", end="", file=sys.stderr)
-
+    bar = Progress("tokenizing", lambda line: print(line, flush=True))
     path, hit = prepare(tok, source, cache_root(args.data_dir) if args.cache_dir is None else Path(args.cache_dir),
-                        args.val_fraction, args.max_stories, progress)
-    if sys.stderr.isatty() and not hit:
-        print(file=sys.stderr)
+                        args.val_fraction, args.max_stories, bar, train_tokens=args.tokens, workers=args.workers)
+    bar.close()
     m = TokenCache.open(path).manifest
     secs = time.time() - t0
-    print(f"{'cache hit' if hit else f'built in {secs:.1f}s'}: {path}")
+    size = sum(s["bytes"] for s in m["splits"].values())
+    speed = "" if hit else f" ({size / 1e6 / max(secs, 1e-9):.1f} MB/s of text, {args.workers or default_workers()} worker(s))"
+    print(f"{'cache hit' if hit else f'built in {secs:.1f}s'}: {path}{speed}")
+    if m.get("part"):
+        part = m["part"]
+        print(f"  a part of the cache: the first {part['units']} of {part['of']} units of the train text "
+              f"(--tokens {args.tokens or part['train_tokens_wanted']}); without --tokens the rerun adds the rest")
     for split, s in m["splits"].items():
         print(f"  {split:5} {s['documents']:>9,} stories {s['tokens']:>13,} tokens {s['bytes']:>14,} bytes "
               f"({s['bytes'] / max(s['tokens'], 1):.2f} bytes/token)")
@@ -185,6 +270,15 @@ def _cmd_prepare(args) -> int:
     if note:
         print(note)
     return 0
+
+
+def _stories_arg(value: str) -> int | None:
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--max-stories {value}: expected a number of stories or 'all'") from None
 
 
 def register_cli(sub) -> None:
@@ -214,6 +308,10 @@ def register_cli(sub) -> None:
                    help="held-out share in [0, 1) when there is no validation file: 1 story in round(1/F), at most "
                         "1 in 2 (default 0.01; 0 = none, and training then validates on the train split)")
     p.add_argument("--max-stories", type=int, default=None, help="use only the first N training stories")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="build only a part: the first units of the train text holding at least N tokens (a later "
+                        "run with a larger N, or without --tokens, adds only what is missing)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer and report on its vocabulary",
                          description="Train a byte-level BPE tokenizer, and show whether articles are single, frequent tokens.")
@@ -223,7 +321,9 @@ def register_cli(sub) -> None:
                     "  tinystories tokenizer train --vocab-size 4096 --max-stories 100000 --out data/tok4k\n",
                     _cmd_tokenizer_train)
     p.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size (default 10000)")
-    p.add_argument("--max-stories", type=int, default=None, help="train on the first N stories only")
+    p.add_argument("--max-stories", type=_stories_arg, default=TokenizerConfig().max_stories,
+                   help=f"train on the first N stories only, or 'all' (default {TokenizerConfig().max_stories:,}: "
+                        f"bytes/token no longer improves much beyond that; see benchmarks/tokenizer_sample.py)")
     p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
     p.add_argument("--data-dir", default="data", help="data directory used when --from is not given")
     p.add_argument("--out", required=True, help="output directory for tokenizer.json")

@@ -16,6 +16,26 @@ from tinystories.config import CONFIG_DIR
 from tinystories.errors import UserError
 
 CLASSIC_OPENINGS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog"]
+EVAL_TOKENS = 262_144  # validation tokens the report scores (all of a small validation text; bounded for 22 MB)
+EVAL_STORIES = 12  # generated for the story statistics
+# rough speeds for the plan, per CPU core, measured on a shared 2-core AMD EPYC (benchmarks/full_scale.py)
+CPU_TOKENS_PER_S = 10_000  # training tokens/s a CPU run buys at most (cpu.yaml: 7K measured): sizes the cache
+CACHE_PASSES = 3  # the cache part holds 3x the tokens the budget buys at that speed
+TOKENIZE_MB_S_PER_CORE = 3.0  # data prepare
+BPE_TRAIN_MB_S = 3.0  # tokenizer train
+REPORT_S_CPU = 90  # three stories, 12 stories for statistics, likelihood on EVAL_TOKENS, plot
+STORY_BYTES = 900  # TinyStoriesV2's mean story size, for the tokenizer sample's size
+
+
+def cache_tokens_for(minutes: float, on_gpu: bool) -> int | None:
+    """The train tokens a `minutes` run can use, as a part of the cache to build (None: the whole cache)."""
+    if on_gpu:
+        return None
+    return int(CACHE_PASSES * CPU_TOKENS_PER_S * 60 * minutes)
+
+
+def _fmt_s(secs: float) -> str:
+    return f"{secs:.0f}s" if secs < 90 else f"{secs / 60:.1f} min"
 
 
 def find_data(data: str | None, data_dir: Path, log=print) -> Path:
@@ -80,27 +100,43 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     import torch
 
     from tinystories.checkpoint import load_model, read_checkpoint
-    from tinystories.cli import build_parser
     from tinystories.config import load_config
     from tinystories.evaluate import evaluate, format_result
     from tinystories.plot import plot_run
+    from tinystories.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
     from tinystories.sampling import SamplingParams, generate_texts
     from tinystories.train import train
 
     t_start = time.time()
+    stages: list[tuple[str, float]] = []
     source = find_data(data, data_dir)
+    stages.append(("data", time.time() - t_start))
     on_gpu = torch.cuda.is_available()
     cfg_path = pick_config(on_gpu)
     vocab = vocab_for(source)
+    cache_tokens = cache_tokens_for(minutes, on_gpu)
     overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
-                 f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null"]
+                 f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
+                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
     cfg = load_config(cfg_path, overrides)
     cfg.out_dir = str(out)
     print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min of training -> {out}")
-
     latest = out / "checkpoints" / "latest"
     if latest.exists():
-        _check_same_request(out, cfg)
+        _check_same_request(out, cfg)  # before any tokenizer or cache is built
+    print_plan(cfg, source, minutes, on_gpu, out)
+
+    t0 = time.time()
+    tok = ensure_tokenizer(cfg, source)
+    stages.append(("tokenizer", time.time() - t0))
+    t0 = time.time()
+    ensure_cache(cfg, tok, source)
+    stages.append(("token cache", time.time() - t0))
+    if not cfg.tokenizer.path:
+        cfg.tokenizer.path = str(run_tokenizer_dir(cfg))  # train finds both ready (one "cache hit" line)
+    t0 = time.time()
+
+    if latest.exists():
         state = read_checkpoint(out, prefer="latest").state
         done = state.get("total_steps") and state["step"] >= state["total_steps"]
         if done:
@@ -113,20 +149,23 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
         if train(cfg)["status"]:
             return _interrupted(out)
 
+    stages.append(("training", time.time() - t0))
+    t0 = time.time()
     model, ck = load_model(out)
     tok = ck.tokenizer
     print("\n" + "=" * 30 + " three stories " + "=" * 30)
-    params = SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50, top_p=0.95, seed=42)
+    params = SamplingParams(max_new_tokens=200, seed=42)  # the other settings: the sampling defaults
     for opening in CLASSIC_OPENINGS[:stories]:
         text = generate_texts(model, tok, opening, params)[0]["text"]
         print(f"\n{text}\n")
     print("=" * 30 + " evaluation " + "=" * 33)
-    args = build_parser().parse_args(["eval", "--checkpoint", str(out), "--num-stories", "12", "--max-new-tokens", "200",
-                                      "--device", "cpu" if not on_gpu else "auto"])
-    result = evaluate(args, log=lambda *a, **k: None)
+    result = evaluate(out, num_stories=EVAL_STORIES, sampling=SamplingParams(max_new_tokens=200),
+                      max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", log=lambda *a, **k: None)
     print(format_result(result))
     plot = plot_run(out)
     print(f"\nloss plot: {plot}")
+    stages.append(("stories + report", time.time() - t0))
+    print("time per stage: " + ", ".join(f"{name} {_fmt_s(secs)}" for name, secs in stages))
     print(f"total time: {(time.time() - t_start) / 60:.1f} min")
     print("\ncontinue with:")
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
@@ -135,6 +174,57 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   # train 3x longer (the cosine is stretched)")
     print(f"  tinystories doctor {out}")
     return 0
+
+
+def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> None:
+    """What the quickstart will do, with rough times for this machine, before it does it."""
+    import json
+
+    from tinystories.cache import PART_VAL_BYTES, default_workers
+    from tinystories.prepare import cache_root, full_cache_command, run_tokenizer_dir
+    from tinystories.textdata import list_text_files, split_files
+
+    files = list_text_files(source)
+    train, val = split_files(files)
+    train_b = sum(f.stat().st_size for f in (train or val))
+    val_b = sum(f.stat().st_size for f in val) if train else 0
+    cores = default_workers()
+    tok_dir = run_tokenizer_dir(cfg)
+    n = cfg.tokenizer.max_stories
+    sample_b = train_b if n is None else min(train_b, n * STORY_BYTES)
+    if (tok_dir / "tokenizer.json").is_file():
+        tok_line = f"reuse {tok_dir}"
+    else:
+        what = ("every story" if n is None else f"all stories (at most {n:,}: tokenizer.max_stories)"
+                if sample_b >= train_b else f"the first {n:,} stories (tokenizer.max_stories)")
+        tok_line = f"train a {cfg.tokenizer.vocab_size}-token BPE on {what}, ~{sample_b / 1e6:,.0f} MB, " \
+                   f"~{_fmt_s(sample_b / 1e6 / BPE_TRAIN_MB_S)}"
+    want = cfg.data.cache_tokens
+    part_b = train_b if want is None else min(train_b, want * 4)  # ~4 bytes of text per token
+    caches = [json.loads(m.read_text()) for m in cache_root(cfg.data.data_dir).glob("*/manifest.json")]
+    reuse = any(m["tokenizer"]["path"] == str((tok_dir / "tokenizer.json").resolve()) and (
+        m.get("part") is None or (want is not None and m["splits"]["train"]["tokens"] >= want)) for m in caches)
+    if want is None or part_b >= train_b:
+        secs = (train_b + val_b) / 1e6 / (TOKENIZE_MB_S_PER_CORE * cores)
+        cache_line = f"tokenize all {(train_b + val_b) / 1e6:,.0f} MB of text"
+    else:
+        val_part = min(val_b, PART_VAL_BYTES)
+        secs = (part_b + val_part) / 1e6 / (TOKENIZE_MB_S_PER_CORE * cores)
+        cache_line = (f"tokenize a part: the first ~{part_b / 1e6:,.0f} MB of the {train_b / 1e6:,.0f} MB train text "
+                      f"(>= {want:,} tokens, {CACHE_PASSES}x what {minutes:g} min can use) + the first "
+                      f"{val_part / 1e6:,.1f} MB of the {val_b / 1e6:,.1f} MB validation text")
+    cache_line = "reuse the token cache" if reuse else f"{cache_line}, {cores} worker(s), ~{_fmt_s(secs)}"
+    print("plan (rough times for this machine):")
+    print(f"  data       {source}: {(train_b + val_b) / 1e6:,.1f} MB in {len(files)} file(s)")
+    print(f"  tokenizer  {tok_line}")
+    print(f"  cache      {cache_line}")
+    if want is not None and not reuse and part_b < train_b:
+        print(f"             the whole cache, for longer runs: "
+              f"{full_cache_command(cfg, tok_dir / 'tokenizer.json', source)}")
+    print(f"  training   {minutes:g} min (time budget; {cfg.train.eval_tokens:,} validation tokens at each eval) "
+          f"-> {out}")
+    print(f"  report     3 stories, {EVAL_STORIES} more for statistics, loss on {EVAL_TOKENS:,} validation tokens"
+          + ("" if on_gpu else f", ~{_fmt_s(REPORT_S_CPU)}"))
 
 
 def _interrupted(out: Path) -> int:

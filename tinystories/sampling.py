@@ -20,6 +20,8 @@ from tinystories.tokenizer import TextTokenizer
 
 @dataclass
 class SamplingParams:
+    """How to sample, with the defaults of every command (generate, eval, serve, train's sample stories)."""
+
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_k: int | None = 50
@@ -28,17 +30,57 @@ class SamplingParams:
     seed: int | None = 1234
 
     def validate(self) -> "SamplingParams":
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise UserError(f"--temperature {self.temperature}: must be between 0 (greedy) and 5")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 = off)")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise UserError(f"--repetition-penalty {self.repetition_penalty}: must be in (0, 10] (1 = off)")
+        for name, (ok, says) in SAMPLING_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise UserError(f"--{name.replace('_', '-')} {value}: {says}")
         return self
+
+
+# the valid values of each field: (test, what an error says); SamplingParams.validate and the CLI flags use them
+SAMPLING_LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "max_new_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "temperature": (lambda v: 0.0 <= v <= 5.0, "must be between 0 (greedy) and 5"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "top_p": (lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "repetition_penalty": (lambda v: 0.0 < v <= 10.0, "must be in (0, 10] (1 = off)"),
+}
+_FLAG_HELP = {
+    "max_new_tokens": "tokens to generate",
+    "temperature": "0 = greedy",
+    "top_k": "sample among the k most likely tokens; 0 = off",
+    "top_p": "nucleus sampling threshold",
+    "repetition_penalty": "> 1 discourages repeats (1 = off)",
+    "seed": "random seed",
+}
+
+
+def add_sampling_args(p, max_new_tokens: int | None = None, repetition_penalty: bool = True) -> None:
+    """The sampling flags (--max-new-tokens, --temperature, --top-k, --top-p, [--repetition-penalty,] --seed),
+    their defaults and ranges from SamplingParams; `sampling_params(args)` reads them back."""
+    from dataclasses import fields
+
+    from tinystories.cli import ranged
+
+    defaults = SamplingParams()
+    if max_new_tokens is not None:
+        defaults.max_new_tokens = max_new_tokens
+    for f in fields(SamplingParams):
+        if f.name == "repetition_penalty" and not repetition_penalty:
+            continue
+        kind = int if f.name in ("max_new_tokens", "top_k", "seed") else float
+        default = getattr(defaults, f.name)
+        limit = SAMPLING_LIMITS.get(f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=ranged(kind, *limit) if limit else kind, default=default,
+                       help=f"{_FLAG_HELP[f.name]} (default {default:g})")
+
+
+def sampling_params(args) -> SamplingParams:
+    """SamplingParams from the flags add_sampling_args added (--top-k 0 = off)."""
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+        top_p=args.top_p, repetition_penalty=getattr(args, "repetition_penalty", 1.0), seed=args.seed,
+    ).validate()
 
 
 @dataclass
@@ -68,6 +110,37 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | list[torch.Generator],
+    seen: torch.Tensor,
+    top_alternatives: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The next token of each row from its logits (B, V): repetition penalty, temperature, top-k, top-p, then a
+    draw from `generator` (one for the batch, as `sample` does, or one per row: the server's requests each
+    keep their own seed). Returns (tokens (B,), top_ids, top_probs) with the alternatives when asked."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    top_ids = top_probs = None
+    if params.temperature == 0:
+        nxt = logits.argmax(dim=-1)
+        scaled = logits
+    else:
+        scaled = logits / params.temperature
+        probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+        if isinstance(generator, torch.Generator):
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:  # one generator per row: the draw torch.multinomial(probs[b:b+1], 1, generator=g) makes (for one
+            # sample it divides by exponential noise and takes the argmax), with only the noise drawn row by row
+            noise = torch.empty_like(probs)
+            for b, g in enumerate(generator):
+                noise[b].exponential_(1, generator=g)
+            nxt = (probs / noise).argmax(dim=-1)
+    if top_alternatives:
+        top_probs, top_ids = torch.softmax(scaled, dim=-1).topk(top_alternatives, dim=-1)
+    return nxt, top_ids, top_probs
 
 
 @torch.inference_mode()
@@ -111,18 +184,7 @@ def sample(
     for _ in range(params.max_new_tokens):
         if should_stop is not None and should_stop():
             return
-        logits = logits.float()
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        top_ids = top_probs = None
-        if params.temperature == 0:
-            nxt = logits.argmax(dim=-1)
-            scaled = logits
-        else:
-            scaled = logits / params.temperature
-            probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        if top_alternatives:
-            top_probs, top_ids = torch.softmax(scaled, dim=-1).topk(top_alternatives, dim=-1)
+        nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives)
         yield Step(nxt, finished.clone(), top_ids, top_probs)
         if stop is not None:
             finished |= torch.isin(nxt, stop)
@@ -156,23 +218,29 @@ def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str],
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, never splitting a multi-byte UTF-8 character."""
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte UTF-8 character.
+
+    Each push decodes only a short window (the few tokens before the text not yet emitted, as Hugging Face
+    TGI does), so a long story costs the same per token as a short one; the pieces join to the decoding of
+    the whole continuation (SentencePiece's leading space included, since the window starts in the prefix)."""
+
+    WINDOW = 6  # tokens of already-emitted context decoded with the new ones
 
     def __init__(self, tok: TextTokenizer, prefix_ids: list[int] | None = None):
         self.tok = tok
-        self.prefix = list(prefix_ids or [])
-        self.ids: list[int] = []
-        self.emitted = ""
-        self._prefix_text = tok.decode(self.prefix) if self.prefix else ""
+        self.all = list(prefix_ids or [])
+        self.read = len(self.all)  # tokens before this index are emitted
+        self.start = max(0, self.read - self.WINDOW)  # the window's context starts here
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.prefix + self.ids)[len(self._prefix_text):]
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte(s)
+        self.all.append(token)
+        before = self.tok.decode(self.all[self.start : self.read])
+        text = self.tok.decode(self.all[self.start :])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
             return ""
-        piece = text[len(self.emitted):]
-        self.emitted = text
-        return piece
+        self.read = len(self.all)
+        self.start = max(0, self.read - self.WINDOW)
+        return text[len(before):]
 
 
 def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:

@@ -5,28 +5,29 @@
     POST /v1/completions   the OpenAI completions protocol (the `openai` client works against it)
     GET  /v1/models        the OpenAI model list (one model)
     GET  /v1/model         architecture, parameter count, tokenizer, training step, validation bits per byte
-    GET  /health           liveness and the number of generations running
+    GET  /health           liveness, and requests active, queued, served (and cancelled, rejected, timed out)
     GET  /                 the playground page (static files, no build step, works offline)
     GET  /openapi.json     the schema (interactive docs at /docs: Swagger UI, whose scripts FastAPI loads from a CDN)
 
-The model is loaded once. Each generation runs `sampling.sample` (the one sampling implementation) in a worker
-thread, so the event loop keeps serving; it stops at the next token when the client goes away or the request's
-time limit passes. Guards: validation with clear 422s (prompt length in tokens vs the context, parameter ranges),
-at most --max-concurrent generations (more get 429 with Retry-After), a request body limit (413), CORS closed
-unless --cors-origin is given, and no request field names a file: the checkpoint is fixed at start-up.
+The model is loaded once, into a `tinystories.engine.Engine`: requests wait in a bounded FIFO queue (--max-queue;
+429 with Retry-After only when it is full, 503 after --queue-timeout in it) and one decoding loop steps up to
+--max-batch of them together, one batched forward per token (continuous batching: requests join and leave
+between steps). The two routers below only translate HTTP to `engine.submit(...)` and the job's events; a client
+that goes away is dropped from the queue at once, or from the batch before the next decoding step. Guards:
+validation with clear 422s (prompt length in tokens vs the context, parameter ranges), a request body limit
+(413), CORS closed unless --cors-origin is given, and no request field names a file: the checkpoint is fixed at
+start-up.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the route signatures' annotations at runtime
 import argparse
 import asyncio
 import json
-import threading
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tinystories.errors import UserError
 
@@ -35,157 +36,8 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt never needs more: the context is a few hu
 MAX_PROMPT_CHARS = 32_000
 MAX_ALTERNATIVES = 5
 RETRY_AFTER_S = 1
-
-
-# ------------------------------------------------------------------------------------------------ engine
-
-
-@dataclass
-class Generation:
-    """The state of one request's generation, filled in by the worker thread."""
-
-    prompt_tokens: int
-    max_new_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (end of story or a stop string), "length", "timeout", "cancelled"
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    ended_at: float | None = None
-    error: str | None = None
-
-    def timing(self) -> dict:
-        end = self.ended_at or time.perf_counter()
-        total = end - self.started
-        n = len(self.token_ids)
-        ttft = (self.first_token_at - self.started) if self.first_token_at else None
-        decode = (end - self.first_token_at) if self.first_token_at else 0.0
-        return {
-            "total_s": round(total, 4),
-            "time_to_first_token_s": round(ttft, 4) if ttft is not None else None,
-            "tokens_per_s": round(n / total, 2) if total > 0 and n else 0.0,
-            "decode_tokens_per_s": round((n - 1) / decode, 2) if n > 1 and decode > 0 else None,
-        }
-
-
-class Engine:
-    """The loaded model, the tokenizer and the concurrency limit; runs generations in worker threads."""
-
-    def __init__(self, model, ck, max_concurrent: int = 4, timeout_s: float = 60.0):
-        self.model, self.ck, self.tok = model, ck, ck.tokenizer
-        self.context = ck.cfg.model.max_seq_len
-        self.max_concurrent = max_concurrent
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self.active = 0
-        self.served = 0
-        self.name = model_name(ck.path)
-
-    def try_acquire(self) -> bool:
-        with self._lock:
-            if self.active >= self.max_concurrent:
-                return False
-            self.active += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.active -= 1
-            self.served += 1
-
-    def token_text(self, i: int) -> str:
-        """How one token reads on its own (for the alternatives list)."""
-        if i in self.tok.special_ids:
-            return "<end of story>" if i in self.tok.stop_ids else "<start>"
-        if self.tok.kind == "sentencepiece":
-            piece = self.tok.id_to_piece(i)
-            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-                b = int(piece[3:5], 16)
-                return chr(b) if b < 128 else piece
-            return piece.replace("\u2581", " ")
-        return self.tok.decode([i])
-
-    def run(self, gen: Generation, ids: list[int], params, top_alternatives: int, stop_strings: list[str],
-            cancel: threading.Event, emit) -> None:
-        """Worker thread body: sample, decode pieces, call emit(event_dict) for each token, then a final event.
-
-        Always releases the concurrency slot it was started with."""
-        from tinystories.sampling import StreamDecoder, sample
-
-        deadline = gen.started + self.timeout_s
-        timed_out = False
-
-        def should_stop() -> bool:
-            nonlocal timed_out
-            if cancel.is_set():
-                return True
-            if time.perf_counter() > deadline:
-                timed_out = True
-                return True
-            return False
-
-        decoder = StreamDecoder(self.tok, ids)
-        held = ""  # text held back because it could be the start of a stop string
-        try:
-            for step in sample(self.model, [ids], params, self.tok.stop_ids, top_alternatives=top_alternatives,
-                               should_stop=should_stop):
-                t = int(step.tokens[0])
-                if gen.first_token_at is None:
-                    gen.first_token_at = time.perf_counter()
-                if t in self.tok.stop_ids:
-                    gen.finish_reason = "stop"
-                    break
-                gen.token_ids.append(t)
-                piece = decoder.push(t)
-                event: dict[str, Any] = {"type": "token", "id": t, "token": self.token_text(t)}
-                if step.top_ids is not None:
-                    event["top"] = [
-                        {"id": int(a), "token": self.token_text(int(a)), "prob": round(float(p), 5)}
-                        for a, p in zip(step.top_ids[0].tolist(), step.top_probs[0].tolist())
-                    ]
-                if stop_strings:
-                    piece, held, hit = _apply_stop(held + piece, stop_strings)
-                    gen.text += piece
-                    event["text"] = piece
-                    emit(event)
-                    if hit:
-                        gen.finish_reason = "stop"
-                        break
-                else:
-                    gen.text += piece
-                    event["text"] = piece
-                    emit(event)
-            if gen.finish_reason is None:
-                if timed_out:
-                    gen.finish_reason = "timeout"
-                elif cancel.is_set():
-                    gen.finish_reason = "cancelled"
-                else:
-                    gen.finish_reason = "length"
-            if held and gen.finish_reason != "stop":
-                gen.text += held
-                emit({"type": "token", "id": None, "token": "", "text": held})
-        except Exception as e:  # a bug or an out-of-memory: report it to the client instead of hanging
-            gen.error = f"{type(e).__name__}: {e}"
-            gen.finish_reason = "error"
-        finally:
-            gen.ended_at = time.perf_counter()
-            self.release()
-            emit(None)
-
-
-def _apply_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
-    """Split `text` into (safe to emit, held back, stop string found)."""
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    if cut >= 0:
-        return text[:cut], "", True
-    hold = 0
-    for s in stops:  # the longest tail of text that begins some stop string
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if s.startswith(text[-k:]):
-                hold = max(hold, k)
-                break
-    return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
+DEFAULT_MAX_BATCH = 16  # benchmarks/serve_load.py: see docs/playground.md
+DEFAULT_MAX_QUEUE = 256
 
 
 def model_name(path: Path) -> str:
@@ -201,16 +53,20 @@ def model_name(path: Path) -> str:
 def _schemas():
     from pydantic import BaseModel, ConfigDict, Field
 
+    from tinystories.sampling import SamplingParams
+
+    default = SamplingParams()  # the sampling defaults of every command
+
     class GenerateRequest(BaseModel):
         """Continue a story. No field names a file: the server's checkpoint is fixed when it starts."""
 
         model_config = ConfigDict(extra="forbid")
         prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="the start of the story (may be empty)")
         max_new_tokens: int = Field(200, ge=1, description="at most this many tokens; capped by the context")
-        temperature: float = Field(0.8, ge=0.0, le=5.0, description="0 = greedy")
-        top_k: int | None = Field(50, ge=0, le=1_000_000, description="0 or null = off")
-        top_p: float | None = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling; 1 or null = off")
-        repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1 = off")
+        temperature: float = Field(default.temperature, ge=0.0, le=5.0, description="0 = greedy")
+        top_k: int | None = Field(default.top_k, ge=0, le=1_000_000, description="0 or null = off")
+        top_p: float | None = Field(default.top_p, gt=0.0, le=1.0, description="nucleus sampling; 1 or null = off")
+        repetition_penalty: float = Field(default.repetition_penalty, gt=0.0, le=10.0, description="1 = off")
         seed: int | None = Field(None, ge=0, le=2**63 - 1, description="null = a fresh random seed")
         stream: bool = Field(False, description="server-sent events, one per token, then a final 'done' event")
         top_alternatives: int = Field(0, ge=0, le=MAX_ALTERNATIVES,
@@ -291,20 +147,240 @@ def _sse(data: dict | str, event: str | None = None) -> bytes:
     return ((f"event: {event}\n" if event else "") + f"data: {body}\n\n").encode()
 
 
-def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors_origins: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app serving `model` (loaded from checkpoint `ck`)."""
-    from fastapi import FastAPI, Request
+class _Api:
+    """What the routers share: the engine, the checkpoint's description, and the request/response rules."""
+
+    def __init__(self, engine, info: dict):
+        self.engine, self.info, self.name = engine, info, info["name"]
+
+    def prepare(self, prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:
+        from tinystories.sampling import prompt_ids
+
+        ctx = self.engine.context
+        ids = prompt_ids(self.engine.tok, prompt)
+        if len(ids) >= ctx:
+            raise _invalid("prompt", f"the prompt is {len(ids)} tokens (with the start-of-story token); the model's "
+                           f"context is {ctx}, so a prompt may have at most {ctx - 1}")
+        if max_new_tokens > ctx:
+            raise _invalid(field_name, f"{field_name}={max_new_tokens} exceeds the model's context of {ctx} tokens",
+                           max_new_tokens)
+        return ids, min(max_new_tokens, ctx - len(ids))  # prompt + output fit in the context
+
+    async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool):
+        """(job, None) once the request has a row in the batch, else (None, the error response): 429 when the
+        queue is full, 503 when it waited past --queue-timeout; a client that leaves while queued is dropped."""
+        from tinystories.engine import QueueFull, QueueTimeout
+
+        try:
+            job = self.engine.submit(ids, params, top_alternatives, stop)
+        except QueueFull as e:
+            return None, _error(429, f"{e}; retry in {RETRY_AFTER_S}s", openai, "rate_limit_error", "busy")
+        try:
+            await _unless_disconnected(request, job, job.admitted())
+        except QueueTimeout as e:
+            return None, _error(503, str(e), openai, "server_error", "queue_timeout")
+        if job.finish_reason == "cancelled":  # the client left while queued: nobody reads this
+            return None, _error(499, "client closed the request", openai, "server_error", "cancelled")
+        return job, None
+
+    async def result(self, request, job):
+        await _unless_disconnected(request, job, job.result())
+        return job
+
+    def final(self, job) -> dict:
+        out = {"finish_reason": job.finish_reason, "prompt_tokens": job.prompt_tokens,
+               "completion_tokens": len(job.token_ids), "max_new_tokens": job.max_new_tokens,
+               "timing": job.timing(), "model": self.name}
+        if job.error:
+            out["error"] = job.error
+        return out
+
+
+def _invalid(field_name: str, msg: str, value=None):
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field_name), "msg": msg, "input": value}])
+
+
+def _error(status: int, msg: str, openai: bool, kind: str, code: str):
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": msg, "type": kind, "code": code}} if openai else {"detail": msg}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _event_stream(chunks: AsyncIterator[bytes]):
+    from fastapi.responses import StreamingResponse
+
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _unless_disconnected(request, job, awaitable):
+    """Await `awaitable` (the job's admission or result); cancel the job if the client disconnects first or
+    this handler is cancelled. The disconnect is seen at once: a task waits on the ASGI receive channel."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            job.cancel()
+        return await task
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    finally:
+        gone.cancel()
+
+
+async def _disconnect(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def native_router(api: _Api, GenerateRequest):
+    """POST /v1/generate: our API."""
+    from fastapi import APIRouter, Request
+    from fastapi.responses import JSONResponse
+
+    from tinystories.sampling import SamplingParams
+
+    router = APIRouter()
+
+    @router.post("/v1/generate", tags=["generate"], responses=ERROR_RESPONSES)
+    async def generate(req: GenerateRequest, request: Request):
+        """Continue `prompt`. JSON by default; with `stream`, server-sent events:
+        `event: token` (text piece, token id, alternatives when asked) ... then `event: done`
+        (finish_reason, token counts, timing)."""
+        ids, max_new = api.prepare(req.prompt, req.max_new_tokens, "max_new_tokens")
+        params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
+                                top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
+        job, refused = await api.start(request, ids, params, req.top_alternatives, req.stop, openai=False)
+        if refused:
+            return refused
+        if not req.stream:
+            await api.result(request, job)
+            if job.error:
+                return JSONResponse({"detail": f"generation failed: {job.error}"}, status_code=500)
+            return {"text": job.text, "prompt": req.prompt, "tokens": len(job.token_ids),
+                    "token_ids": job.token_ids, **api.final(job)}
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                yield _sse({"type": "start", "prompt_tokens": job.prompt_tokens, "max_new_tokens": max_new,
+                            "model": api.name}, "start")
+                async for ev in job.events():
+                    yield _sse(ev, "token")
+                yield _sse({"type": "done", **api.final(job)}, "error" if job.error else "done")
+            finally:
+                job.cancel()  # the client went away (or we finished): leave the batch before the next step
+
+        return _event_stream(events())
+
+    return router
+
+
+def openai_router(api: _Api, CompletionRequest):
+    """POST /v1/completions: the OpenAI completions protocol."""
+    from fastapi import APIRouter, Request
+
+    from tinystories.sampling import SamplingParams
+
+    router = APIRouter()
+
+    @router.post("/v1/completions", tags=["openai"], responses=ERROR_RESPONSES)
+    async def completions(req: CompletionRequest, request: Request):
+        """OpenAI-compatible text completion (`choices[0].text`, `usage`, streaming `data:` chunks and
+        `data: [DONE]`). `model` is only a label."""
+        prompt, stops = _openai_prompt_and_stops(req)
+        ids, max_new = api.prepare(prompt, req.max_tokens or 16, "max_tokens")
+        params = SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
+                                top_k=None, top_p=req.top_p, repetition_penalty=1.0, seed=req.seed)
+        job, refused = await api.start(request, ids, params, 0, stops, openai=True)
+        if refused:
+            return refused
+        chunk = _openai_chunker(api.name)
+        if not req.stream:
+            await api.result(request, job)
+            if job.error:
+                return _error(500, f"generation failed: {job.error}", True, "server_error", "error")
+            return {**chunk(job.text, _openai_finish(job)), "usage": _openai_usage(job)}
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for ev in job.events():
+                    if ev.get("text"):
+                        yield _sse(chunk(ev["text"], None))
+                if job.error:
+                    yield _sse({"error": {"message": f"generation failed: {job.error}", "type": "server_error"}})
+                else:
+                    yield _sse(chunk("", _openai_finish(job)))
+                    if include_usage:
+                        yield _sse({**chunk("", None), "choices": [], "usage": _openai_usage(job)})
+                yield _sse("[DONE]")
+            finally:
+                job.cancel()
+
+        return _event_stream(events())
+
+    return router
+
+
+def _openai_prompt_and_stops(req) -> tuple[str, list[str]]:
+    if isinstance(req.prompt, list):
+        if len(req.prompt) != 1:
+            raise _invalid("prompt", "give one prompt (a string, or a list holding one string)")
+        prompt = req.prompt[0]
+    else:
+        prompt = req.prompt
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _invalid("prompt", f"the prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,}")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise _invalid("stop", "at most 4 stop strings")
+    return prompt, stops
+
+
+def _openai_chunker(name: str):
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(text: str, reason: str | None) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+
+    return chunk
+
+
+def _openai_finish(job) -> str:
+    return "stop" if job.finish_reason == "stop" else "length"
+
+
+def _openai_usage(job) -> dict:
+    n = len(job.token_ids)
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": n, "total_tokens": job.prompt_tokens + n}
+
+
+ERROR_RESPONSES = {429: {"description": "the queue is full (--max-queue): retry after Retry-After seconds"},
+                   503: {"description": "waited in the queue past --queue-timeout"},
+                   413: {"description": "request body too large"}}
+
+
+def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float = 60.0,
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0):
+    """The FastAPI app serving `model` (loaded from checkpoint `ck`): an Engine, the two routers, middleware."""
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
-    from tinystories.sampling import SamplingParams, prompt_ids
+    from tinystories.engine import Engine
 
     GenerateRequest, CompletionRequest = _schemas()
-    engine = Engine(model, ck, max_concurrent, timeout_s)
-    app = FastAPI(title="tinystories", version="1", summary=f"Story generation with {engine.name}",
-                  description=__doc__)
+    engine = Engine(model, ck.tokenizer, max_batch, max_queue, timeout_s, queue_timeout_s)
+    name = model_name(ck.path)
+    app = FastAPI(title="tinystories", version="1", summary=f"Story generation with {name}", description=__doc__)
     app.state.engine = engine
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -312,197 +388,37 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "authorization"], max_age=600)
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
-
-    n_params = model.num_params()
     info = {
-        "name": engine.name,
+        "name": name,
         "architecture": ck.cfg.model.model_dump(),
-        "parameters": n_params,
+        "parameters": model.num_params(),
         "non_embedding_parameters": model.num_params(non_embedding=True),
         "context": engine.context,
         "tokenizer": {"kind": ck.tokenizer.kind, "vocab_size": ck.tokenizer.vocab_size,
                       "file": ck.tokenizer.path.name},
         "step": ck.step,
         "val_bpb": _val_bpb(ck.state),
-        "metrics": ck.state.get("metrics"),
+        "metrics": _finite(ck.state.get("metrics")),
         "device": str(next(model.parameters()).device),
-        "limits": {"max_concurrent": max_concurrent, "timeout_s": timeout_s, "max_body_bytes": max_body_bytes,
+        "limits": {"max_concurrent": max_batch, "max_batch": max_batch, "max_queue": max_queue,
+                   "timeout_s": timeout_s, "queue_timeout_s": queue_timeout_s, "max_body_bytes": max_body_bytes,
                    "max_alternatives": MAX_ALTERNATIVES},
     }
-
-    def invalid(field_name: str, msg: str, value=None):
-        return RequestValidationError([{"type": "value_error", "loc": ("body", field_name), "msg": msg,
-                                        "input": value}])
-
-    def prepare(prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:
-        ids = prompt_ids(engine.tok, prompt)
-        if len(ids) >= engine.context:
-            raise invalid("prompt", f"the prompt is {len(ids)} tokens (with the start-of-story token); the model's "
-                          f"context is {engine.context}, so a prompt may have at most {engine.context - 1}")
-        if max_new_tokens > engine.context:
-            raise invalid(field_name, f"{field_name}={max_new_tokens} exceeds the model's context of "
-                          f"{engine.context} tokens", max_new_tokens)
-        return ids, min(max_new_tokens, engine.context - len(ids))  # prompt + output fit in the context
-
-    def busy(openai: bool):
-        msg = (f"the server is busy: {engine.max_concurrent} generation(s) running (--max-concurrent); "
-               f"retry in {RETRY_AFTER_S}s")
-        body = {"error": {"message": msg, "type": "rate_limit_error", "code": "busy"}} if openai else {"detail": msg}
-        return JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    def start(ids, params, top_alternatives, stop_strings, loop) -> tuple[Generation, asyncio.Queue, threading.Event]:
-        gen = Generation(prompt_tokens=len(ids), max_new_tokens=params.max_new_tokens)
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(ev):
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        threading.Thread(target=engine.run, args=(gen, ids, params, top_alternatives, stop_strings, cancel, emit),
-                         daemon=True, name="tinystories-generate").start()
-        return gen, queue, cancel
-
-    async def wait_done(request: Request, queue: asyncio.Queue, cancel: threading.Event) -> None:
-        """Drain the queue until the worker's end marker; cancel the worker if the client goes away
-        (or if this request handler itself is cancelled)."""
-        try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        cancel.set()
-                    continue
-                if ev is None:
-                    return
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-
-    # ------------------------------------------------------------------ routes
+    api = _Api(engine, info)
+    app.include_router(native_router(api, GenerateRequest))
+    app.include_router(openai_router(api, CompletionRequest))
 
     @app.get("/health", tags=["info"])
     async def health():
-        return {"status": "ok", "model": engine.name, "active": engine.active,
-                "max_concurrent": engine.max_concurrent, "served": engine.served}
+        return {"status": "ok", "model": name, "max_concurrent": max_batch, **engine.describe()}
 
     @app.get("/v1/model", tags=["info"])
     async def model_info():
-        return info
+        return {**info, "load": engine.describe()}
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
-                                            "owned_by": "tinystories"}]}
-
-    @app.post("/v1/generate", tags=["generate"], responses={429: {"description": "too many generations running"},
-                                                             413: {"description": "request body too large"}})
-    async def generate(req: GenerateRequest, request: Request):
-        """Continue `prompt`. JSON by default; with `stream`, server-sent events:
-        `event: token` (text piece, token id, alternatives when asked) ... then `event: done`
-        (finish_reason, token counts, timing)."""
-        ids, max_new = prepare(req.prompt, req.max_new_tokens, "max_new_tokens")
-        params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
-                                top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        if not engine.try_acquire():
-            return busy(False)
-        gen, queue, cancel = start(ids, params, req.top_alternatives, [s for s in req.stop if s],
-                                   asyncio.get_running_loop())
-
-        def final() -> dict:
-            out = {"finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-                   "completion_tokens": len(gen.token_ids), "max_new_tokens": max_new, "timing": gen.timing(),
-                   "model": engine.name}
-            if gen.error:
-                out["error"] = gen.error
-            return out
-
-        if not req.stream:
-            await wait_done(request, queue, cancel)
-            if gen.error:
-                return JSONResponse({"detail": f"generation failed: {gen.error}"}, status_code=500)
-            return {"text": gen.text, "prompt": req.prompt, "tokens": len(gen.token_ids), "token_ids": gen.token_ids,
-                    **final()}
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                yield _sse({"type": "start", "prompt_tokens": gen.prompt_tokens, "max_new_tokens": max_new,
-                            "model": engine.name}, "start")
-                while True:
-                    ev = await queue.get()
-                    if ev is None:
-                        break
-                    yield _sse(ev, "token")
-                yield _sse({"type": "done", **final()}, "error" if gen.error else "done")
-            finally:
-                cancel.set()  # the client went away (or we finished): stop at the next token
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/completions", tags=["openai"], responses={429: {"description": "too many generations running"}})
-    async def completions(req: CompletionRequest, request: Request):
-        """OpenAI-compatible text completion (`choices[0].text`, `usage`, streaming `data:` chunks and
-        `data: [DONE]`). `model` is only a label."""
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise invalid("prompt", "give one prompt (a string, or a list holding one string)")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise invalid("prompt", f"the prompt is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,}")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4:
-            raise invalid("stop", "at most 4 stop strings")
-        ids, max_new = prepare(prompt, req.max_tokens or 16, "max_tokens")
-        params = SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
-                                top_k=None, top_p=req.top_p, repetition_penalty=1.0, seed=req.seed)
-        if not engine.try_acquire():
-            return busy(True)
-        gen, queue, cancel = start(ids, params, 0, [s for s in stops if s], asyncio.get_running_loop())
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def finish_reason() -> str:
-            return "stop" if gen.finish_reason == "stop" else "length"
-
-        def usage() -> dict:
-            n = len(gen.token_ids)
-            return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n, "total_tokens": gen.prompt_tokens + n}
-
-        def chunk(text: str, reason: str | None) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
-
-        if not req.stream:
-            await wait_done(request, queue, cancel)
-            if gen.error:
-                return JSONResponse({"error": {"message": f"generation failed: {gen.error}", "type": "server_error"}},
-                                    status_code=500)
-            return {**chunk(gen.text, finish_reason()), "usage": usage()}
-
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                while True:
-                    ev = await queue.get()
-                    if ev is None:
-                        break
-                    if ev.get("text"):
-                        yield _sse(chunk(ev["text"], None))
-                if gen.error:
-                    yield _sse({"error": {"message": f"generation failed: {gen.error}", "type": "server_error"}})
-                else:
-                    yield _sse(chunk("", finish_reason()))
-                    if include_usage:
-                        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                                    "choices": [], "usage": usage()})
-                yield _sse("[DONE]")
-            finally:
-                cancel.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tinystories"}]}
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -510,6 +426,17 @@ def create_app(model, ck, max_concurrent: int = 4, timeout_s: float = 60.0, cors
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _finite(value):
+    """JSON-safe metrics: NaN and infinities (a run stopped before its first logged loss) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _val_bpb(state: dict) -> float | None:
@@ -528,22 +455,28 @@ def _val_bpb(state: dict) -> float | None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4,
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = DEFAULT_MAX_BATCH,
           timeout_s: float = 60.0, cors_origins: list[str] | None = None, device: str = "cpu",
-          log_level: str = "info", threads: int | None = None, compile_decoding: bool = True) -> None:
+          log_level: str = "info", threads: int | None = None, compile_decoding: bool = True,
+          max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0,
+          batch_flag: str = "--max-batch") -> None:
     try:
-        import uvicorn  # noqa: F401
         import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ModuleNotFoundError:
         raise UserError("the server needs FastAPI and uvicorn: pip install 'tinystories[serve]'") from None
     import uvicorn
 
     from tinystories.checkpoint import load_model
 
-    if max_concurrent < 1:
-        raise UserError(f"--max-concurrent {max_concurrent}: must be at least 1")
+    if max_batch < 1:
+        raise UserError(f"{batch_flag} {max_batch}: must be at least 1")
+    if max_queue < 0:
+        raise UserError(f"--max-queue {max_queue}: must be at least 0 (0 = no queue: 429 when every row is busy)")
     if timeout_s <= 0:
         raise UserError(f"--timeout {timeout_s}: must be positive (seconds)")
+    if queue_timeout_s <= 0:
+        raise UserError(f"--queue-timeout {queue_timeout_s}: must be positive (seconds)")
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: must be in 0..65535")
     for origin in cors_origins or []:
@@ -557,15 +490,20 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_concur
     import torch
 
     if threads or str(device).startswith("cpu"):
-        # one thread per generation: requests already run in parallel, and intra-op threads only contend
-        # (a 260K-parameter model decodes ~5x faster with 1 thread than with 2 on a 2-core machine)
+        # one torch thread for the decoding loop: the event loop (HTTP, server-sent events) needs the other core
         torch.set_num_threads(threads or 1)
-    model, ck = load_model(checkpoint, device)
-    if compile_decoding:  # before listening: no request waits on the compile
-        from tinystories.sampling import compile_decoding_now
+    from tinystories.device import pick_device
 
-        compile_decoding_now(model, ck.tokenizer.doc_start_id, lambda line: print(line, flush=True))
-    app = create_app(model, ck, max_concurrent, timeout_s, cors_origins)
+    model, ck = load_model(checkpoint, pick_device(device))
+    app = create_app(model, ck, max_batch, timeout_s, cors_origins, max_queue=max_queue,
+                     queue_timeout_s=queue_timeout_s)
+    if compile_decoding:  # before listening: no request waits on the compile
+        t0 = time.perf_counter()
+        print("compiling the decoding step (torch.compile)...", flush=True)
+        model.compile_decoding()
+        app.state.engine.warm_up()  # the batched step, for one row and for several
+        if model.decoding_is_compiled:  # else decode() printed why and stays eager
+            print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
           f"on http://{shown}:{port}/  (API schema: /openapi.json, docs: /docs)", flush=True)
@@ -630,8 +568,13 @@ def bind_sockets(host: str, port: int) -> list:
 
 
 def _cmd_serve(args) -> int:
-    serve(args.checkpoint, args.host, args.port, args.max_concurrent, args.timeout, args.cors_origin, args.device,
-          args.log_level, args.threads, args.compile)
+    if args.max_batch is not None and args.max_concurrent is not None and args.max_batch != args.max_concurrent:
+        raise UserError(f"--max-batch {args.max_batch} and --max-concurrent {args.max_concurrent}: --max-concurrent "
+                        "is the old name of --max-batch; give one of them")
+    flag = "--max-concurrent" if args.max_concurrent is not None else "--max-batch"
+    max_batch = next((v for v in (args.max_batch, args.max_concurrent) if v is not None), DEFAULT_MAX_BATCH)
+    serve(args.checkpoint, args.host, args.port, max_batch, args.timeout, args.cors_origin, args.device,
+          args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag)
     return 0
 
 
@@ -642,7 +585,7 @@ def register_cli(sub) -> None:
         sub, "serve", "Serve a checkpoint over HTTP: a JSON/streaming API, an OpenAI-compatible endpoint and a "
                       "browser playground.",
         "  tinystories serve --checkpoint runs/tiny            # then open http://127.0.0.1:8000/\n"
-        "  tinystories serve --checkpoint ck/ --port 8080 --max-concurrent 8 --timeout 30\n"
+        "  tinystories serve --checkpoint ck/ --port 8080 --max-batch 32 --max-queue 512 --timeout 30\n"
         "  tinystories serve --checkpoint ck/ --cors-origin http://localhost:3000\n"
         "  curl -N -X POST localhost:8000/v1/generate -H 'content-type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'\n",
@@ -651,14 +594,21 @@ def register_cli(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-concurrent", type=int, default=4,
-                   help="generations allowed at once; more get 429 with Retry-After (default: 4)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together, one batched forward per token; more wait in the queue "
+                        f"(default: {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-concurrent", type=int, default=None, help="the old name of --max-batch")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests waiting for a free row; beyond it, 429 with Retry-After (default: "
+                        f"{DEFAULT_MAX_QUEUE}; 0: no queue)")
+    p.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="seconds a request may wait in the queue before a 503 (default: 60)")
     p.add_argument("--timeout", type=float, default=60.0, help="time limit per generation in seconds (default: 60)")
     p.add_argument("--cors-origin", nargs="+", default=[], metavar="ORIGIN",
                    help="allow browser pages from these origins to call the API (default: none, CORS closed)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (default: 1 on CPU; generations run in parallel threads)")
+                   help="torch CPU threads of the decoding loop (default: 1 on CPU: the HTTP side needs a core)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the one-token decoding step at startup (torch.compile; a few seconds, falls back to "
                         "eager if it cannot): ~2x the tokens/s under load on CPU (default: on; --no-compile to skip)")

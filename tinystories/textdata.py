@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tinystories.atomic import write_text_atomic
 from tinystories.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -75,17 +78,6 @@ def _decode_error(path: Path, err: UnicodeDecodeError, offset: int = 0) -> UserE
     )
 
 
-def _read_text_lines(path: Path) -> Iterator[str]:
-    offset = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _decode_error(path, e, offset) from None
-            offset += len(raw)
-
-
 def _detect_text_mode(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(_PEEK)
@@ -100,26 +92,89 @@ def _detect_text_mode(path: Path) -> str:
     return "one-document"
 
 
-def _iter_text_documents(path: Path) -> Iterator[str]:
-    mode = _detect_text_mode(path)
+# A story boundary: in the official format a line that is `<|endoftext|>` (surrounding blanks allowed); in plain
+# text a blank line. Files are read in byte ranges that end just after a boundary, so a range holds whole stories.
+_BOUNDARY = {
+    "endoftext": re.compile(r"^[^\S\n]*" + re.escape(END_OF_TEXT) + r"[^\S\n]*$", re.M),
+    "blank-lines": re.compile(r"\n\s*\n"),
+}
+_BOUNDARY_BYTES = {
+    "endoftext": re.compile(rb"\n[ \t\r\f\v]*" + re.escape(END_OF_TEXT.encode()) + rb"[ \t\r\f\v]*(?:\n|$)"),
+    "blank-lines": re.compile(rb"\n[ \t\r\f\v]*\n"),
+    "jsonl": re.compile(rb"\n"),
+}
+UNIT_BYTES = 32 << 20  # text per unit of work (a cache shard): 32 MiB
+
+
+def file_mode(path: Path) -> str:
+    """How a file is read: "endoftext", "blank-lines", "one-document" (.txt), "json" or "jsonl"."""
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty (expected TinyStories text)")
+    if suffix == ".json":
+        return "json"
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix in (".txt", ".text", ""):
+        return _detect_text_mode(path)
+    raise UserError(f"{path}: unknown format '{suffix}' (expected .txt, .json or .jsonl)")
+
+
+def file_units(path: Path, unit_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) covering the file, each ending at a story boundary, about unit_bytes long.
+
+    Deterministic for a given file and unit size: the unit of work of the token cache (one shard per unit),
+    so that an interrupted build can be resumed unit by unit. JSON and one-document files are one unit."""
+    unit_bytes = unit_bytes or UNIT_BYTES
+    size = path.stat().st_size
+    pattern = _BOUNDARY_BYTES.get(file_mode(path))
+    if pattern is None:
+        return [(0, size)]
+    ranges, start = [], 0
+    with open(path, "rb") as f:
+        while size - start > unit_bytes:
+            pos, end = start + unit_bytes, None
+            while end is None:
+                base = max(pos - 64, start)
+                f.seek(base)
+                window = f.read(1 << 20)
+                m = pattern.search(window)
+                if m is not None:
+                    end = base + m.end()
+                elif base + len(window) >= size:
+                    break
+                else:
+                    pos = base + len(window)
+            if end is None or end >= size:
+                break
+            ranges.append((start, end))
+            start = end
+    ranges.append((start, size))
+    return ranges
+
+
+def _decode(path: Path, raw: bytes, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, e, offset) from None
+
+
+def unit_documents(path: Path, start: int = 0, end: int | None = None, mode: str | None = None) -> list[str]:
+    """The stories in bytes [start, end) of a file (a range from `file_units`), stripped, empty ones dropped."""
+    mode = mode or file_mode(path)
+    if mode == "json":
+        return list(_iter_json_documents(path))
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read((end if end is not None else path.stat().st_size) - start)
+    text = _decode(path, raw, start)
+    if mode == "jsonl":
+        return list(_jsonl_documents(path, text, start))
     if mode == "one-document":
-        text = "".join(_read_text_lines(path)).strip()
-        if text:
-            yield text
-        return
-    buf: list[str] = []
-    for line in _read_text_lines(path):
-        boundary = line.strip() == END_OF_TEXT if mode == "endoftext" else not line.strip()
-        if boundary:
-            doc = "".join(buf).strip()
-            if doc:
-                yield doc
-            buf = []
-        else:
-            buf.append(line)
-    doc = "".join(buf).strip()
-    if doc:
-        yield doc
+        text = text.strip()
+        return [text] if text else []
+    return [d for d in (p.strip() for p in _BOUNDARY[mode].split(text)) if d]
 
 
 def _story_of(obj, path: Path, where: str) -> str:
@@ -149,31 +204,24 @@ def _iter_json_documents(path: Path) -> Iterator[str]:
             yield story
 
 
-def _iter_jsonl_documents(path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(_read_text_lines(path), 1):
+def _jsonl_documents(path: Path, text: str, offset: int) -> Iterator[str]:
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        where = f"line {i}" if offset == 0 else f"line {i} after byte {offset}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-        story = _story_of(obj, path, f"line {lineno}").strip()
+            raise UserError(f"{path}: {where} is not valid JSON ({e.msg})") from None
+        story = _story_of(obj, path, where).strip()
         if story:
             yield story
 
 
 def iter_file_documents(path: Path) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty (expected TinyStories text)")
-    if suffix == ".json":
-        yield from _iter_json_documents(path)
-    elif suffix == ".jsonl":
-        yield from _iter_jsonl_documents(path)
-    elif suffix in (".txt", ".text", ""):
-        yield from _iter_text_documents(path)
-    else:
-        raise UserError(f"{path}: unknown format '{suffix}' (expected .txt, .json or .jsonl)")
+    mode = file_mode(path)
+    for start, end in file_units(path):
+        yield from unit_documents(path, start, end, mode)
 
 
 def iter_documents(files: list[Path], max_docs: int | None = None) -> Iterator[str]:
@@ -196,7 +244,7 @@ def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
 # ---------------------------------------------------------------------------------------------- download
 
 
-def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: str | None = None) -> Path:
+def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: str | None = None, log=print) -> Path:
     """Put raw TinyStories text in data_dir/raw: download from the Hub, or link local files with `source`."""
     raw_dir = Path(data_dir) / "raw"
     try:
@@ -215,28 +263,111 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
         return raw_dir
     if version not in HUB_FILES:
         raise UserError(f"--version {version!r}: expected one of {', '.join(HUB_FILES)}")
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # one message of ours instead of the library's retry log
     offline = (f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {HUB_REPO}: work offline with "
                f"local files, e.g. `tinystories data fetch --from ../shared/data/tinystories`")
-    if not all((raw_dir / n).is_file() for n in HUB_FILES[version]) and not _reachable(constants.ENDPOINT):
+    missing = [n for n in HUB_FILES[version] if not (raw_dir / n).is_file()]
+    if not missing:
+        return raw_dir
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"HF_HUB_OFFLINE is set, so {HUB_REPO} cannot be downloaded: unset it, or use local "
+                        f"files, e.g. `tinystories data fetch --from ../shared/data/tinystories`")
+    if not _reachable(constants.ENDPOINT):
         raise UserError(offline)
-    for name in HUB_FILES[version]:
-        try:
-            hf_hub_download(HUB_REPO, name, repo_type="dataset", local_dir=raw_dir)
-        except (LocalEntryNotFoundError, OSError) as e:
-            if isinstance(e, HfHubHTTPError):
-                raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
-            if constants.HF_HUB_OFFLINE:
-                raise UserError(f"HF_HUB_OFFLINE is set, so {HUB_REPO} cannot be downloaded: unset it, or use local "
-                                f"files, e.g. `tinystories data fetch --from ../shared/data/tinystories`") from None
-            raise UserError(offline) from None
-        except HfHubHTTPError as e:
-            raise UserError(f"download of {HUB_REPO}/{name} failed ({str(e).splitlines()[0]})") from None
+    try:
+        metas = {name: _hub_metadata(name) for name in missing}
+        left = {name: max((m.size or 0) - _part_size(raw_dir, name, m.etag), 0) for name, m in metas.items()}
+        need, free = sum(left.values()), shutil.disk_usage(raw_dir).free
+        if need + DISK_MARGIN > free:
+            raise UserError(f"{raw_dir}: downloading {', '.join(missing)} needs {(need + DISK_MARGIN) / 1e9:.2f} GB "
+                            f"of free disk ({need / 1e9:.2f} GB of files + {DISK_MARGIN / 1e9:.1f} GB margin), "
+                            f"{free / 1e9:.2f} GB free: free some space or pass --data-dir on another disk")
+        for name in missing:
+            have = (metas[name].size or 0) - left[name]
+            log(f"downloading {HUB_REPO}/{name}: {(metas[name].size or 0) / 1e6:,.1f} MB"
+                + (f" (resuming at {have / 1e6:,.1f} MB)" if have else "") + f" -> {raw_dir / name}")
+            _download(metas[name], raw_dir, name)
+    except HfHubHTTPError as e:
+        raise UserError(f"download of {HUB_REPO} failed ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise UserError(f"{offline} ({type(e).__name__})") from None
+    except Exception as e:  # the HTTP client's connection errors (not OSError subclasses)
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):
+            raise UserError(f"{offline}; what was downloaded is kept and a rerun resumes it "
+                            f"({type(e).__name__})") from None
+        raise
     return raw_dir
+
+
+DISK_MARGIN = 100_000_000  # free space kept beyond the download itself
+
+
+def _hub_metadata(name: str):
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    return get_hf_file_metadata(hf_hub_url(HUB_REPO, name, repo_type="dataset"))
+
+
+def _part_paths(raw_dir: Path, name: str) -> tuple[Path, Path]:
+    return raw_dir / f".{name}.part", raw_dir / f".{name}.part.json"
+
+
+def _part_size(raw_dir: Path, name: str, etag: str | None) -> int:
+    """Bytes of `name` already downloaded by an earlier, interrupted fetch of the same version (etag)."""
+    part, info = _part_paths(raw_dir, name)
+    try:
+        same = json.loads(info.read_text()).get("etag") == etag
+    except (OSError, json.JSONDecodeError):
+        same = False
+    if not same or not part.is_file():
+        part.unlink(missing_ok=True)
+        return 0
+    return part.stat().st_size
+
+
+def _download(meta, raw_dir: Path, name: str) -> None:
+    """Download into .NAME.part, resuming where an earlier run stopped (HTTP Range), then check and rename.
+
+    huggingface_hub's http_get does the ranged GET, its retries on a dropped connection and the progress bar
+    (MB/s, ETA); hf_hub_download itself restarts from zero after an interrupted process, hence this."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    part, info = _part_paths(raw_dir, name)
+    have = _part_size(raw_dir, name, meta.etag)
+    write_text_atomic(info, json.dumps({"etag": meta.etag, "size": meta.size}))
+    headers = build_hf_headers()
+    if urlparse(meta.location).hostname != urlparse(constants.ENDPOINT).hostname:
+        headers.pop("authorization", None)  # a signed CDN address: no token
+    if not meta.size or have < meta.size:
+        with open(part, "ab") as f:
+            http_get(meta.location, f, resume_size=have, headers=headers, expected_size=meta.size,
+                     displayed_filename=name)
+    size = part.stat().st_size
+    etag = (meta.etag or "").strip('"')
+    if meta.size is not None and size != meta.size:
+        part.unlink()
+        raise UserError(f"{name}: downloaded {size:,} bytes, expected {meta.size:,}; "
+                        f"run `tinystories data fetch` again")
+    if re.fullmatch(r"[0-9a-f]{64}", etag):  # an LFS file: its ETag is the file's sha256
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != etag:
+            part.unlink()
+            raise UserError(f"{name}: checksum mismatch (sha256 {h.hexdigest()[:12]}, expected {etag[:12]}); the "
+                            f"partial download was removed: run `tinystories data fetch` again")
+    os.replace(part, raw_dir / name)
+    info.unlink(missing_ok=True)
 
 
 def _reachable(url: str, timeout: float = 5.0) -> bool:

@@ -9,13 +9,13 @@ previous one. SentencePiece models follow llama2.c: BOS before every story, gene
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from tinystories.atomic import copy_file_atomic, write_text_atomic
 from tinystories.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -173,8 +173,10 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     return SentencePieceTokenizer(f)
 
 
-def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int | None = None) -> Path:
-    """Train a byte-level BPE on `docs` and write out_dir/tokenizer.json atomically."""
+def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int | None = None,
+              sample: dict | None = None) -> Path:
+    """Train a byte-level BPE on `docs` and write out_dir/tokenizer.json atomically, and beside it what it was
+    trained on (SAMPLE_FILE: stories, bytes, and the `sample` fields given, e.g. source and max_stories)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < BYTE_ALPHABET + 1:
@@ -196,19 +198,41 @@ def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int |
     if counted.n == 0:
         raise UserError("no text to train the tokenizer on (the input has no stories)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".tokenizer.json.tmp"
-    tok.save(str(tmp))
-    tmp.replace(out_dir / "tokenizer.json")
+    sample = {"stories": counted.n, "bytes": counted.bytes} | (sample or {})
+    write_text_atomic(out_dir / SAMPLE_FILE, json.dumps(sample, indent=2))
+    write_text_atomic(out_dir / "tokenizer.json", tok.to_str(pretty=True))  # what tok.save writes
     return out_dir / "tokenizer.json"
+
+
+SAMPLE_FILE = "training-sample.json"  # beside tokenizer.json: the stories it was trained on
+
+
+def training_sample(tok: TextTokenizer) -> dict | None:
+    """What a tokenizer trained by `train_bpe` was trained on ({"stories", "bytes", ...}), when recorded."""
+    f = tok.path.parent / SAMPLE_FILE
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def describe_sample(sample: dict | None) -> str:
+    if not sample:
+        return "not recorded"
+    limit = sample.get("max_stories")
+    how = (f"the first {sample['stories']:,} stories" if limit and sample["stories"] >= limit
+           else f"all {sample['stories']:,} stories")
+    return f"{how} ({sample['bytes'] / 1e6:,.1f} MB)" + (f" of {sample['source']}" if sample.get("source") else "")
 
 
 class _Counter:
     def __init__(self, it: Iterable[str]):
-        self.it, self.n = it, 0
+        self.it, self.n, self.bytes = it, 0, 0
 
     def __iter__(self) -> Iterator[str]:
         for x in self.it:
             self.n += 1
+            self.bytes += len(x.encode("utf-8"))
             yield x
 
 
@@ -219,11 +243,7 @@ def tokenizer_file_name(tok: TextTokenizer) -> str:
 
 def copy_tokenizer(tok: TextTokenizer, dest_dir: Path) -> Path:
     """Copy the tokenizer file into dest_dir (atomically: a reader never sees half a file)."""
-    dest = dest_dir / tokenizer_file_name(tok)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(tok.path, tmp)
-    os.replace(tmp, dest)
-    return dest
+    return copy_file_atomic(tok.path, dest_dir / tokenizer_file_name(tok))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -254,6 +274,7 @@ def report(tok: TextTokenizer, docs: list[str]) -> dict:
         "tokenizer": str(tok.path),
         "kind": tok.kind,
         "vocab_size": tok.vocab_size,
+        "trained_on": describe_sample(training_sample(tok)) if tok.kind == "bpe" else "not recorded",
         "stories": len(docs),
         "tokens": total,
         "bytes": n_bytes,
@@ -269,6 +290,7 @@ def format_report(rep: dict) -> str:
     lines = [
         f"tokenizer        {rep['tokenizer']} ({rep['kind']})",
         f"vocab size       {rep['vocab_size']:,}",
+        f"trained on       {rep['trained_on']}",
         f"held-out text    {rep['stories']:,} stories, {rep['bytes']:,} bytes, {rep['tokens']:,} tokens",
         f"bytes per token  {rep['bytes_per_token']:.2f}",
         f"unused entries   {rep['unused_vocab']:,} of {rep['vocab_size']:,} ({rep['unused_vocab_share']:.1%}) never occur in this text",

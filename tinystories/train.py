@@ -2,9 +2,18 @@
 
 Packed windows of context+1 tokens are drawn at random offsets from the memory-mapped cache (no padding);
 the offsets of step s, micro-step m on rank r come from a generator seeded with (seed, s, m, r), so a resumed
-run draws exactly the windows the uninterrupted run would have. AdamW (decay on >= 2-dim weights only, fused
-where supported), linear warmup then one cosine decay to min_lr, gradient accumulation and clipping, bf16
-autocast where the hardware has it, optional torch.compile, DDP under torchrun.
+run draws exactly the windows the uninterrupted run would have. AdamW, or Muon for the blocks' matrices (optim.py),
+linear warmup then a cosine (or linear, or warmup-stable-decay) decay to min_lr, gradient accumulation and clipping,
+the device policy's autocast (bf16 where the hardware has it; float16 with a GradScaler), optional torch.compile,
+DDP under torchrun.
+
+The parts, in the order a run uses them:
+    setup()          -> Run         device, data, model, batch geometry, optimizer, compile/DDP wrapping
+    TrainState                      what a checkpoint's state.json records and a resume reads back
+    RunLength                       total steps, the time budget's provisional length, the learning rate
+    train_step()                    micro-batches, accumulation, clipping, the optimizer step
+    Trainer.evaluate_and_save()     every evaluation (the last one too): log, sample, checkpoint, early stop
+    Trainer.fit()                   the loop
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,99 +35,37 @@ import torch.distributed as dist
 
 from tinystories.cache import TokenCache
 from tinystories.checkpoint import (
-    WEIGHTS, Checkpoint, architecture_diff, load_trainer_state, load_weights, read_checkpoint, resolve_checkpoint,
+    WEIGHTS,
+    Checkpoint,
+    check_compatible,
+    load_trainer_state,
+    load_weights,
+    read_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
-from tinystories.config import RunConfig, load_config, save_config
+from tinystories.config import RunConfig, format_validation_error, load_config, parse_scalar, save_config, set_items
+from tinystories.device import (  # noqa: F401 (PEAK_BF16_FLOPS, cpu_has_bf16, peak_flops: also imported from here)
+    PEAK_BF16_FLOPS,
+    DevicePolicy,
+    Dist,
+    autocast_ctx,
+    choose_policy,
+    cpu_has_bf16,
+    detect_caps,
+    init_distributed,
+    peak_flops,
+    pick_device,
+    pick_dtype,
+)
 from tinystories.errors import UserError
 from tinystories.model import Transformer
+from tinystories.optim import apply_schedule, make_optimizer, zero_init_residual_projections
 from tinystories.tokenizer import TextTokenizer, copy_tokenizer, tokenizer_file_name
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
-                   "5090": 209e12, "3090": 71e12, "V100": 125e12, "L40": 181e12}
 
-
-# ---------------------------------------------------------------------------------------------- hardware
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device_pref: str) -> Dist:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, local_rank, world)
-
-
-def pick_device(pref: str, d: Dist) -> torch.device:
-    if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", d.local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {pref!r}: no CUDA GPU is available here (use auto or cpu)")
-    if pref == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("device 'mps': Apple's Metal backend is not available here (use auto or cpu)")
-    if pref == "cuda":
-        return torch.device("cuda", d.local_rank)
-    try:
-        return torch.device(pref)
-    except RuntimeError:
-        raise UserError(f"device {pref!r}: not a torch device (use auto, cpu, cuda, cuda:1 or mps)") from None
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_dtype(pref: str, device: torch.device) -> torch.dtype:
-    if pref == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_bf16():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[pref]
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32 or device.type == "mps":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+def _quiet(*args, **kwargs) -> None:
+    """The log of a rank other than 0 (only rank 0 prints)."""
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -131,7 +79,8 @@ class WindowSampler:
         split = cache.split("train")
         self.shards = [s for s in split.shards if len(s) > seq_len + 1]
         if not self.shards:
-            raise UserError(f"{cache.path}: the training split has fewer than {seq_len + 2} tokens; use more text or a shorter context")
+            raise UserError(f"{cache.path}: the training split has fewer than {seq_len + 2} tokens; use more text or "
+                            f"a shorter context")
         sizes = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
         self.shard_p = sizes / sizes.sum()
         self.seq_len, self.batch, self.seed, self.rank, self.device = seq_len, batch, seed, rank, device
@@ -143,7 +92,8 @@ class WindowSampler:
         # windows of micro-step m * world + r of a single process with world x the accumulation (same data;
         # a single process draws exactly what it drew before, (seed, step, micro, 0))
         rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
-        shard_idx = rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1 else np.zeros(self.batch, int)
+        shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
+                     else np.zeros(self.batch, int))
         rows = []
         for si in shard_idx:
             shard = self.shards[si]
@@ -178,6 +128,9 @@ def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) ->
 
 
 PROVISIONAL_TOTAL = 10**9  # the run length while a time budget is still measuring the step time (warmup only)
+BUDGET_MEASURE_STEPS = 10  # a time budget fixes the run length after this many steps (or at its deadline)
+BUDGET_MARGIN = 1.08  # the measured step time is stretched by this much when the budget is turned into steps
+BUDGET_GRACE_S = 5  # a run still going this long after its deadline (a slow machine) finishes at once
 
 
 def effective_warmup(warmup_steps: int, total_steps: int) -> int:
@@ -186,8 +139,9 @@ def effective_warmup(warmup_steps: int, total_steps: int) -> int:
 
 
 def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then one cosine decay from lr to min_lr at
-    total_steps. The one schedule: the trainer sets it and `doctor` checks logged rates against it."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then one decay from lr to min_lr at
+    total_steps (train.lr_schedule: cosine; linear; wsd = constant, then linear over the last cooldown_frac of
+    the run). The one schedule: the trainer sets it and `doctor` checks logged rates against it."""
     t = cfg.train
     warm = effective_warmup(t.warmup_steps, total_steps)
     if step < warm:
@@ -195,15 +149,164 @@ def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
     if step >= total_steps:
         return t.min_lr
     progress = (step - warm) / max(total_steps - warm, 1)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "cosine":
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "wsd":
+        progress = max(0.0, 1 - (1 - progress) / t.cooldown_frac)
+    return t.lr - (t.lr - t.min_lr) * progress
 
 
-def make_optimizer(model: Transformer, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
+def require_run_length(cfg: RunConfig) -> None:
+    t = cfg.train
+    if not (t.max_steps or t.max_tokens or t.epochs or t.max_minutes):
+        raise UserError("set the run length: --set train.max_steps=N (or train.max_tokens, train.epochs, "
+                        "train.max_minutes)")
+
+
+def configured_steps(cfg: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
+    """The run length the config sets in steps (max_steps > max_tokens > epochs), or None for a time budget."""
+    require_run_length(cfg)
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    if t.max_tokens:
+        return max(1, math.ceil(t.max_tokens / tokens_per_step))
+    if t.epochs:
+        return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
+    return None  # train.max_minutes: the length is measured during the first steps
+
+
+@dataclass
+class RunLength:
+    """The run's length in optimizer steps, and so its learning-rate schedule.
+
+    A length in steps, tokens or epochs is known from the start. A time budget (train.max_minutes) is provisional
+    (PROVISIONAL_TOTAL: a warmup-only schedule) until BUDGET_MEASURE_STEPS steps have measured the step time (or the
+    deadline has passed); it is then fixed early, so that a budget shorter than the configured warmup still gets a
+    short warmup and a full decay. A resumed run keeps the length its budget fixed; a resumed run given a new
+    max_steps (tokens, epochs) stretches the cosine to it. Under DDP `now` is rank 0's clock and `sync` makes
+    rank 0's decision everyone's, so that every rank runs the same number of steps."""
+
+    cfg: RunConfig
+    total: int
+    start_step: int = 0
+    deadline: float | None = None  # time.time() at which a time budget ends
+    provisional: bool = False
+    t_start: float = field(default_factory=time.time)
+    measured_steps: int = 0
+    measured_time: float = 0.0
+
+    @classmethod
+    def plan(cls, cfg: RunConfig, tokens_per_step: int, train_tokens: int, saved: TrainState | None = None,
+             now: float | None = None, sync: Callable[[float], float] = float) -> RunLength:
+        saved = saved or TrainState()
+        now = time.time() if now is None else now
+        total = configured_steps(cfg, tokens_per_step, train_tokens)
+        if total is None and saved.total_steps:
+            total = saved.total_steps  # a resumed time-budget run: the length its budget fixed
+        deadline = None
+        if cfg.train.max_minutes and total is None:
+            deadline = sync(now + (saved.deadline_left_s or cfg.train.max_minutes * 60))
+        if total is None:
+            return cls(cfg, max(saved.step + 1, PROVISIONAL_TOTAL), saved.step, deadline, True, now)
+        return cls(cfg, total, saved.step, deadline, False, now)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.cfg, self.total)
+
+    @property
+    def logged_total(self) -> int | None:
+        """The length the schedule is set for, None while provisional (as metrics.jsonl and state.json record it)."""
+        return None if self.provisional else self.total
+
+    def record_step_time(self, step: int, seconds: float) -> None:
+        """The time of the step that ended at `step`; the first steps (allocation, compilation) are not counted."""
+        if step - self.start_step > 2:
+            self.measured_steps += 1
+            self.measured_time += seconds
+
+    def fix_budget(self, step: int, now: float, sync: Callable[[float], float] = float) -> str | None:
+        """After step `step`: fix a provisional length once it has been measured; returns the line to log then."""
+        if not (self.provisional and (step >= self.start_step + BUDGET_MEASURE_STEPS or now > self.deadline)):
+            return None
+        per_step = (self.measured_time / self.measured_steps if self.measured_steps
+                    else (time.time() - self.t_start) / max(step - self.start_step, 1))
+        total = max(step + 1, step + int((self.deadline - now) / (per_step * BUDGET_MARGIN)))
+        self.total = int(sync(total))
+        self.provisional = False
+        return (f"time budget: {self.cfg.train.max_minutes:g} min -> {self.total} steps "
+                f"({per_step * 1000:.0f} ms/step, evaluation included)")
+
+    def stop_if_over_budget(self, step: int, now: float) -> None:
+        if self.deadline and now > self.deadline + BUDGET_GRACE_S:
+            self.total = step  # over budget (a slow machine): finish now
+
+    def deadline_left(self) -> float | None:
+        return (self.deadline - time.time()) if self.deadline else None
+
+    def seconds_left(self, step: int, now: float, tokens_per_s: float, tokens_per_step: int) -> float:
+        if self.provisional and self.deadline:
+            return self.deadline - now
+        return (self.total - step) * tokens_per_step / max(tokens_per_s, 1e-9)
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records about the run's progress (state.json) and a resumed run reads back."""
+
+    step: int = 0
+    total_steps: int | None = None  # the run length when the checkpoint was saved; None: a budget still measuring
+    metrics: dict = field(default_factory=dict)  # of the last evaluation
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    deadline_left_s: float | None = None  # what is left of a time budget
+    init_from: str | None = None  # the checkpoint a fine-tuning run started from
+
+    def record_eval(self, val_loss: float, count_miss: bool = True) -> bool:
+        """A new validation loss: True when it is the best so far. A periodic evaluation that is not counts toward
+        early stopping; the final one does not (`count_miss` False)."""
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.evals_without_improvement = val_loss, 0
+        elif count_miss:
+            self.evals_without_improvement += 1
+        return improved
+
+    def early_stop(self, patience: int | None) -> str | None:
+        """The reason to stop, when `patience` evaluations in a row have not improved."""
+        if patience and self.evals_without_improvement >= patience:
+            return f"early stop: no val improvement in {self.evals_without_improvement} evaluations"
+        return None
+
+    def to_dict(self, facts: dict | None = None) -> dict:
+        """state.json: these fields, with `facts` about the run beside them for readers (tokens, epoch, cache_dir,
+        global_batch, world_size, n_params; from_dict does not read them back: they follow from the run)."""
+        facts = facts or {}
+        out = {"step": self.step, "tokens": facts.get("tokens"), "epoch": facts.get("epoch"),
+               "total_steps": self.total_steps, "cache_dir": facts.get("cache_dir"), "metrics": self.metrics,
+               "best_val_loss": self.best_val_loss, "evals_without_improvement": self.evals_without_improvement,
+               "global_batch": facts.get("global_batch"), "world_size": facts.get("world_size"),
+               "n_params": facts.get("n_params"), "deadline_left_s": self.deadline_left_s}
+        if self.init_from:
+            out["init_from"] = self.init_from
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        """From a state.json, of this version or an older one (a missing key takes its default)."""
+        return cls(step=int(d.get("step", 0)), total_steps=d.get("total_steps"), metrics=d.get("metrics") or {},
+                   best_val_loss=d.get("best_val_loss", math.inf),
+                   evals_without_improvement=d.get("evals_without_improvement", 0),
+                   deadline_left_s=d.get("deadline_left_s"), init_from=d.get("init_from"))
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+# make_optimizer (optim.py) builds the optimizer train.optimizer names; apply_schedule sets its rates each step.
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -290,53 +393,484 @@ class Reporter:
             self.wandb.finish()
 
 
-# ------------------------------------------------------------------------------------------------- train
+# ------------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """Everything a run trains with, built once by setup()."""
+
+    cfg: RunConfig
+    d: Dist
+    device: torch.device
+    dtype: torch.dtype
+    tok: TextTokenizer
+    cache: TokenCache
+    raw_model: Transformer  # the model itself: evaluated, sampled, saved
+    model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    policy: DevicePolicy
+    sampler: WindowSampler
+    val_stream: np.ndarray
+    val_bytes: int
+    log: Callable[..., None] = print
+
+    def __post_init__(self) -> None:
+        t = self.cfg.train
+        self.dir = Path(self.cfg.out_dir)
+        self.global_batch = t.batch_size * t.grad_accum * self.d.world
+        self.tokens_per_step = self.global_batch * self.cfg.model.max_seq_len
+        self.train_tokens = self.cache.manifest["splits"]["train"]["tokens"]
+        self.amp = autocast_ctx(self.device, self.dtype)
+        self.scaler = self.policy.make_grad_scaler()  # float16: loss scaling; otherwise a pass-through
+        self.skipped_steps = 0  # optimizer steps the scaler skipped (inf/NaN gradients at the current scale)
+        self.skipped_in_a_row = 0
+        self.peak = peak_flops(self.device, self.dtype)
+        self.flops_per_token = self.raw_model.flops_per_token()
+        self.n_params = self.raw_model.num_params()
+
+    def from_rank0(self, value: float) -> float:
+        """DDP: rank 0's value on every rank (so that every rank runs the same number of steps)."""
+        if not self.d.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t)
+
+    def position(self, step: int) -> dict:
+        return {"tokens": step * self.tokens_per_step, "epoch": step * self.tokens_per_step / self.train_tokens}
+
+    def facts(self, step: int) -> dict:
+        """What a checkpoint's state.json says about the run beside its TrainState."""
+        return {**self.position(step), "cache_dir": str(self.cache.path.resolve()), "global_batch": self.global_batch,
+                "world_size": self.d.world, "n_params": self.n_params}
+
+    def trainer_state(self) -> dict:
+        """trainer.pt: the optimizer's state, the loss scaler's (float16) and the RNGs."""
+        ts = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+        if self.scaler.is_enabled():
+            ts["scaler"] = {**self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        if self.device.type == "cuda":
+            ts["cuda_rng"] = torch.cuda.get_rng_state()
+        return ts
+
+    def load_trainer_state(self, ts: dict) -> None:
+        self.optimizer.load_state_dict(ts["optimizer"])
+        if self.scaler.is_enabled() and "scaler" in ts:
+            self.skipped_steps = ts["scaler"].pop("skipped_steps", 0)
+            self.scaler.load_state_dict(ts["scaler"])
+        torch.set_rng_state(ts["cpu_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in ts:
+            torch.cuda.set_rng_state(ts["cuda_rng"])
+
+    def fall_back_to_eager(self, error: Exception) -> None:
+        """torch.compile failed on the first call (e.g. no C++ compiler): train the model uncompiled."""
+        self.log(f"warning: torch.compile failed ({str(error).strip().splitlines()[0][:120]}); training without it")
+        self.model = wrap_model(self.raw_model, self.d, self.device, compile=False)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def wrap_model(model: Transformer, d: Dist, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The model the training steps run: compiled (torch.compile) and/or wrapped in DDP under torchrun."""
+    if compile:
+        model = torch.compile(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    return model
+
+
+def load_run_data(cfg: RunConfig, d: Dist, log) -> tuple[TextTokenizer, TokenCache]:
+    """The run's tokenizer and token cache: rank 0 builds what is missing, the others wait and then find it cached.
+    Fills model.vocab_size from the tokenizer (0 = follow it)."""
+    from tinystories.prepare import ensure_run_data
+
+    if d.main:
+        tok, cache = ensure_run_data(cfg, log)
+    if d.enabled:
+        dist.barrier()
+    if not d.main:
+        tok, cache = ensure_run_data(cfg, _quiet)
+    cache.check_tokenizer(tok)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size != tok.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer {tok.path} has {tok.vocab_size} "
+                        f"tokens (set 0 to follow the tokenizer)")
+    return tok, cache
+
+
+def find_micro_batch(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype) -> int:
+    """The largest micro-batch whose estimated peak memory (memory.py) fits on this GPU and divides the sequences
+    each process trains per step, so that accumulation keeps the global batch; the configured one elsewhere."""
+    from tinystories.memory import cuda_budget, pick_micro_batch
+
+    t = cfg.train
+    if device.type != "cuda":
+        return t.batch_size
+    per_process = t.global_batch // d.world if t.global_batch else t.batch_size * t.grad_accum
+    b, _ = pick_micro_batch(cfg.model, per_process, cuda_budget(device), dtype, optimizer=t.optimizer,
+                            ddp=d.enabled)
+    return b
+
+
+def set_batch_geometry(cfg: RunConfig, model: Transformer, d: Dist, device: torch.device, dtype: torch.dtype,
+                       micro_batch: str | None, log) -> None:
+    """train.batch_size (the micro-batch: --micro-batch N, or auto: the largest that fits) and train.grad_accum
+    (from train.global_batch when it is set)."""
+    t = cfg.train
+    if micro_batch is None and device.type == "cuda":
+        micro_batch = "auto"  # on a GPU the micro-batch follows its memory; the global batch stays the config's
+    if micro_batch == "auto" and device.type == "cuda":
+        per_step = t.global_batch or t.batch_size * t.grad_accum * d.world
+        t.batch_size = find_micro_batch(cfg, d, device, dtype)
+        if not t.global_batch:
+            t.global_batch = per_step
+        log(f"--micro-batch auto: {t.batch_size} sequences fit (memory estimate), accumulation keeps "
+            f"{per_step} sequences per step")
+    elif micro_batch:
+        t.batch_size = int(micro_batch)
+    if t.global_batch:
+        per = t.batch_size * d.world
+        if t.global_batch % per and micro_batch == "auto":
+            while t.batch_size > 1 and t.global_batch % (t.batch_size * d.world):
+                t.batch_size //= 2
+            per = t.batch_size * d.world
+        if t.global_batch % per:
+            raise UserError(f"train.global_batch={t.global_batch} is not a multiple of micro-batch x processes = {per}")
+        t.grad_accum = t.global_batch // per
+
+
+def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None = None,
+          micro_batch: str | None = None) -> tuple[Run, TrainState]:
+    """Build a run: device, data, model (fresh, resumed or --init-from), batch geometry, optimizer, compile/DDP.
+    Returns it with the state to continue from (a fresh TrainState for a new run)."""
+    require_run_length(cfg)
+    run_dir = Path(cfg.out_dir)
+    log = print if d.main else _quiet
+    device = pick_device(cfg.train.device, d)
+    policy = choose_policy(detect_caps(device), cfg.train)
+    dtype = policy.dtype
+    policy.apply()
+    tok, cache = load_run_data(cfg, d, log)
+
+    state, trainer_state = TrainState(), None
+    if resume:
+        ck = read_checkpoint(run_dir, prefer="latest")
+        check_compatible(ck, cfg, tok, resume=True, where=run_dir)
+        trainer_state, state = load_trainer_state(ck.path), TrainState.from_dict(ck.state)
+    torch.manual_seed(cfg.train.seed + d.rank)
+    model = Transformer(cfg.model)
+    if resume:
+        load_weights(model, ck.path)
+    elif init_from:
+        src = read_checkpoint(init_from)
+        check_compatible(src, cfg, tok, resume=False, where=init_from)
+        load_weights(model, src.path)
+        state.init_from = str(src.path)
+        log(f"initialised from {src.path} (step {src.step}; architecture and tokenizer from the checkpoint)")
+    model.to(device)
+    m = cfg.model
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"without embeddings), {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), "
+        f"context {m.max_seq_len}, vocab {m.vocab_size}")
+
+    set_batch_geometry(cfg, model, d, device, dtype, micro_batch, log)
+    t = cfg.train
+    if t.zero_init_residual and not (resume or init_from):
+        zero_init_residual_projections(model)
+    global_batch = t.batch_size * t.grad_accum * d.world
+    log(f"batch: {t.batch_size} x {t.grad_accum} accumulation x {d.world} process(es) = {global_batch} sequences = "
+        f"{global_batch * m.max_seq_len:,} tokens per step; device {device}, {str(dtype).removeprefix('torch.')}"
+        f"{', compiled' if policy.compile else ''}")
+    log(policy.describe())
+    optimizer = make_optimizer(model, t, device)
+    wrapped = wrap_model(model, d, device, policy.compile)
+    if trainer_state is not None:
+        log(f"resumed from {ck.path} at step {state.step}")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    sampler = WindowSampler(cache, m.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world)
+    val_stream, val_bytes = validation_subset(cache, tok, t.eval_tokens)
+    run = Run(cfg, d, device, dtype, tok, cache, model, wrapped, optimizer, policy, sampler, val_stream, val_bytes,
+              log)
+    if trainer_state is not None:
+        run.load_trainer_state(trainer_state)  # the optimizer's state and the RNGs, last
+    return run, state
+
+
+# -------------------------------------------------------------------------------------------------- step
 
 
 class NonFiniteLoss(Exception):
     pass
 
 
-def _total_steps(cfg: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
-    _require_run_length(cfg)
-    t = cfg.train
-    if t.max_steps:
-        return t.max_steps
-    if t.max_tokens:
-        return max(1, math.ceil(t.max_tokens / tokens_per_step))
-    if t.epochs:
-        return max(1, math.ceil(t.epochs * train_tokens / tokens_per_step))
-    return None  # train.max_minutes: the length is measured during the first steps
+class LossMeter:
+    """The train loss between two log lines, summed on the device (no host sync per step), and the first step
+    whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sum = torch.zeros((), device=device)
+        self.n = 0
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+        self.n += 1
+
+    def end_step(self, step: int) -> None:
+        finite = torch.isfinite(self.sum)
+        self.bad_step = torch.where((~finite) & (self.bad_step < 0), torch.tensor(step, device=self.device),
+                                    self.bad_step)
+
+    def mean(self, d: Dist) -> float:
+        """The mean loss since the last call, over every rank's micro-batches (the one host sync, at log
+        intervals). Raises NonFiniteLoss(step) when a step's loss was NaN or infinite."""
+        if d.enabled:
+            dist.all_reduce(self.sum)
+            self.sum /= d.world
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+        mean = float(self.sum) / max(self.n, 1)
+        if int(self.bad_step) >= 0:
+            raise NonFiniteLoss(int(self.bad_step))
+        self.sum.zero_()
+        self.n = 0
+        return mean
 
 
-def find_micro_batch(model, cfg: RunConfig, device, dtype) -> int:
-    """Largest power-of-two micro-batch (up to 1024) whose forward and backward fit on the GPU."""
-    if device.type != "cuda":
-        return cfg.train.batch_size
-    T, V = cfg.model.max_seq_len, cfg.model.vocab_size
-    best, b = None, 1
-    while b <= 1024:
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+    """One micro-batch: the loss, and its share of the gradient (DDP synchronises gradients only when `sync`)."""
+    ctx = run.model.no_sync() if run.d.enabled and not sync else contextlib.nullcontext()
+    with ctx:
+        with run.amp:
+            _, loss = run.model(x, y)
+        run.scaler.scale(loss / run.cfg.train.grad_accum).backward()
+    return loss
+
+
+MAX_SKIPPED_IN_A_ROW = 30  # float16: the scale halves at each skipped step; 30 in a row is divergence, not overflow
+
+
+def optimizer_step(run: Run, step: int) -> None:
+    """Clip the accumulated gradients and update the weights. In float16 the loss scaler unscales the gradients
+    first and skips the update when they hold inf/NaN (then halves the scale): normal overflow, counted in
+    skipped_steps; only a long run of skips is reported as divergence. Elsewhere the scaler passes through."""
+    scaler, t = run.scaler, run.cfg.train
+    if scaler.is_enabled():
+        scaler.unscale_(run.optimizer)
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    if scaler.is_enabled():
+        before = scaler.get_scale()
+        scaler.step(run.optimizer)
+        scaler.update()
+        if scaler.get_scale() < before:  # this step's gradients overflowed: the update was skipped
+            run.skipped_steps += 1
+            run.skipped_in_a_row += 1
+            if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteLoss(step)
+        else:
+            run.skipped_in_a_row = 0
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(run: Run, step: int, lr: float, meter: LossMeter, first: bool = False) -> None:
+    """Optimizer step `step` at learning rate `lr`: grad_accum micro-batches, then clipping and the update. On the
+    `first` step of a process a torch.compile that fails (e.g. no C++ compiler) falls back to eager."""
+    t = run.cfg.train
+    apply_schedule(run.optimizer, step, lr, t)
+    for micro in range(t.grad_accum):
+        x, y = run.sampler.get(step, micro)
+        sync = micro == t.grad_accum - 1
         try:
-            x = torch.randint(0, V, (b, T), device=device)
-            with autocast_ctx(device, dtype):
-                _, loss = model(x, x)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            best = b
-            b *= 2
+            loss = forward_backward(run, x, y, sync)
+        except Exception as e:
+            if not (t.compile and first and micro == 0):
+                raise
+            run.fall_back_to_eager(e)
+            loss = forward_backward(run, x, y, sync)
+        meter.add(loss)
+    meter.end_step(step)
+    optimizer_step(run, step)
+
+
+# -------------------------------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    """The loop over a Run: steps, evaluations, logging and checkpoints, from a TrainState to the run's end."""
+
+    def __init__(self, run: Run, state: TrainState, resumed: bool = False):
+        self.run, self.state, self.resumed = run, state, resumed
+        self.start_step = state.step
+        self.length = RunLength.plan(run.cfg, run.tokens_per_step, run.train_tokens, state, sync=run.from_rank0)
+        self.reporter = Reporter(run.dir, run.cfg, run.d.main, self.length.logged_total or 0, self.start_step)
+        self.meter = LossMeter(run.device)
+        self.train_loss = float("nan")
+        self.t_start = time.time()
+        self.t_log, self.step_log = self.t_start, self.start_step
+
+    def evaluate(self) -> dict:
+        """Loss, perplexity and bits per byte on the fixed validation subset (shared out over the ranks)."""
+        from tinystories.likelihood import likelihood
+
+        run, d = self.run, self.run.d
+        res = likelihood(run.raw_model, run.val_stream, run.val_bytes, run.cfg.model.max_seq_len,
+                         batch_size=max(1, run.cfg.train.batch_size), autocast=run.amp, rank=d.rank,
+                         world=d.world if d.enabled else 1)
+        if d.enabled:
+            t = torch.tensor([res["nats"], res["tokens"]], dtype=torch.float64, device=run.device)
+            dist.all_reduce(t)
+            res = {"nats": float(t[0]), "tokens": int(t[1]), "bytes": run.val_bytes}
+        loss = res["nats"] / max(res["tokens"], 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+                "val_bpb": res["nats"] / math.log(2) / run.val_bytes}
+
+    def sample_story(self) -> str:
+        from tinystories.sampling import SamplingParams, generate_texts
+
+        model, cfg = self.run.raw_model, self.run.cfg
+        model.eval()
+        text = generate_texts(model, self.run.tok, cfg.train.sample_prompt,
+                              SamplingParams(max_new_tokens=cfg.train.sample_tokens))[0]["text"]
+        model.train()
+        return text.replace("\n", " ")
+
+    def save(self, step: int, is_best: bool) -> None:
+        """A checkpoint of the run at `step` (rank 0 writes it)."""
+        run = self.run
+        if not run.d.main:
+            return
+        self.state.step = step
+        self.state.total_steps = self.length.logged_total
+        self.state.deadline_left_s = self.length.deadline_left()
+        save_checkpoint(run.dir, run.raw_model, run.cfg, run.tok, self.state.to_dict(run.facts(step)),
+                        run.trainer_state(), is_best)
+
+    def evaluate_and_save(self, step: int, final: bool) -> str | None:
+        """Every evaluation, the final one too: validation metrics logged and printed, then (periodic ones) a
+        sample story, a checkpoint and the early-stopping decision, returned as the reason to stop (or None)."""
+        run, st = self.run, self.state
+        ev = self.evaluate()
+        improved = st.record_eval(ev["val_loss"], count_miss=not final)
+        st.metrics = {**ev, "train_loss": self.train_loss}
+        self.reporter.log({"kind": "val", "step": step, **run.position(step), **ev, "train_loss": self.train_loss,
+                           "lr": self.length.lr(step), "time": time.time() - self.t_start}, None, self.length.total)
+        line = f"val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f} | bpb {ev['val_bpb']:.4f}"
+        if final:
+            self.reporter.print(f"final eval step {step}: {line}")
+            self.save(step, improved)
+            return None
+        self.reporter.print(f"eval step {step}: {line}{' (best)' if improved else ''}")
+        if run.d.main:
+            self.reporter.print(f"  sample: {self.sample_story()}")
+        if step > self.start_step or st.init_from:  # fine-tuning: the starting model can stay the best
+            self.save(step, improved)
+        return st.early_stop(run.cfg.train.early_stopping_patience)
+
+    def log_progress(self, step: int, lr: float, lr_total: int | None) -> None:
+        """A train point in metrics.jsonl (and TensorBoard, wandb) and the progress line."""
+        run = self.run
+        mean_loss = self.train_loss = self.meter.mean(run.d)
+        now = time.time()
+        tps = (step - self.step_log) * run.tokens_per_step / max(now - self.t_log, 1e-9)
+        self.t_log, self.step_log = now, step
+        flops = tps * run.flops_per_token / run.d.world  # achieved, per process (6N + attention per token)
+        mfu = flops / run.peak if run.peak else None  # vs the GPU's datasheet / the CPU's measured matmul peak
+        point = {"kind": "train", "step": step, **run.position(step), "loss": mean_loss, "lr": lr,
+                 "total_steps": lr_total, "tokens_per_s": tps, "time": now - self.t_start, "gflops": flops / 1e9}
+        if mfu is not None:
+            point["mfu"] = mfu
+        scale = ""
+        if run.scaler.is_enabled():
+            point["loss_scale"], point["skipped_steps"] = run.scaler.get_scale(), run.skipped_steps
+            scale = f" | scale {point['loss_scale']:.0e} ({run.skipped_steps} skipped)"
+        shown_total = "?" if self.length.provisional else self.length.total
+        eta = self.length.seconds_left(step, now, tps, run.tokens_per_step)
+        line = (f"step {step}/{shown_total} | epoch {point['epoch']:.2f} | tokens {fmt_count(point['tokens'])} | "
+                f"loss {mean_loss:.4f} | lr {lr:.2e} | {fmt_count(tps)} tok/s"
+                + (f" | {flops / 1e9:.3g} GFLOP/s" if run.device.type == "cpu" else "")
+                + (f" | MFU {mfu:.1%}" if mfu is not None else "") + scale + f" | eta {fmt_secs(eta)}")
+        self.reporter.log(point, line, self.length.total)
+
+    def fit(self) -> dict:
+        """Train to the end of the run (or an early stop, Ctrl-C, a non-finite loss); returns the summary."""
+        run, t, length = self.run, self.run.cfg.train, self.length
+        step = self.start_step
+        stop_reason, status = "completed", 0
+        run.model.train()
+        try:
+            while step < length.total:
+                # evaluation (also at the first step of a fresh run: a baseline for the plot)
+                if step % t.eval_interval == 0 and not (self.resumed and step == self.start_step):
+                    t_eval = time.time()
+                    stop = self.evaluate_and_save(step, final=False)
+                    if stop:
+                        stop_reason = stop
+                        break
+                    self.t_log += time.time() - t_eval  # tokens/s measures training; the budget counts evaluation
+                lr, lr_total = length.lr(step), length.logged_total  # the rate and the length it was scheduled for
+                t_step = time.time()
+                train_step(run, step, lr, self.meter, first=step == self.start_step)
+                step += 1
+                length.record_step_time(step, time.time() - t_step)
+                now = run.from_rank0(time.time()) if length.deadline else time.time()  # budget: rank 0's clock
+                fixed = length.fix_budget(step, now, run.from_rank0)
+                if fixed:
+                    run.log(fixed)
+                last = step >= length.total
+                if step % t.log_interval == 0 or last:
+                    self.log_progress(step, lr, lr_total)
+                if step % t.checkpoint_interval == 0 and step % t.eval_interval and not last:
+                    self.save(step, is_best=False)
+                if not last:
+                    length.stop_if_over_budget(step, now)
+            self.evaluate_and_save(step, final=True)  # also after an early stop
+        except NonFiniteLoss as e:
+            self.reporter.close()
+            what = ("the gradients overflowed float16 at every loss scale" if run.skipped_in_a_row
+                    else "the loss became NaN/inf")
+            raise UserError(f"{what} at step {e.args[0]}; the last good checkpoint is kept in "
+                            f"{run.dir / 'checkpoints' / 'latest'}. Lower train.lr or raise warmup_steps, then "
+                            f"`tinystories train --resume {run.dir}`") from None
+        except KeyboardInterrupt:
+            stop_reason, status = "interrupted", 130
+            if step > self.start_step and run.d.main:
+                self.reporter.print(f"interrupted at step {step}: saving a checkpoint ...")
+                self.save(step, is_best=False)
         except torch.cuda.OutOfMemoryError:
-            break
+            self.reporter.close()
+            raise UserError(f"GPU out of memory with a micro-batch of {t.batch_size}: use a smaller --set "
+                            f"train.batch_size with a larger train.grad_accum (same global batch), or --micro-batch "
+                            f"auto") from None
         finally:
-            torch.cuda.empty_cache()
-    if best is None:
-        raise UserError("even a micro-batch of 1 does not fit on the GPU; use a smaller model or context")
-    return best
+            self.reporter.close()
+        return self.finish(step, stop_reason, status)
+
+    def finish(self, step: int, stop_reason: str, status: int) -> dict:
+        run, best = self.run, self.state.best_val_loss
+        if run.d.main:
+            if stop_reason == "interrupted":
+                print(f"stopped at step {step}. continue with: tinystories train --resume {run.dir}")
+            else:
+                print(f"done: {stop_reason} at step {step} in {fmt_secs(time.time() - self.t_start)}; "
+                      f"best val loss {best:.4f}; checkpoints in {run.dir / 'checkpoints'}")
+        return {"step": step, "status": status, "run_dir": str(run.dir), "metrics": self.state.metrics,
+                "best_val_loss": best}
 
 
 def train(cfg: RunConfig, resume: bool = False, init_from: str | None = None, micro_batch: str | None = None) -> dict:
     """Train a run. Returns a summary dict (final step, val metrics, paths)."""
     d = init_distributed(cfg.train.device)
-    result = _train(cfg, d, resume, init_from, micro_batch)
+    run, state = setup(cfg, d, resume, init_from, micro_batch)
+    result = Trainer(run, state, resumed=resume).fit()
+    del run  # the DDP wrapper, before the process group goes
     # Teardown on success only: after an error a peer may sit inside a collective, where a (collective) destroy
     # could hang; the process exits non-zero and torchrun stops the others. On success every rank first waits for
     # rank 0's final checkpoint: a rank that destroyed gloo's group while a peer was still busy once aborted at
@@ -348,352 +882,7 @@ def train(cfg: RunConfig, resume: bool = False, init_from: str | None = None, mi
     return result
 
 
-def _train(cfg: RunConfig, d: Dist, resume: bool, init_from: str | None, micro_batch: str | None) -> dict:
-    from tinystories.likelihood import likelihood
-    from tinystories.prepare import ensure_run_data
-    from tinystories.sampling import SamplingParams, generate_texts
-
-    run_dir = Path(cfg.out_dir)
-    log = print if d.main else (lambda *a, **k: None)
-    device = pick_device(cfg.train.device, d)
-    dtype = pick_dtype(cfg.train.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # data: rank 0 builds what is missing, the others wait and then find it cached
-    if d.main:
-        tok, cache = ensure_run_data(cfg, log)
-    if d.enabled:
-        dist.barrier()
-    if not d.main:
-        tok, cache = ensure_run_data(cfg, lambda *a, **k: None)
-    cache.check_tokenizer(tok)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size != tok.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer {tok.path} has {tok.vocab_size} tokens (set 0 to follow the tokenizer)")
-
-    trainer_state, state = None, {}
-    if resume:
-        ck = read_checkpoint(run_dir, prefer="latest")
-        if ck.tokenizer.sha256 != tok.sha256:
-            raise UserError(f"--resume: the tokenizer cannot change on resume ({ck.path} was trained with "
-                            f"{ck.tokenizer.path.name}, the config gives {tok.path}); start a new run, or fine-tune "
-                            f"with --init-from {run_dir} --out NEW_RUN")
-        diff = architecture_diff(cfg.model, ck.cfg.model)
-        if diff:
-            raise UserError(f"--resume: model.{diff[0]} cannot change on resume (the run has {diff[2]})")
-        trainer_state, state = load_trainer_state(ck.path), ck.state
-
-    torch.manual_seed(cfg.train.seed + d.rank)
-    model = Transformer(cfg.model)
-    if resume:
-        load_weights(model, ck.path)
-    elif init_from:
-        src = read_checkpoint(init_from)
-        if src.tokenizer.sha256 != tok.sha256:
-            raise UserError(f"--init-from {init_from}: its tokenizer ({src.tokenizer.path}) differs from the run's "
-                            f"({tok.path}); the run must tokenize its data with the checkpoint's tokenizer")
-        diff = architecture_diff(cfg.model, src.cfg.model)
-        if diff:
-            raise UserError(f"model.{diff[0]} cannot differ from the --init-from checkpoint ({diff[2]}); the run has {diff[1]}")
-        load_weights(model, src.path)
-        state = {"init_from": str(src.path)}
-        log(f"initialised from {src.path} (step {src.step}; architecture and tokenizer from the checkpoint)")
-    model.to(device)
-    n_params = model.num_params()
-    log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_params(non_embedding=True) / 1e6:.2f}M without embeddings), "
-        f"{cfg.model.n_layers} layers, dim {cfg.model.dim}, {cfg.model.n_heads} heads ({cfg.model.kv_heads} kv), "
-        f"context {cfg.model.max_seq_len}, vocab {cfg.model.vocab_size}")
-
-    # batch geometry
-    if micro_batch == "auto":
-        cfg.train.batch_size = find_micro_batch(model, cfg, device, dtype)
-        log(f"--micro-batch auto: {cfg.train.batch_size} sequences fit")
-    elif micro_batch:
-        cfg.train.batch_size = int(micro_batch)
-    if cfg.train.global_batch:
-        per = cfg.train.batch_size * d.world
-        if cfg.train.global_batch % per and micro_batch == "auto":
-            while cfg.train.batch_size > 1 and cfg.train.global_batch % (cfg.train.batch_size * d.world):
-                cfg.train.batch_size //= 2
-            per = cfg.train.batch_size * d.world
-        if cfg.train.global_batch % per:
-            raise UserError(f"train.global_batch={cfg.train.global_batch} is not a multiple of micro-batch x processes = {per}")
-        cfg.train.grad_accum = cfg.train.global_batch // per
-    T = cfg.model.max_seq_len
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * d.world
-    tokens_per_step = global_batch * T
-    train_tokens = cache.manifest["splits"]["train"]["tokens"]
-    log(f"batch: {cfg.train.batch_size} x {cfg.train.grad_accum} accumulation x {d.world} process(es) = {global_batch} "
-        f"sequences = {tokens_per_step:,} tokens per step; device {device}, {str(dtype).removeprefix('torch.')}"
-        f"{', compiled' if cfg.train.compile else ''}")
-
-    optimizer = make_optimizer(model, cfg, device)
-    raw_model = model
-    if cfg.train.compile:
-        model = torch.compile(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if d.enabled:
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-
-    start_step = 0
-    total_steps = _total_steps(cfg, tokens_per_step, train_tokens)
-    best_val, bad_evals = float("inf"), 0
-    if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        torch.set_rng_state(trainer_state["cpu_rng"])
-        if device.type == "cuda" and "cuda_rng" in trainer_state:
-            torch.cuda.set_rng_state(trainer_state["cuda_rng"])
-        start_step = state["step"]
-        if state.get("total_steps") and not (cfg.train.max_steps or cfg.train.max_tokens or cfg.train.epochs) or \
-                (total_steps is None and state.get("total_steps")):
-            total_steps = state["total_steps"]
-        best_val = state.get("best_val_loss", float("inf"))
-        bad_evals = state.get("evals_without_improvement", 0)
-        log(f"resumed from {ck.path} at step {start_step}")
-
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    sampler = WindowSampler(cache, T, cfg.train.batch_size, cfg.train.seed, d.rank, device, d.world)
-    val_stream, val_bytes = validation_subset(cache, tok, cfg.train.eval_tokens)
-    amp = autocast_ctx(device, dtype)
-    peak = peak_flops(device)
-    flops_per_token = raw_model.flops_per_token()
-    deadline = time.time() + cfg.train.max_minutes * 60 if cfg.train.max_minutes and total_steps is None else None
-    if deadline and state.get("deadline_left_s"):
-        deadline = time.time() + state["deadline_left_s"]
-
-    def from_rank0(value: float) -> float:  # DDP: rank 0's value, so that every rank runs the same number of steps
-        if not d.enabled:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.broadcast(t, 0)
-        return float(t)
-
-    if deadline and d.enabled:
-        deadline = from_rank0(deadline)
-    provisional = total_steps is None
-    if provisional:
-        total_steps = max(start_step + 1, PROVISIONAL_TOTAL)
-    reporter = Reporter(run_dir, cfg, d.main, total_steps if not provisional else 0, start_step)
-
-    def evaluate() -> dict:
-        ws = d.world if d.enabled else 1
-        res = likelihood(raw_model, val_stream, val_bytes, T, batch_size=max(1, cfg.train.batch_size), autocast=amp,
-                         rank=d.rank, world=ws)
-        if d.enabled:
-            t = torch.tensor([res["nats"], res["tokens"]], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            res = {"nats": float(t[0]), "tokens": int(t[1]), "bytes": val_bytes}
-        loss = res["nats"] / max(res["tokens"], 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": res["nats"] / math.log(2) / val_bytes}
-
-    def sample_story() -> str:
-        params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=1234)
-        raw_model.eval()
-        text = generate_texts(raw_model, tok, cfg.train.sample_prompt, params)[0]["text"]
-        raw_model.train()
-        return text.replace("\n", " ")
-
-    def checkpoint(step: int, metrics: dict, is_best: bool) -> None:
-        if not d.main:
-            return
-        st = {
-            "step": step, "tokens": step * tokens_per_step, "epoch": step * tokens_per_step / train_tokens,
-            "total_steps": None if provisional else total_steps, "cache_dir": str(cache.path.resolve()),
-            "metrics": metrics, "best_val_loss": best_val, "evals_without_improvement": bad_evals,
-            "global_batch": global_batch, "world_size": d.world, "n_params": n_params,
-            "deadline_left_s": (deadline - time.time()) if deadline else None,
-        }
-        if state.get("init_from"):
-            st["init_from"] = state["init_from"]  # the checkpoint this run was fine-tuned from
-        ts = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            ts["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(run_dir, raw_model, cfg, tok, st, ts, is_best)
-
-    def forward_backward(m, x, y, sync: bool) -> torch.Tensor:
-        ctx = m.no_sync() if d.enabled and not sync else contextlib.nullcontext()
-        with ctx:
-            with amp:
-                _, loss = m(x, y)
-            (loss / cfg.train.grad_accum).backward()
-        return loss
-
-    model.train()
-    step = start_step
-    last_metrics: dict = state.get("metrics", {})
-    running = torch.zeros((), device=device)
-    running_n = 0
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    t_log, step_log = time.time(), step
-    t_start = time.time()
-    measured_steps, measured_time = 0, 0.0
-    train_loss_avg = float("nan")
-    stop_reason = "completed"
-    status = 0
-    try:
-        while step < total_steps:
-            # evaluation (also at the first step of a fresh run: a baseline for the plot)
-            if step % cfg.train.eval_interval == 0 and not (resume and step == start_step):
-                t_eval = time.time()
-                ev = evaluate()
-                improved = ev["val_loss"] < best_val
-                if improved:
-                    best_val, bad_evals = ev["val_loss"], 0
-                else:
-                    bad_evals += 1
-                last_metrics = {**ev, "train_loss": train_loss_avg}
-                point = {"kind": "val", "step": step, "tokens": step * tokens_per_step,
-                         "epoch": step * tokens_per_step / train_tokens, **ev, "train_loss": train_loss_avg,
-                         "lr": lr_at(step, cfg, total_steps), "time": time.time() - t_start}
-                reporter.log(point, None, total_steps)
-                reporter.print(f"eval step {step}: val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f} | "
-                               f"bpb {ev['val_bpb']:.4f}{' (best)' if improved else ''}")
-                if d.main:
-                    reporter.print(f"  sample: {sample_story()}")
-                if (step > start_step or init_from) and d.main:  # fine-tuning: the starting model can stay the best
-                    checkpoint(step, last_metrics, improved)
-                if cfg.train.early_stopping_patience and bad_evals >= cfg.train.early_stopping_patience:
-                    stop_reason = f"early stop: no val improvement in {bad_evals} evaluations"
-                    break
-                t_log += time.time() - t_eval  # tokens/s measures training; the budget still counts evaluation
-
-            lr = lr_at(step, cfg, total_steps)
-            lr_total = None if provisional else total_steps  # the run length this lr was scheduled for (logged)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t_step = time.time()
-            for micro in range(cfg.train.grad_accum):
-                x, y = sampler.get(step, micro)
-                sync = micro == cfg.train.grad_accum - 1
-                try:
-                    loss = forward_backward(model, x, y, sync)
-                except Exception as e:  # torch.compile fails on the first call (e.g. no C++ compiler): go eager
-                    if not (cfg.train.compile and step == start_step and micro == 0):
-                        raise
-                    log(f"warning: torch.compile failed ({str(e).strip().splitlines()[0][:120]}); training without it")
-                    model = DDP(raw_model, device_ids=[d.local_rank] if device.type == "cuda" else None) if d.enabled else raw_model
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = forward_backward(model, x, y, sync)
-                running += loss.detach()
-                running_n += 1
-            finite = torch.isfinite(running)
-            bad_step = torch.where((~finite) & (bad_step < 0), torch.tensor(step, device=device), bad_step)
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step - start_step > 2:  # the first steps include warm-up (allocation, compilation)
-                measured_steps += 1
-                measured_time += time.time() - t_step
-
-            # a time budget fixes the schedule's length once 10 steps have measured the step time (early, so that a
-            # budget shorter than the configured warmup still gets a short warmup and a full decay)
-            now_s = from_rank0(time.time()) if deadline else time.time()  # time-budget decisions: rank 0's clock
-            if provisional and (step >= start_step + 10 or now_s > deadline):
-                per_step = (measured_time / measured_steps if measured_steps
-                            else (time.time() - t_start) / max(step - start_step, 1))
-                total_steps = max(step + 1, step + int((deadline - now_s) / (per_step * 1.08)))
-                total_steps = int(from_rank0(total_steps))
-                provisional = False
-                log(f"time budget: {cfg.train.max_minutes:g} min -> {total_steps} steps "
-                    f"({per_step * 1000:.0f} ms/step, evaluation included)")
-
-            last = step >= total_steps
-            if step % cfg.train.log_interval == 0 or last:
-                if d.enabled:  # the logged loss is the mean over every rank's micro-batches, not rank 0's share
-                    dist.all_reduce(running)
-                    running /= d.world
-                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-                mean_loss = float(running) / max(running_n, 1)  # the one host sync, at log intervals
-                if int(bad_step) >= 0:
-                    raise NonFiniteLoss(int(bad_step))
-                running.zero_()
-                running_n = 0
-                train_loss_avg = mean_loss
-                now = time.time()
-                tps = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                mfu = (tps * flops_per_token / d.world / peak) if peak else None
-                eta = (total_steps - step) * tokens_per_step / max(tps, 1e-9)
-                point = {"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                         "epoch": step * tokens_per_step / train_tokens, "loss": mean_loss, "lr": lr,
-                         "total_steps": lr_total, "tokens_per_s": tps, "time": now - t_start}
-                if mfu is not None:
-                    point["mfu"] = mfu
-                line = (f"step {step}/{total_steps if not provisional else '?'} | epoch {point['epoch']:.2f} | "
-                        f"tokens {fmt_count(point['tokens'])} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                        f"{fmt_count(tps)} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
-                        f" | eta {fmt_secs(deadline - now) if provisional and deadline else fmt_secs(eta)}")
-                reporter.log(point, line, total_steps)
-            if step % cfg.train.checkpoint_interval == 0 and step % cfg.train.eval_interval and not last:
-                checkpoint(step, last_metrics, False)
-            if deadline and now_s > deadline + 5 and not last:
-                total_steps = step  # over budget (a slow machine): finish now
-        # final evaluation and checkpoint
-        ev = evaluate()
-        improved = ev["val_loss"] < best_val
-        if improved:
-            best_val, bad_evals = ev["val_loss"], 0
-        last_metrics = {**ev, "train_loss": train_loss_avg}
-        reporter.log({"kind": "val", "step": step, "tokens": step * tokens_per_step,
-                      "epoch": step * tokens_per_step / train_tokens, **ev, "train_loss": train_loss_avg,
-                      "lr": lr_at(step, cfg, total_steps), "time": time.time() - t_start}, None, total_steps)
-        reporter.print(f"final eval step {step}: val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f} | bpb {ev['val_bpb']:.4f}")
-        checkpoint(step, last_metrics, improved)
-    except NonFiniteLoss as e:
-        reporter.close()
-        raise UserError(f"the loss became NaN/inf at step {e.args[0]}; the last good checkpoint is kept in "
-                        f"{run_dir / 'checkpoints' / 'latest'}. Lower train.lr or raise warmup_steps, then "
-                        f"`tinystories train --resume {run_dir}`") from None
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-        status = 130
-        if step > start_step and d.main:
-            reporter.print(f"interrupted at step {step}: saving a checkpoint ...")
-            checkpoint(step, last_metrics, False)
-    except torch.cuda.OutOfMemoryError:
-        reporter.close()
-        raise UserError(f"GPU out of memory with a micro-batch of {cfg.train.batch_size}: use a smaller "
-                        f"--set train.batch_size with a larger train.grad_accum (same global batch), or --micro-batch auto") from None
-    finally:
-        reporter.close()
-    if d.main:
-        if stop_reason == "interrupted":
-            print(f"stopped at step {step}. continue with: tinystories train --resume {run_dir}")
-        else:
-            print(f"done: {stop_reason} at step {step} in {fmt_secs(time.time() - t_start)}; "
-                  f"best val loss {best_val:.4f}; checkpoints in {run_dir / 'checkpoints'}")
-    return {"step": step, "status": status, "run_dir": str(run_dir), "metrics": last_metrics, "best_val_loss": best_val}
-
-
 # --------------------------------------------------------------------------------------------------- CLI
-
-
-def _set_items(overrides: list[str], section: str) -> list[tuple[str, str, str]]:
-    """(key, value text, the --set item) of each --set in `section` (e.g. "model"), in order."""
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            continue  # load_config reports it
-        key, value = item.split("=", 1)
-        parts = [p.strip() for p in key.strip().split(".")]
-        if parts[0] == section and len(parts) == 2:
-            out.append((parts[1], value, item))
-    return out
-
-
-def _require_run_length(cfg: RunConfig) -> None:
-    t = cfg.train
-    if not (t.max_steps or t.max_tokens or t.epochs or t.max_minutes):
-        raise UserError("set the run length: --set train.max_steps=N (or train.max_tokens, train.epochs, "
-                        "train.max_minutes)")
 
 
 def _configured_tokenizer(cfg: RunConfig) -> Path | None:
@@ -708,20 +897,8 @@ def _configured_tokenizer(cfg: RunConfig) -> Path | None:
     return f if f.is_file() else None
 
 
-def _resume_config(args, overrides: list[str]) -> RunConfig:
-    """The config of a resumed run, with every check that can fail made before the tokenizer or cache is built."""
-    from tinystories.tokenizer import load_tokenizer
-
-    run_dir = Path(args.resume)
-    if args.config:
-        raise UserError(f"--config and --resume cannot be combined: a resumed run keeps its own config "
-                        f"({run_dir / 'config.yaml'}); change keys with --set")
-    if args.init_from:
-        raise UserError(f"--init-from and --resume cannot be combined: --resume {run_dir} continues that run with its "
-                        f"own weights; --init-from starts a new run from a checkpoint (give it --out NEW_RUN)")
-    if args.out and Path(args.out).resolve() != run_dir.resolve():
-        raise UserError(f"--out and --resume cannot be combined: a resumed run stays in {run_dir}; to start a new "
-                        f"run from its weights use --init-from {run_dir} --out {args.out}")
+def _check_run_dir(run_dir: Path) -> None:
+    """--resume RUN_DIR names a run directory with a checkpoint to continue from."""
     hint = "pass a run directory made by `tinystories train`, e.g. runs/cpu"
     if not run_dir.exists():
         raise UserError(f"--resume {run_dir}: no such run directory; {hint}")
@@ -741,35 +918,33 @@ def _resume_config(args, overrides: list[str]) -> RunConfig:
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to continue from (it stopped before its "
                         f"first save); start it again with `tinystories train --config {run_dir / 'config.yaml'} "
                         f"--out {run_dir}`")
+
+
+def _resume_config(args, overrides: list[str]) -> RunConfig:
+    """The config of a resumed run, with every check that can fail made before the tokenizer or cache is built."""
+    from tinystories.tokenizer import load_tokenizer
+
+    run_dir = Path(args.resume)
+    if args.config:
+        raise UserError(f"--config and --resume cannot be combined: a resumed run keeps its own config "
+                        f"({run_dir / 'config.yaml'}); change keys with --set")
+    if args.init_from:
+        raise UserError(f"--init-from and --resume cannot be combined: --resume {run_dir} continues that run with its "
+                        f"own weights; --init-from starts a new run from a checkpoint (give it --out NEW_RUN)")
+    if args.out and Path(args.out).resolve() != run_dir.resolve():
+        raise UserError(f"--out and --resume cannot be combined: a resumed run stays in {run_dir}; to start a new "
+                        f"run from its weights use --init-from {run_dir} --out {args.out}")
+    _check_run_dir(run_dir)
     ck = read_checkpoint(run_dir, prefer="latest")
     cfg = load_config(run_dir / "config.yaml", overrides)
     cfg.out_dir = str(run_dir)
     if args.data:
         cfg.data.source = args.data
-    diff = architecture_diff(cfg.model, ck.cfg.model)
-    if diff:
-        key, new, old = diff
-        item = next((item for k, _, item in reversed(_set_items(overrides, "model")) if k == key), None)
-        asked = f"; --set {item} asks for {new}" if item else f"; its config.yaml now has {new}"
-        raise UserError(f"--resume: model.{key} cannot change on resume (the run has {old}){asked}: the "
-                        f"weights have the run's shape; another architecture is a new run (--config ... --out NEW_RUN)")
     # the tokenizer: compared now when it exists; one still to be trained must come from unchanged settings
     # (the trainer compares it with the checkpoint's once it is there)
     tok_file = _configured_tokenizer(cfg)
-    old_tok = ck.tokenizer
-    if tok_file is not None:
-        changed = load_tokenizer(tok_file).sha256 != old_tok.sha256
-        what = str(tok_file)
-    else:
-        changed = (cfg.tokenizer.model_dump() != ck.cfg.tokenizer.model_dump()
-                   or cfg.data.data_dir != ck.cfg.data.data_dir)
-        what = f"a new {cfg.tokenizer.vocab_size}-token tokenizer"
-    if changed:
-        sets = [item for item in overrides if item.split("=", 1)[0].strip().startswith(("tokenizer.", "data.data_dir"))]
-        via = f" ({' '.join('--set ' + i for i in sets)})" if sets else ""
-        raise UserError(f"--resume: the tokenizer cannot change on resume: the run was trained with "
-                        f"{old_tok.kind} {old_tok.vocab_size}-token {old_tok.path.name}, the config now gives "
-                        f"{what}{via}; start a new run, or fine-tune with --init-from {run_dir} --out NEW_RUN")
+    tok = load_tokenizer(tok_file) if tok_file is not None else None
+    check_compatible(ck, cfg, tok, resume=True, where=run_dir, overrides=overrides, origin="its config.yaml")
     return cfg
 
 
@@ -780,36 +955,13 @@ def _init_from_config(args, overrides: list[str]) -> tuple[RunConfig, Checkpoint
     from pydantic import ValidationError
 
     from tinystories.checkpoint import architecture
-    from tinystories.config import _format_validation_error, _parse_scalar
-    from tinystories.tokenizer import load_tokenizer
 
     src = read_checkpoint(args.init_from)
     flag = f"--init-from {args.init_from}"
     arch = architecture(src.cfg.model)
-    model_sets = _set_items(overrides, "model")
-    for key, text, item in model_sets:
-        if key not in arch:
-            continue  # dropout; an unknown key is reported by the validation below
-        value = _parse_scalar(text)
-        if (key == "vocab_size" and value == 0) or (key in ("n_kv_heads", "hidden_dim") and value is None):
-            continue  # "follow the tokenizer" / "derive it": the checkpoint's value
-        if value != arch[key]:
-            raise UserError(f"--set {item}: model.{key} cannot differ from the --init-from checkpoint "
-                            f"({arch[key]}); the architecture comes from {src.path} (leave model.{key} out)")
+    model_sets = set_items(overrides, "model")
     model_items = {item for _, _, item in model_sets}
-    other = [item for item in overrides if item not in model_items]
-    cfg = load_config(args.config, other)
-    for key, text, item in _set_items(overrides, "tokenizer"):
-        if key == "path":
-            same = load_tokenizer(_parse_scalar(text)).sha256 == src.tokenizer.sha256
-        elif key == "vocab_size":
-            same = _parse_scalar(text) == src.tokenizer.vocab_size
-        else:
-            continue  # tokenizer.max_stories: only for training a tokenizer, which a fine-tune does not do
-        if not same:
-            raise UserError(f"--set {item}: the tokenizer cannot differ from the --init-from checkpoint's "
-                            f"({src.tokenizer.kind} {src.tokenizer.vocab_size}-token {src.tokenizer.path.name}, "
-                            f"which its weights were trained with); leave tokenizer.{key} out")
+    cfg = load_config(args.config, [item for item in overrides if item not in model_items])
     if args.config:
         ignored = [f"model.{k}={v}" for k, v in architecture(cfg.model).items()
                    if v != arch[k] and not (k == "vocab_size" and v == 0)]
@@ -818,13 +970,16 @@ def _init_from_config(args, overrides: list[str]) -> tuple[RunConfig, Checkpoint
                   f"{', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''} are not used")
     raw_model = src.cfg.model.model_dump()  # dropout (not architecture) too, unless --set
     for key, text, _ in model_sets:
-        raw_model[key] = _parse_scalar(text)
+        value = parse_scalar(text)
+        if not ((key == "vocab_size" and value == 0) or (key in ("n_kv_heads", "hidden_dim") and value is None)):
+            raw_model[key] = value  # else "follow the tokenizer" / "derive it": the checkpoint's value
     raw = cfg.model_dump()
     raw["model"] = raw_model
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, flag, overrides)) from None
+        raise UserError(format_validation_error(e, flag, overrides)) from None
+    check_compatible(src, cfg, None, resume=False, where=args.init_from, overrides=overrides)
     if args.out:
         cfg.out_dir = args.out
     if args.data:
@@ -855,7 +1010,7 @@ def _cmd_train(args) -> int:
                 cfg.out_dir = args.out
             if args.data:
                 cfg.data.source = args.data
-        _require_run_length(cfg)
+        require_run_length(cfg)
         out = Path(cfg.out_dir)
         if (out / WEIGHTS).is_file():
             raise UserError(f"--out {out}: is a checkpoint directory (e.g. an imported model), not a run; choose "
@@ -891,23 +1046,26 @@ def _cmd_train(args) -> int:
 def register_cli(sub) -> None:
     from tinystories.cli import add_command
 
-    p = add_command(sub, "train", "train a Llama-style model on the token cache (CPU, GPU, or several under torchrun)",
-                    "  tinystories train --config configs/cpu.yaml --data ../shared/data/tinystories --out runs/cpu\n"
-                    "  tinystories train --config configs/tinystories-23M.yaml --set train.lr=3e-4 --set train.compile=true\n"
-                    "  tinystories train --resume runs/cpu                      # continue exactly where it stopped\n"
-                    "  tinystories train --resume runs/cpu --set train.max_steps=6000   # ... and train longer\n"
-                    "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
-                    "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
-                    "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
-                    _cmd_train)
+    p = add_command(
+        sub, "train", "train a Llama-style model on the token cache (CPU, GPU, or several under torchrun)",
+        "  tinystories train --config configs/cpu.yaml --data ../shared/data/tinystories --out runs/cpu\n"
+        "  tinystories train --config configs/tinystories-23M.yaml --set train.lr=3e-4 --set train.compile=true\n"
+        "  tinystories train --resume runs/cpu                      # continue exactly where it stopped\n"
+        "  tinystories train --resume runs/cpu --set train.max_steps=6000   # ... and train longer\n"
+        "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
+        "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
+        "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
+        _cmd_train)
     p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml (optional with --init-from: train.* "
                                     "and data.* only; not with --resume)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4 (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (overrides out_dir)")
     p.add_argument("--data", help="raw text file or directory (overrides data.source)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="fine-tune: a new run starting from these weights (a checkpoint or run directory) with a fresh "
                         "optimizer; its architecture (model.*) and tokenizer come from the checkpoint")
-    p.add_argument("--micro-batch", metavar="N|auto", help="micro-batch per process; auto finds the largest that fits (GPU)")
+    p.add_argument("--micro-batch", metavar="N|auto",
+                   help="micro-batch per process; auto finds the largest that fits (GPU)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")

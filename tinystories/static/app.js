@@ -171,11 +171,21 @@ async function generate() {
   controller = new AbortController();
   const t0 = performance.now();
   let first = null, n = 0;
+  // the response starts when the request gets a decoding slot: until then, say whether it waits in the queue
+  let waiting = setInterval(async () => {
+    try {
+      const h = await (await fetch("/health")).json();
+      if (waiting && h.queued > 0) setStatus("waiting for a free slot (" + h.queued + " in the queue)…", "busy");
+    } catch (e) { /* the status stays as it is */ }
+  }, 700);
+  const stopWaiting = () => { clearInterval(waiting); waiting = null; };
   try {
     const r = await fetch("/v1/generate", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
       signal: controller.signal,
     });
+    stopWaiting();
+    setStatus("writing…", "busy");
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
       let msg = err.detail || r.statusText;
@@ -218,6 +228,7 @@ async function generate() {
       setStatus(e.message || String(e), "error");
     }
   } finally {
+    stopWaiting();
     out.classList.remove("streaming");
     controller = null;
     $("generate").disabled = false;

@@ -1,0 +1,197 @@
+"""Training-recipe study: which recipe learns most per CPU-minute? (docs/training-recipe.md presents it.)
+
+Every arm trains the quickstart's CPU model (configs/cpu.yaml, 4K BPE vocabulary, float32 unless --dtype says
+otherwise) on the shared 2 MB train head for the same wall-clock budget, and is scored in bits per byte on the whole
+shared validation head (the trainer's final evaluation over every validation token).
+
+Equal wall-clock, measured robustly: first each arm's training speed (ms per optimizer step, evaluation excluded)
+is measured in a short run on this machine (`--calib-steps`); then each arm trains for the number of steps its
+speed buys in the budget. On a quiet machine this is what `train.max_minutes` does; unlike it, the quality figures
+stay right when other processes share the CPU (only the step counts depend on the calibration).
+
+`--ref-tokens-per-s X` anchors the budget to another machine instead: the baseline arm (adamw) gets the tokens X
+tokens/s buy in the budget, and every other arm its share by its speed relative to the baseline, measured here in
+the same conditions. E.g. `--ref-tokens-per-s 1300`: configs/cpu.yaml's fp32 speed on 2 AVX2 cores of an AMD EPYC
+(issue 12's measurement: 165 steps of 4,096 tokens in 10 minutes), so the study answers for a CPU without bf16 even
+when run on a busy machine or one with AMX.
+
+    python benchmarks/recipe_study.py --minutes 5 10 --seeds 1 2 --out /tmp/recipe-study
+    python benchmarks/recipe_study.py --arms adamw,muon --minutes 2 --seeds 1 --out /tmp/rs   # a quick look
+
+It prints one table row per (arm, budget): mean bits per byte over the seeds and their spread, steps, tokens/s;
+writes results.json (every run) and recipe-study.png to --out. Rerunning with the same --out reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "tinystories"
+
+BASE = {  # configs/cpu.yaml as of round 1, run in float32 (a CPU without native bf16)
+    "model.dropout": "0.0",
+}
+# name -> --set overrides on top of BASE (and of configs/cpu.yaml)
+ARMS: dict[str, dict[str, str]] = {
+    "adamw": {},  # round 1's recipe: AdamW lr 2e-3, warmup 100, cosine to 1e-4, batch 16, dim 256 x 6 layers
+    "adamw-dropout0.1": {"model.dropout": "0.1"},  # round 1's cpu.yaml exactly
+    "adamw-lr4e-3": {"train.lr": "4e-3", "train.min_lr": "2e-4"},
+    "adamw-zero-init": {"train.zero_init_residual": "true"},
+    "muon": {"train.optimizer": "muon"},
+    "muon-zero-init": {"train.optimizer": "muon", "train.zero_init_residual": "true"},
+    "muon-lr0.04": {"train.optimizer": "muon", "train.muon_lr": "0.04"},
+    "muon-lr0.01": {"train.optimizer": "muon", "train.muon_lr": "0.01"},
+    "muon-batch8": {"train.optimizer": "muon", "train.batch_size": "8"},
+    "muon-batch32": {"train.optimizer": "muon", "train.batch_size": "32"},
+    "muon-warmup20": {"train.optimizer": "muon", "train.warmup_steps": "20"},
+    "muon-linear": {"train.optimizer": "muon", "train.lr_schedule": "linear", "train.min_lr": "0"},
+    "muon-wsd": {"train.optimizer": "muon", "train.lr_schedule": "wsd", "train.min_lr": "0"},
+    "muon-d192x4": {"train.optimizer": "muon", "model.dim": "192", "model.n_layers": "4", "model.n_heads": "6"},
+    "muon-d256x4": {"train.optimizer": "muon", "model.n_layers": "4"},
+    "muon-d320x6": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8"},
+}
+
+
+def run_cli(args: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "tinystories", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): tinystories {' '.join(args)}; see {log}")
+
+
+def train_args(out: Path, sets: dict[str, str], data_dir: Path, tok: Path) -> list[str]:
+    args = ["train", "--config", "configs/cpu.yaml", "--data", str(SHARED), "--out", str(out), "--force"]
+    fixed = {"data.data_dir": str(data_dir), "tokenizer.path": str(tok), "train.max_minutes": "null",
+             "train.checkpoint_interval": "1000000", "train.eval_interval": "1000000", "train.log_interval": "10",
+             "train.sample_tokens": "1"}
+    for k, v in {**fixed, **sets}.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def points(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def calibrate(name: str, sets: dict[str, str], a, data_dir: Path, tok: Path) -> tuple[float, int]:
+    """Milliseconds per optimizer step of this arm, training only (median over the logged intervals after the
+    first, which includes compilation)."""
+    out = a.out / "calib" / name
+    done = out / "ms_per_step.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        return saved["ms"], saved["tokens_per_step"]
+    steps = a.calib_steps + 10
+    run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.eval_tokens": "256"}, data_dir, tok),
+            a.out / f"calib-{name}.log")
+    tr = [p for p in points(out) if p["kind"] == "train"][1:]
+    tokens_per_step = int(tr[-1]["tokens"] / tr[-1]["step"])
+    ms = statistics.median(1000 * tokens_per_step / p["tokens_per_s"] for p in tr)
+    done.write_text(json.dumps({"ms": ms, "tokens_per_step": tokens_per_step}))
+    return ms, tokens_per_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names (default: all)")
+    ap.add_argument("--minutes", type=float, nargs="+", default=[5, 10])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dtype", default="float32", help="train.dtype for every arm (float32 = no native bf16)")
+    ap.add_argument("--compile", default="true", help="train.compile for every arm")
+    ap.add_argument("--calib-steps", type=int, default=30)
+    ap.add_argument("--ref-tokens-per-s", type=float, default=None,
+                    help="the baseline's tokens/s on the machine the budget is meant for (default: measured here)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/recipe-study"))
+    a = ap.parse_args()
+    names = [n.strip() for n in a.arms.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    data_dir, tok = a.out / "data", a.out / "data" / "tokenizer-4096"
+    if not (tok / "tokenizer.json").exists():
+        run_cli(["tokenizer", "train", "--vocab-size", "4096", "--from", str(SHARED), "--out", str(tok)],
+                a.out / "tokenizer.log")
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    bf16 = "native bf16" if ("amx_bf16" in cpu or "avx512_bf16" in cpu) else "no native bf16"
+    print(f"CPU: {model_name} ({bf16}), {os.cpu_count()} cores; dtype {a.dtype}, compile {a.compile}")
+
+    results_file = a.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    speed = {}  # arm -> (ms per step here, tokens per step)
+    for name in dict.fromkeys(["adamw", *names]):
+        sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}
+        speed[name] = calibrate(name, sets, a, data_dir, tok)
+        print(f"  {name}: {speed[name][0]:.0f} ms/step here ({speed[name][1]:,} tokens/step)", flush=True)
+    base_ms_per_token = speed["adamw"][0] / speed["adamw"][1]
+    for name in names:
+        sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}
+        ms, tokens_per_step = speed[name]
+        if a.ref_tokens_per_s:  # anchored: this arm's speed relative to the baseline, times the reference speed
+            ms = ms * (1000 / a.ref_tokens_per_s) / base_ms_per_token
+        for minutes in a.minutes:
+            steps = max(10, int(minutes * 60_000 / ms))
+            for seed in a.seeds:
+                key = f"{name}|{minutes:g}|{seed}"
+                if key in results:
+                    continue
+                out = a.out / "runs" / f"{name}-{minutes:g}min-seed{seed}"
+                run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.seed": str(seed),
+                                         "train.eval_tokens": "100000000"}, data_dir, tok), a.out / f"{out.name}.log")
+                pts = points(out)
+                val = [p for p in pts if p["kind"] == "val"][-1]
+                tr = [p for p in pts if p["kind"] == "train"]
+                results[key] = {"arm": name, "minutes": minutes, "seed": seed, "steps": steps, "ms_per_step": ms,
+                                "bpb": val["val_bpb"], "val_loss": val["val_loss"], "tokens": tr[-1]["tokens"],
+                                "tokens_per_s": tr[-1]["tokens"] / (steps * ms / 1000),
+                                "anchored": bool(a.ref_tokens_per_s)}
+                results_file.write_text(json.dumps(results, indent=1))
+                print(f"  {key}: {steps} steps, bpb {val['val_bpb']:.4f}", flush=True)
+    report(results, names, a)
+
+
+def report(results: dict, names: list[str], a) -> None:
+    print(f"\n{'arm':<18} {'budget':>6} {'bpb (mean)':>10} {'spread':>7} {'seeds':>5} {'steps':>6} {'tokens/s':>9} "
+          f"{'vs adamw':>8}")
+    rows = []
+    for minutes in a.minutes:
+        base = [r["bpb"] for r in results.values() if r["arm"] == "adamw" and r["minutes"] == minutes]
+        for name in names:
+            rs = [r for r in results.values() if r["arm"] == name and r["minutes"] == minutes]
+            if not rs:
+                continue
+            bpbs = [r["bpb"] for r in rs]
+            mean = statistics.mean(bpbs)
+            rel = f"{100 * (mean / statistics.mean(base) - 1):+.1f}%" if base else "-"
+            rows.append((name, minutes, mean, max(bpbs) - min(bpbs), len(bpbs)))
+            print(f"{name:<18} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
+                  f"{rs[0]['steps']:>6} {rs[0]['tokens_per_s']:>9,.0f} {rel:>8}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    labels = [f"{n} ({m:g} min)" for n, m, *_ in rows]
+    ax.barh(range(len(rows)), [r[2] for r in rows], xerr=[r[3] / 2 for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    lo = min(r[2] for r in rows)
+    ax.set_xlim(lo - 0.05, max(r[2] for r in rows) + 0.02)
+    ax.set_xlabel("bits per byte on the validation head (lower is better; bar = seed spread)")
+    ax.set_title("Equal wall-clock recipe study (CPU model, float32)")
+    fig.tight_layout()
+    fig.savefig(a.out / "recipe-study.png", dpi=110)
+    print(f"\nresults: {a.out / 'results.json'}; plot: {a.out / 'recipe-study.png'}")
+
+
+if __name__ == "__main__":
+    main()
