@@ -80,6 +80,12 @@ def points(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def speed_class(sets: dict[str, str]) -> tuple:
+    """The overrides that change the time of a step (shape, batch, optimizer); lr, schedule, init and seed don't."""
+    return tuple(sorted((k, v) for k, v in sets.items() if k.startswith("model.") or k in (
+        "train.batch_size", "train.optimizer", "train.dtype", "train.compile")))
+
+
 def calibrate(name: str, sets: dict[str, str], a, data_dir: Path, tok: Path) -> tuple[float, int]:
     """Milliseconds per optimizer step of this arm, training only (median over the logged intervals after the
     first, which includes compilation)."""
@@ -126,10 +132,13 @@ def main() -> None:
 
     results_file = a.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    speed = {}  # arm -> (ms per step here, tokens per step)
+    speed, measured = {}, {}  # arm -> (ms per step here, tokens per step); arms of one speed class share it
     for name in dict.fromkeys(["adamw", *names]):
         sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}
-        speed[name] = calibrate(name, sets, a, data_dir, tok)
+        key = speed_class(sets)
+        if key not in measured:
+            measured[key] = calibrate(name, sets, a, data_dir, tok)
+        speed[name] = measured[key]
         print(f"  {name}: {speed[name][0]:.0f} ms/step here ({speed[name][1]:,} tokens/step)", flush=True)
     base_ms_per_token = speed["adamw"][0] / speed["adamw"][1]
     for name in names:

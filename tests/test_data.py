@@ -325,5 +325,5 @@ def test_fetch_checks_free_disk_space_first(tmp_path):
     finally:
         srv.shutdown()
     line = one_line_error(r, "free disk", "GB", "--data-dir")
-    assert "needs 10000000.10 GB" in line  # the announced size + a 0.1 GB margin
+    assert "needs 20000000.10 GB" in line  # both files announce 10 PB; + a 0.1 GB margin
     assert Huge.ranges == []  # nothing downloaded

@@ -226,14 +226,13 @@ def test_eval_run_cache_and_reference(run_checkpoint, tmp_path):
 
 
 def test_eval_same_seed_same_samples(random_checkpoint, tmp_path):
-    from argparse import Namespace
-
     from tinystories.evaluate import evaluate
+    from tinystories.sampling import SamplingParams
 
-    args = dict(checkpoint=str(random_checkpoint), text=str(VALID_HEAD), max_tokens=300, num_stories=2, reference=None,
-                train_text=None, seed=7, max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.95, judge_url=None,
-                judge_model=None, judge_timeout=5.0, json=None, device="cpu")
-    a, b = evaluate(Namespace(**args), log=None), evaluate(Namespace(**args), log=None)
+    args = dict(text=str(VALID_HEAD), max_tokens=300, num_stories=2, reference=None, train_text=None,
+                sampling=SamplingParams(seed=7, max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.95),
+                judge_url=None, judge_model=None, judge_timeout=5.0, device="cpu")
+    a, b = evaluate(random_checkpoint, **args, log=None), evaluate(random_checkpoint, **args, log=None)
     assert [s["text"] for s in a["samples"]] == [s["text"] for s in b["samples"]]
     assert a["tokens"] == 300
     # the one-paragraph-per-line valid file is one document, its lines the reference stories

@@ -281,15 +281,17 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
     def enough() -> bool:
         return (train_tokens is not None and have_train >= train_tokens) or (left is not None and left <= 0)
 
-    def take(u: Unit, meta: dict) -> None:
+    def take(u: Unit, meta: dict, reused: bool) -> None:
+        """Count a finished unit; progress counts only the text tokenized now (not units reused from disk)."""
         nonlocal have_train, left, done_bytes, total
         metas[u.name] = meta
         have_train += meta["splits"].get("train", {}).get("tokens", 0)
         if u.role != "val" and left is not None:
             left -= meta["documents_read"]
+        if reused:
+            total -= u.size
+            return
         done_bytes += u.size
-        if train_tokens is not None and have_train:
-            total = max(total, done_bytes)
         if progress:
             progress(done_bytes, max(total, done_bytes))
 
@@ -300,9 +302,10 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
             if u.role != "val" and enough():
                 break
             meta = _read_meta(cache_dir, u)
-            if meta is None or (u.role != "val" and left is not None and meta["documents_read"] > left):
+            reused = meta is not None and not (u.role != "val" and left is not None and meta["documents_read"] > left)
+            if not reused:
                 meta = build_unit(tok_path, str(cache_dir), u, k, left if u.role != "val" else None, dtype)
-            take(u, meta)
+            take(u, meta, reused)
         return metas
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -321,7 +324,7 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
                 futures[q.name] = meta if meta is not None else pool.submit(
                     build_unit, tok_path, str(cache_dir), q, k, None, dtype)
             f = futures.pop(u.name)
-            take(u, f if isinstance(f, dict) else f.result())
+            take(u, f if isinstance(f, dict) else f.result(), isinstance(f, dict))
     finally:
         # done, enough, Ctrl-C or an error: stop the workers now; a unit they were on is left as temporary
         # files, removed by the next build (finished units stay)

@@ -140,6 +140,7 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # decay after warmup; wsd: constant, then linear
     cooldown_frac: float = 0.2  # wsd: the share of the run spent decaying to min_lr
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    loss_scale_init: float | None = None  # float16: the GradScaler's first loss scale (null: torch's 65536)
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
@@ -169,6 +170,11 @@ class TrainConfig(_Strict):
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr}) and lr > 0")
+        if not 0 < self.cooldown_frac <= 1:
+            raise ValueError(f"train.cooldown_frac={self.cooldown_frac} must be > 0 and <= 1 (the share of the run "
+                             f"that wsd spends decaying to min_lr)")
+        if self.loss_scale_init is not None and not 0 < self.loss_scale_init < math.inf:
+            raise ValueError(f"train.loss_scale_init={self.loss_scale_init} must be a positive number (or null)")
         return self
 
 

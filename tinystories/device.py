@@ -154,9 +154,11 @@ class DevicePolicy:
         """The context forward passes run under."""
         return autocast_ctx(torch.device(self.caps.type), self.dtype)
 
-    def make_grad_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler for this device, enabled only for float16 (a disabled one passes everything through)."""
-        return torch.amp.GradScaler(self.caps.type, enabled=self.grad_scaler)
+    def make_grad_scaler(self, init_scale: float | None = None) -> torch.amp.GradScaler:
+        """A GradScaler for this device, enabled only for float16 (a disabled one passes everything through);
+        `init_scale` (train.loss_scale_init): its first loss scale, None for torch's default."""
+        kw = {} if init_scale is None else {"init_scale": init_scale}
+        return torch.amp.GradScaler(self.caps.type, enabled=self.grad_scaler, **kw)
 
     def apply(self) -> None:
         """Process-wide math settings: TF32 matmuls on CUDA where the policy says so."""

@@ -156,7 +156,10 @@ def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
         if all(abs(lr - e) > tol(e) for e in exp):
             bad.append((step, lr, exp[0]))
     total = lengths[-1][1] if lengths else int(final_total)
-    want = (f"warmup {effective_warmup(t.warmup_steps, total)} steps to {t.lr:g}, cosine to {t.min_lr:g} at step {total}"
+    decay = {"cosine": "cosine", "linear": "linear",
+             "wsd": f"constant, then linear over the last {t.cooldown_frac:.0%}"}
+    want = (f"warmup {effective_warmup(t.warmup_steps, total)} steps to {t.lr:g}, {decay[t.lr_schedule]} to "
+            f"{t.min_lr:g} at step {total}"
             + ("; run length " + " -> ".join(f"{a} from step {s}" for s, a in lengths) if len(lengths) > 1 else ""))
     if len(bad) > max(1, 0.05 * len(pts)):
         step, lr, exp = bad[len(bad) // 2]

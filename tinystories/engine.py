@@ -203,9 +203,12 @@ class Engine:
         return out
 
     def close(self) -> None:
+        """Stop the decoding loop once it is idle (after its current step) and wait for it."""
         with self._lock:
             self._closed = True
             self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     def warm_up(self, log: Callable[[str], None] | None = None) -> None:
         """Run the batched decoding step for 1 and 2 rows (masked and not), so that a compiled step is compiled

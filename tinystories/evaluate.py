@@ -113,22 +113,25 @@ def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | Non
     if sources and all(p.is_file() for p in sources):
         from tinystories.textdata import iter_documents
 
+        read = [0]
+
         def capped():
-            n = 0
             for d in iter_documents(sources):
                 yield d
-                n += len(d)
-                if n >= TRAIN_VOCAB_BYTES:
+                read[0] += len(d)
+                if read[0] >= TRAIN_VOCAB_BYTES:
                     return
 
-        return vocabulary(capped()), ", ".join(str(p) for p in sources)
+        words = vocabulary(capped())
+        sample = f"the first {read[0] / 1e6:,.0f} MB of " if read[0] >= TRAIN_VOCAB_BYTES else ""  # issue 13: stated
+        return words, sample + ", ".join(str(p) for p in sources)
     split = cache.split("train")
     stream = split.stream()[:TRAIN_VOCAB_TOKENS]
     vocab: set[str] = set()
     step = 1_000_000
     for i in range(0, len(stream), step):  # chunks: words cut at a chunk edge are rare and harmless
         vocab |= vocabulary([tok.decode(np.asarray(stream[i : i + step], dtype=np.int64).tolist())])
-    return vocab, f"{cache.path} (train split, decoded)"
+    return vocab, f"{cache.path} (train split, the first {len(stream):,} tokens decoded)"
 
 
 def reference_stories(tok, cache, reference: str | None, text: str | None) -> tuple[list[str], str]:
@@ -136,8 +139,8 @@ def reference_stories(tok, cache, reference: str | None, text: str | None) -> tu
     if reference:
         return split_long_documents(read_documents(reference, "--reference"))[:REFERENCE_STORIES], str(reference)
     if cache is not None and cache.manifest["splits"]["val"]["tokens"]:
-        docs = split_long_documents(decode_docs(tok, cache.split("val"), REFERENCE_STORIES))
-        return docs[:REFERENCE_STORIES], f"{cache.path} (validation split)"
+        docs = split_long_documents(decode_docs(tok, cache.split("val"), REFERENCE_STORIES))[:REFERENCE_STORIES]
+        return docs, f"{cache.path} (validation split, the first {len(docs):,} stories)"
     if text:
         return split_long_documents(read_documents(text, "--text"))[:REFERENCE_STORIES], str(text)
     return [], "none (pass --reference FILE)"

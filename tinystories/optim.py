@@ -68,11 +68,18 @@ class Optimizers:
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
-        if "optimizers" not in state or len(state["optimizers"]) != len(self.optimizers):
-            raise UserError("the checkpoint's optimizer state was saved with another train.optimizer; resume with "
-                            "the optimizer the run was started with")
+        check_optimizer_state("muon", state)
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
+
+
+def check_optimizer_state(kind: str, state: dict) -> None:
+    """A checkpoint's optimizer state must come from the same train.optimizer (`kind`; Muon + AdamW saves one state
+    per optimizer, AdamW one): a one-line error naming the optimizer to resume with otherwise."""
+    saved = "muon" if "optimizers" in state else "adamw"
+    if saved != kind or (kind == "muon" and len(state["optimizers"]) != 2):  # [Muon, AdamW]
+        raise UserError(f"train.optimizer={kind}: the checkpoint's optimizer state was saved with "
+                        f"train.optimizer={saved}; resume with --set train.optimizer={saved}")
 
 
 def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device):

@@ -256,7 +256,8 @@ def _cmd_prepare(args) -> int:
     m = TokenCache.open(path).manifest
     secs = time.time() - t0
     size = sum(s["bytes"] for s in m["splits"].values())
-    speed = "" if hit else f" ({size / 1e6 / max(secs, 1e-9):.1f} MB/s of text, {args.workers or default_workers()} worker(s))"
+    workers = args.workers or default_workers()
+    speed = "" if hit else f" ({size / 1e6 / max(secs, 1e-9):.1f} MB/s of text, {workers} worker(s))"
     print(f"{'cache hit' if hit else f'built in {secs:.1f}s'}: {path}{speed}")
     if m.get("part"):
         part = m["part"]

@@ -9,6 +9,7 @@ Formats read (detected per file):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -294,6 +295,9 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
     except HfHubHTTPError as e:
         raise UserError(f"download of {HUB_REPO} failed ({str(e).splitlines()[0]})") from None
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{raw_dir}: the disk filled up during the download; free some space and rerun "
+                            f"`tinystories data fetch` (it resumes), or pass --data-dir on another disk") from None
         raise UserError(f"{offline} ({type(e).__name__})") from None
     except Exception as e:  # the HTTP client's connection errors (not OSError subclasses)
         if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore"):

@@ -60,7 +60,7 @@ from tinystories.device import (  # noqa: F401 (PEAK_BF16_FLOPS, cpu_has_bf16, p
 )
 from tinystories.errors import UserError
 from tinystories.model import Transformer
-from tinystories.optim import apply_schedule, make_optimizer, zero_init_residual_projections
+from tinystories.optim import apply_schedule, check_optimizer_state, make_optimizer, zero_init_residual_projections
 from tinystories.tokenizer import TextTokenizer, copy_tokenizer, tokenizer_file_name
 
 
@@ -422,7 +422,8 @@ class Run:
         self.tokens_per_step = self.global_batch * self.cfg.model.max_seq_len
         self.train_tokens = self.cache.manifest["splits"]["train"]["tokens"]
         self.amp = autocast_ctx(self.device, self.dtype)
-        self.scaler = self.policy.make_grad_scaler()  # float16: loss scaling; otherwise a pass-through
+        # float16: loss scaling; otherwise a pass-through
+        self.scaler = self.policy.make_grad_scaler(self.cfg.train.loss_scale_init)
         self.skipped_steps = 0  # optimizer steps the scaler skipped (inf/NaN gradients at the current scale)
         self.skipped_in_a_row = 0
         self.peak = peak_flops(self.device, self.dtype)
@@ -560,6 +561,7 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
         ck = read_checkpoint(run_dir, prefer="latest")
         check_compatible(ck, cfg, tok, resume=True, where=run_dir)
         trainer_state, state = load_trainer_state(ck.path), TrainState.from_dict(ck.state)
+        check_optimizer_state(cfg.train.optimizer, trainer_state["optimizer"])  # before anything is written
     torch.manual_seed(cfg.train.seed + d.rank)
     model = Transformer(cfg.model)
     if resume:
@@ -834,8 +836,10 @@ class Trainer:
             self.evaluate_and_save(step, final=True)  # also after an early stop
         except NonFiniteLoss as e:
             self.reporter.close()
-            what = ("the gradients overflowed float16 at every loss scale" if run.skipped_in_a_row
-                    else "the loss became NaN/inf")
+            # a NaN loss in float16 also makes its step's gradients overflow (one skip): only the scaler's own
+            # give-up (MAX_SKIPPED_IN_A_ROW) is reported as overflow
+            what = ("the gradients overflowed float16 at every loss scale"
+                    if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW else "the loss became NaN/inf")
             raise UserError(f"{what} at step {e.args[0]}; the last good checkpoint is kept in "
                             f"{run.dir / 'checkpoints' / 'latest'}. Lower train.lr or raise warmup_steps, then "
                             f"`tinystories train --resume {run.dir}`") from None

@@ -1,0 +1,61 @@
+"""Right-size the CPU model to the machine and the time budget (quickstart).
+
+A time budget buys tokens: tokens/s = this CPU's measured matmul peak (calibrate.py, in the dtype the device
+policy trains in) x the share of it a shape reaches (MFU, measured with benchmarks/train_throughput.py) / the
+shape's FLOPs per token. The recipe study (benchmarks/recipe_study.py, docs/training-recipe.md) found which shape
+reaches the lowest loss for a given number of tokens; `choose_cpu_shape` applies that table to the tokens this
+budget buys here and says why in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinystories.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    mfu: float  # share of the matmul peak its training step reaches (compiled, batch 16 x 256)
+    min_tokens: float  # the fewest training tokens at which the study found it beats the next smaller shape
+
+    def overrides(self) -> list[str]:
+        return [f"model.dim={self.dim}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}"]
+
+    def flops_per_token(self, vocab: int, seq_len: int = 256) -> float:
+        """Training FLOPs per token, the model's own count (built on the meta device: nothing is allocated)."""
+        from tinystories.model import Transformer
+
+        cfg = ModelConfig(vocab_size=vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                          max_seq_len=seq_len)
+        with torch.device("meta"):
+            return Transformer(cfg).flops_per_token()
+
+
+# smallest first; the study's table (docs/training-recipe.md)
+CPU_SHAPES = [
+    Shape("dim 192, 4 layers", 192, 4, 6, mfu=0.35, min_tokens=0),
+    Shape("dim 256, 6 layers", 256, 6, 8, mfu=0.45, min_tokens=2.0e6),
+]
+
+
+def choose_cpu_shape(minutes: float, vocab: int, dtype: torch.dtype, describe_cpu: str) -> tuple[Shape, str]:
+    """The shape the study recommends for the tokens `minutes` of training buy on this CPU, and the line that
+    says why."""
+    from tinystories.device import peak_flops
+
+    peak = peak_flops(torch.device("cpu"), dtype)
+    choice, tokens = CPU_SHAPES[0], 0.0
+    for shape in CPU_SHAPES:
+        t = minutes * 60 * peak * shape.mfu / shape.flops_per_token(vocab)
+        if t >= shape.min_tokens:
+            choice, tokens = shape, t
+    why = (f"{describe_cpu}, {peak / 1e9:,.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}): "
+           f"{choice.name}, {vocab // 1024}K vocab for {minutes:g} min (~{tokens / 1e6:.1f}M tokens)")
+    return choice, why
