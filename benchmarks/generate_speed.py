@@ -101,7 +101,8 @@ def bench_config(name: str, cfg: dict, args) -> None:
         _, b_cached = time_ours(model, long_prompts, n_nc, True)
         same = "same tokens" if b_cached == b else "TOKENS DIFFER"
         print(f"{name:24} {n_params:5.1f}M  batch {batch}  context {ctx:3d}  kv-cache {cached:7.1f} tok/s  "
-              f"compiled {fast:7.1f} tok/s ({compile_s:4.1f}s to compile)  no-cache (last {n_nc}) {uncached:6.1f} tok/s  "
+              f"compiled {fast:7.1f} tok/s ({compile_s:4.1f}s to compile)  "
+              f"no-cache (last {n_nc}) {uncached:6.1f} tok/s  "
               f"cache speedup {cached / uncached:5.1f}x  ({same})", flush=True)
 
 
@@ -146,8 +147,8 @@ def vs_transformers(args) -> float:
     for name in ("eager", "compiled"):
         same = "same greedy tokens" if tokens[name] == tokens["transformers"] else "greedy tokens differ"
         extra = f", compiling took {compile_s:.1f}s once" if name == "compiled" else ""
-        print(f"seed 23M batch 1, {new} new tokens: tinystories {name} {best[name]:.1f} tok/s, transformers {hf_tps:.1f} "
-              f"tok/s, speedup {best[name] / hf_tps:.2f}x ({same}{extra})")
+        print(f"seed 23M batch 1, {new} new tokens: tinystories {name} {best[name]:.1f} tok/s, "
+              f"transformers {hf_tps:.1f} tok/s, speedup {best[name] / hf_tps:.2f}x ({same}{extra})")
     if args.hf_compiled:  # transformers' own fast path: a static cache and torch.compile of the forward
         hf.forward = torch.compile(hf.forward, options={"cpp_wrapper": True})
         t = time.perf_counter()
@@ -191,7 +192,8 @@ def breakdown(args) -> None:
         return per_call_ms(one)
 
     with torch.inference_mode():
-        gemv = min(per_call_ms(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]) for _ in range(3))
+        gemv = min(per_call_ms(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
+                   for _ in range(3))
         mb = sum(w.numel() for w in weights) * 4 / 1e6
         eager = min(step_ms(model) for _ in range(3))
         compiled = build(SEED_CONFIG).compile_decoding()
@@ -225,7 +227,8 @@ def main() -> None:
                     help="with --vs-transformers: also time transformers with a static cache and torch.compile")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time a batch-1 step against its weight matrix-vector products alone (seed shape)")
-    ap.add_argument("--skip-cache-bench", action="store_true", help="skip the cache table: only --vs-transformers and/or --breakdown")
+    ap.add_argument("--skip-cache-bench", action="store_true",
+                    help="skip the cache table: only --vs-transformers and/or --breakdown")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, greedy", flush=True)
     if not args.skip_cache_bench:

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_scale import _tree_rss  # noqa: E402
 
-TRAIN_HEAD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories" / "TinyStories-train-head.txt"
+TRAIN_HEAD = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+              / "TinyStories-train-head.txt")
 
 
 def main() -> None:

@@ -5,9 +5,11 @@ otherwise) on the shared 2 MB train head for the same wall-clock budget, and is 
 shared validation head (the trainer's final evaluation over every validation token).
 
 Equal wall-clock, measured robustly: first each arm's training speed (ms per optimizer step, evaluation excluded)
-is measured in a short run on this machine (`--calib-steps`); then each arm trains for the number of steps its
-speed buys in the budget. On a quiet machine this is what `train.max_minutes` does; unlike it, the quality figures
-stay right when other processes share the CPU (only the step counts depend on the calibration).
+is measured in a short run on this machine (`--calib-steps`), as the CPU seconds the trainer's process spends per
+step (metrics.jsonl `cpu_s`) over its threads, which other processes on the machine change far less than they
+change wall time; then each arm trains for the number of steps its speed buys in the budget. On a quiet machine
+this is what `train.max_minutes` does; unlike it, the quality figures stay right when other processes share the
+CPU.
 
 `--ref-tokens-per-s X` anchors the budget to another machine instead: the baseline arm (adamw) gets the tokens X
 tokens/s buy in the budget, and every other arm its share by its speed relative to the baseline, measured here in
@@ -17,6 +19,9 @@ when run on a busy machine or one with AMX.
 
     python benchmarks/recipe_study.py --minutes 5 10 --seeds 1 2 --out /tmp/recipe-study
     python benchmarks/recipe_study.py --arms adamw,muon --minutes 2 --seeds 1 --out /tmp/rs   # a quick look
+
+To study a CPU without native bf16 on one that has it, limit torch's kernels to AVX2 (ATen, oneDNN and MKL):
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/recipe_study.py ...
 
 It prints one table row per (arm, budget): mean bits per byte over the seeds and their spread, steps, tokens/s;
 writes results.json (every run) and recipe-study.png to --out. Rerunning with the same --out reuses finished runs.
@@ -31,6 +36,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
@@ -69,7 +76,7 @@ def run_cli(args: list[str], log: Path) -> None:
 def train_args(out: Path, sets: dict[str, str], data_dir: Path, tok: Path) -> list[str]:
     args = ["train", "--config", "configs/cpu.yaml", "--data", str(SHARED), "--out", str(out), "--force"]
     fixed = {"data.data_dir": str(data_dir), "tokenizer.path": str(tok), "train.max_minutes": "null",
-             "train.checkpoint_interval": "1000000", "train.eval_interval": "1000000", "train.log_interval": "10",
+             "train.checkpoint_interval": "1000000", "train.eval_interval": "1000000", "train.log_interval": "5",
              "train.sample_tokens": "1"}
     for k, v in {**fixed, **sets}.items():
         args += ["--set", f"{k}={v}"]
@@ -97,9 +104,12 @@ def calibrate(name: str, sets: dict[str, str], a, data_dir: Path, tok: Path) -> 
     steps = a.calib_steps + 10
     run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.eval_tokens": "256"}, data_dir, tok),
             a.out / f"calib-{name}.log")
-    tr = [p for p in points(out) if p["kind"] == "train"][1:]
+    tr = [p for p in points(out) if p["kind"] == "train"]
     tokens_per_step = int(tr[-1]["tokens"] / tr[-1]["step"])
-    ms = statistics.median(1000 * tokens_per_step / p["tokens_per_s"] for p in tr)
+    # CPU seconds per step (all threads) over the logged intervals after the first (compilation), divided by the
+    # threads: on an idle machine that is the wall time; on a busy one it still is, where wall time is not
+    per_step = [(b["cpu_s"] - a["cpu_s"]) / (b["step"] - a["step"]) for a, b in zip(tr[1:], tr[2:])]
+    ms = 1000 * statistics.median(per_step) / torch.get_num_threads()
     done.write_text(json.dumps({"ms": ms, "tokens_per_step": tokens_per_step}))
     return ms, tokens_per_step
 
@@ -127,8 +137,12 @@ def main() -> None:
                 a.out / "tokenizer.log")
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    bf16 = "native bf16" if ("amx_bf16" in cpu or "avx512_bf16" in cpu) else "no native bf16"
-    print(f"CPU: {model_name} ({bf16}), {os.cpu_count()} cores; dtype {a.dtype}, compile {a.compile}")
+    from tinystories.device import cpu_has_bf16
+
+    bf16 = "native bf16" if cpu_has_bf16() else "no native bf16 as torch runs it"
+    print(f"CPU: {model_name} ({bf16}; torch kernels: {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA limit: "
+          f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}), {os.cpu_count()} cores; dtype {a.dtype}, "
+          f"compile {a.compile}")
 
     results_file = a.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}

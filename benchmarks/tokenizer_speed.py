@@ -14,7 +14,8 @@ from pathlib import Path
 from tinystories.textdata import iter_documents
 from tinystories.tokenizer import load_tokenizer, train_bpe
 
-TRAIN_HEAD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories" / "TinyStories-train-head.txt"
+TRAIN_HEAD = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+              / "TinyStories-train-head.txt")
 
 
 def main() -> None:

@@ -73,7 +73,8 @@ def train_metrics(run_dir: Path) -> dict:
     points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [p for p in points if p["kind"] == "train"]
     tps = [p["tokens_per_s"] for p in train[1:]] or [p["tokens_per_s"] for p in train]  # first interval: warm-up
-    return {"tokens_per_s": sum(tps) / len(tps) if tps else None, "train_seconds": points[-1]["time"] if points else None}
+    return {"tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "train_seconds": points[-1]["time"] if points else None}
 
 
 def overall_rate(tokens: int, seconds: float | None) -> float | None:
@@ -122,9 +123,11 @@ def run_arm(arm: str, out: Path, minutes: float, stories: int, max_new_tokens: i
         "params": {"total": n_total, "embedding": n_total - n_body, "non_embedding": n_body,
                    "embedding_share": (n_total - n_body) / n_total},
         "train": {"minutes_budget": minutes, "steps": ck.state["step"], "tokens_seen": ck.state["tokens"],
-                  "epochs": ck.state["epoch"], "tokens_per_s": tm["tokens_per_s"] or overall_rate(ck.state["tokens"], tm["train_seconds"]),
+                  "epochs": ck.state["epoch"],
+                  "tokens_per_s": tm["tokens_per_s"] or overall_rate(ck.state["tokens"], tm["train_seconds"]),
                   "tokens_per_s_logged": tm["tokens_per_s"],
-                  "tokens_per_s_overall": overall_rate(ck.state["tokens"], tm["train_seconds"]), "train_seconds": tm["train_seconds"],
+                  "tokens_per_s_overall": overall_rate(ck.state["tokens"], tm["train_seconds"]),
+                  "train_seconds": tm["train_seconds"],
                   "wall_seconds": wall_train, "final_val_loss_in_training": summary["metrics"].get("val_loss"),
                   "torch_threads": torch.get_num_threads()},
         "eval": {"text": str(text), "tokens": ev["tokens"], "bytes": ev["bytes"],
@@ -154,11 +157,14 @@ def table(results: list[dict]) -> str:
         m = r["stories"]["model"]
         lines.append(
             f"| {name} | {r['tokenizer']['vocab_size']:,} | {r['eval']['bytes_per_token']:.2f} | "
-            f"{r['params']['embedding'] / 1e6:.2f}M ({r['params']['embedding_share']:.0%}) | {r['params']['total'] / 1e6:.2f}M | "
-            f"{fmt(r['train']['tokens_per_s'], '{:,.0f}')} | {r['train']['tokens_seen'] / 1e6:.2f}M ({r['train']['epochs']:.2f}) | "
+            f"{r['params']['embedding'] / 1e6:.2f}M ({r['params']['embedding_share']:.0%}) | "
+            f"{r['params']['total'] / 1e6:.2f}M | "
+            f"{fmt(r['train']['tokens_per_s'], '{:,.0f}')} | "
+            f"{r['train']['tokens_seen'] / 1e6:.2f}M ({r['train']['epochs']:.2f}) | "
             f"**{r['eval']['bits_per_byte']:.3f}** | {fmt(m['articles_per_100_words'], '{:.2f}')} | "
             f"{fmt(m['stories_with_articles'], '{:.0%}')} | {fmt(m['invented_words'], '{:.2%}')} |")
-    lines.append(f"| real stories (validation head) | | | | | | | | {fmt(ref.get('articles_per_100_words'), '{:.2f}')} | "
+    lines.append(f"| real stories (validation head) | | | | | | | | "
+                 f"{fmt(ref.get('articles_per_100_words'), '{:.2f}')} | "
                  f"{fmt(ref.get('stories_with_articles'), '{:.0%}')} | {fmt(ref.get('invented_words'), '{:.2%}')} |")
     return "\n".join(lines)
 
@@ -205,10 +211,12 @@ def main() -> int:
     ap.add_argument("--stories", type=int, default=20, help="stories generated per arm for the statistics (default 20)")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--eval-bytes", type=int, default=0,
-                    help="score only the first whole lines of the validation head up to this many bytes (0 = all of it)")
+                    help="score only the first whole lines of the validation head up to this many bytes "
+                         "(0 = all of it)")
     ap.add_argument("--json", default=str(ROOT / "docs" / "vocab-study.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "vocab-study.png"))
-    ap.add_argument("--reuse", action="store_true", help="reuse an arm's result.json when present (finish an interrupted study)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse an arm's result.json when present (finish an interrupted study)")
     args = ap.parse_args()
 
     arms = [a.strip() for a in args.vocabs.split(",") if a.strip()]

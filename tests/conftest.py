@@ -22,7 +22,9 @@ if not TRAIN_HEAD.is_file():
     pytest.exit(f"real data not found at {DATA_DIR}: the tests need ../shared beside the repository", returncode=2)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m tinystories ARGS` in a subprocess (the real CLI, exit code and all)."""
     return subprocess.run(
         [sys.executable, "-m", "tinystories", *map(str, args)],

@@ -175,7 +175,8 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def hub_server():
     train = TRAIN_HEAD.read_bytes()[:200_000]
-    _HubHandler.files = {"TinyStoriesV2-GPT4-train.txt": train, "TinyStoriesV2-GPT4-valid.txt": VALID_HEAD.read_bytes()[:50_000]}
+    _HubHandler.files = {"TinyStoriesV2-GPT4-train.txt": train,
+                         "TinyStoriesV2-GPT4-valid.txt": VALID_HEAD.read_bytes()[:50_000]}
     _HubHandler.requests = []
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -186,8 +187,8 @@ def hub_server():
 
 def test_fetch_downloads_from_the_hub_endpoint(tmp_path, hub_server):
     url, handler = hub_server
-    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_OFFLINE": "0"}
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
     r = run_cli("data", "fetch", "--data-dir", tmp_path / "data", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     raw = tmp_path / "data" / "raw"

@@ -62,7 +62,8 @@ def _cmd(nproc: int, args: list[str]) -> list[str]:
 
 def _sets(data: "Data", *extra: str) -> list[str]:
     out = []
-    for kv in [*BASE, f"data.data_dir={data.data_dir}", f"data.source={TRAIN_HEAD}", f"tokenizer.path={data.tok}", *extra]:
+    paths = [f"data.data_dir={data.data_dir}", f"data.source={TRAIN_HEAD}", f"tokenizer.path={data.tok}"]
+    for kv in [*BASE, *paths, *extra]:
         out += ["--set", kv]
     return out
 

@@ -77,7 +77,8 @@ def _cosine(step: int) -> float:
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, random_checkpoint, cache4k) -> Path:
-    return make_run(tmp_path_factory.mktemp("good") / "run", random_checkpoint, cache4k, [6.0, 4.5, 3.8, 3.4, 3.2], _cosine)
+    return make_run(tmp_path_factory.mktemp("good") / "run", random_checkpoint, cache4k,
+                    [6.0, 4.5, 3.8, 3.4, 3.2], _cosine)
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,8 @@ def test_eval_text_bpb_matches_hand_computation(random_checkpoint, tmp_path, jud
     assert res["perplexity"] == pytest.approx(math.exp(res["loss_per_token"]), rel=1e-6)
     for key in ("bits_per_byte", "loss_per_token", "perplexity", "tokens", "stories", "samples", "judge"):
         assert key in res
-    assert len(res["samples"]) == 3 and [s["prompt"] for s in res["samples"]] == ["Once upon a time", "One day,", "Lily and Ben"]
+    assert (len(res["samples"]) == 3
+            and [s["prompt"] for s in res["samples"]] == ["Once upon a time", "One day,", "Lily and Ben"])
     assert res["stories"]["model"]["stories"] == 3 and res["stories"]["reference"]["stories"] == 3
     assert res["judge"]["judged"] == 3 and res["judge"]["means"]["plot"] == 6.0
     assert "bits per byte" in r.stdout and "articles per 100 words" in r.stdout and "means (1-10)" in r.stdout

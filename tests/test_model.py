@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from tinystories.config import ModelConfig
 from tinystories.model import KVCache, Transformer
 from tinystories.sampling import SamplingParams, StreamDecoder, apply_repetition_penalty, generate_texts, sample
@@ -96,7 +96,8 @@ def test_generate_cli_compiled_equals_eager(random_checkpoint):
     eager, compiled = run_cli(*args), run_cli(*args, "--compile")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and eager.stdout.count("--- story") == 2
-    assert "warning" not in compiled.stderr and "compiled in" in compiled.stderr  # compiled before, not during, the stories
+    # compiled before, not during, the stories
+    assert "warning" not in compiled.stderr and "compiled in" in compiled.stderr
 
 
 def _teacher_forced_logits(model, x: torch.Tensor, prefix: int) -> torch.Tensor:

@@ -409,7 +409,8 @@ def test_compiled_server_serves_concurrent_requests_like_the_eager_sampler(check
     model, ck = load_model(checkpoint)
     for body, r in zip(bodies, outs):
         assert r.status_code == 200, r.text
-        expected = generate_texts(model, ck.tokenizer, body["prompt"], SamplingParams(max_new_tokens=40, seed=body["seed"]))
+        params = SamplingParams(max_new_tokens=40, seed=body["seed"])
+        expected = generate_texts(model, ck.tokenizer, body["prompt"], params)
         assert body["prompt"] + r.json()["text"] == expected[0]["text"]
 
 

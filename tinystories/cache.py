@@ -400,7 +400,8 @@ class TokenCache:
             raise UserError(f"{path}: not a token cache (no manifest.json); build one with `tinystories data prepare`")
         manifest = json.loads(mf.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: cache format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it with `tinystories data prepare`")
+            raise UserError(f"{path}: cache format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                            "rebuild it with `tinystories data prepare`")
         return cls(path, manifest)
 
     def split(self, name: str) -> Split:
@@ -417,6 +418,7 @@ class TokenCache:
     def check_tokenizer(self, tok: TextTokenizer) -> None:
         if tok.sha256 != self.tokenizer_sha256:
             raise UserError(
-                f"{self.path}: this cache was built with tokenizer {self.manifest['tokenizer']['path']}, not {tok.path}; "
+                f"{self.path}: this cache was built with tokenizer {self.manifest['tokenizer']['path']}, "
+                f"not {tok.path}; "
                 f"run `tinystories data prepare --tokenizer {tok.path}` to build a matching cache"
             )

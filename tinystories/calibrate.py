@@ -3,7 +3,8 @@
 A CPU has no datasheet figure we can look up: its FLOP rate depends on the cores torch may use, the vector units
 (AVX2, AVX-512, AMX) and the dtype (bf16 is fast only with AMX / AVX512-BF16). `cpu_matmul_peak(dtype)` times square
 matmuls for about a second and keeps the best rate; the result is cached per machine (CPU model, threads, torch
-version, dtype) in ~/.cache/tinystories/ (or $TINYSTORIES_CACHE), so later runs pay nothing.
+version, dtype, the instruction set torch may use) in ~/.cache/tinystories/ (or $TINYSTORIES_CACHE), so later runs
+pay nothing; a figure measured while the machine was busy (load average above half the cores) is not cached.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ CALIBRATION_SIZE = 2048  # a 2048^3 matmul: large enough to reach the kernels' s
 
 
 def _cache_file(dtype: torch.dtype) -> Path:
-    key = f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+    key = (f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{dtype}|"
+           f"{torch.backends.cpu.get_cpu_capability()}|{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
     root = Path(os.environ.get("TINYSTORIES_CACHE", Path.home() / ".cache" / "tinystories"))
     return root / f"cpu-peak-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
@@ -49,6 +51,8 @@ def cpu_matmul_peak(dtype: torch.dtype) -> float:
     except (OSError, ValueError, KeyError):
         pass
     flops = measure_matmul_flops(dtype)
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        return flops  # other work shares the CPU: this figure is too low to keep; measure again next time
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps({"flops": flops, "cpu": cpu_name(), "threads": torch.get_num_threads(),

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from tinystories.atomic import write_text_atomic
+from tinystories.defaults import TOKENIZER_MAX_STORIES
 from tinystories.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; the repo's configs/ links here
@@ -105,7 +106,7 @@ class TokenizerConfig(_Strict):
     vocab_size: int = 10000
     # trained on the first N stories (a bounded, deterministic sample; null = every story): see
     # benchmarks/tokenizer_sample.py for where held-out bytes/token stops improving
-    max_stories: int | None = 100_000
+    max_stories: int | None = TOKENIZER_MAX_STORIES
 
     @field_validator("max_stories")
     @classmethod

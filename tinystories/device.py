@@ -101,9 +101,18 @@ def pick_device(pref: str, d: Dist | None = None) -> torch.device:
         raise UserError(f"device {pref!r}: not a torch device (use auto, cpu, cuda, cuda:1 or mps)") from None
 
 
+def cpu_bf16_feature() -> str:
+    """The native-bf16 feature torch can use on this CPU ("amx_bf16", "avx512_bf16"), "" when none: the CPU must
+    have it and torch's kernels must not be limited below AVX-512 (ATEN_CPU_CAPABILITY=avx2, which together with
+    ONEDNN_MAX_CPU_ISA=AVX2 also makes a machine with bf16 behave like one without, for measurements)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ""
+    return _cpu_feature("amx_bf16", "avx512_bf16")
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 on this CPU (AMX or AVX512-BF16), where bf16 autocast is faster than float32."""
-    return bool(_cpu_feature("amx_bf16", "avx512_bf16"))
+    return bool(cpu_bf16_feature())
 
 
 @dataclass(frozen=True)
@@ -291,7 +300,7 @@ def detect_caps(device: torch.device) -> DeviceCaps:
         name = mps.get_name() if hasattr(mps, "get_name") else "Apple silicon"
         return DeviceCaps("mps", name=name, mps_bf16=mps.is_macos_or_newer(14, 0), triton=triton)
     return DeviceCaps(device.type, name=cpu_name() if device.type == "cpu" else "",
-                      cpu_bf16=_cpu_feature("amx_bf16", "avx512_bf16"),  # what cpu_has_bf16() asks
+                      cpu_bf16=cpu_bf16_feature(),
                       cpu_fp16=_cpu_feature("amx_fp16", "avx512_fp16"),
                       cpu_isa=torch.backends.cpu.get_cpu_capability(), triton=triton)
 

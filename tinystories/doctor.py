@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tinystories.defaults import SAMPLE_STORIES
 from tinystories.errors import UserError
 
 ARTICLE_PIECES = ("the", "a", "an")
@@ -20,7 +21,6 @@ MIN_ARTICLE_SHARE = 0.02  # " the" + " a" + " an" are ~6% of tokens in real Tiny
 MIN_TOKENS_PER_ENTRY = 100  # train tokens per vocabulary entry
 MAX_UNUSED_SHARE = 0.30  # BPE intermediate merges are often unused even on the text it was trained on
 COUNT_TOKENS = 50_000_000  # count at most this many train tokens
-SAMPLE_STORIES = 8
 
 
 @dataclass
@@ -54,7 +54,8 @@ def check_articles(tok, counts: np.ndarray | None) -> Check:
     split = [f"' {w}'" for w, i in ids.items() if i is None]
     if split:
         return Check("article tokens", "FAIL",
-                     f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} split into several tokens by {tok.path.name} "
+                     f"{', '.join(split)} {'is' if len(split) == 1 else 'are'} split into several tokens "
+                     f"by {tok.path.name} "
                      f"({tok.vocab_size:,} entries): the model must spell the commonest words piece by piece",
                      "train a tokenizer with a larger vocabulary on TinyStories, e.g. `tinystories tokenizer train "
                      "--vocab-size 4096 --out data/tok4k`, rebuild the cache with it and retrain")
@@ -65,7 +66,8 @@ def check_articles(tok, counts: np.ndarray | None) -> Check:
     detail = ", ".join(f"' {w}' {shares[w]:.2%}" for w in ARTICLE_PIECES) + " of train tokens"
     if sum(shares.values()) < MIN_ARTICLE_SHARE:
         return Check("article tokens", "WARN", f"single tokens but rare: {detail}",
-                     "the text or the tokenizer does not look like TinyStories English; check the run's data.source and tokenizer")
+                     "the text or the tokenizer does not look like TinyStories English; "
+                     "check the run's data.source and tokenizer")
     return Check("article tokens", "PASS", f"single tokens; {detail}")
 
 
@@ -74,7 +76,8 @@ def check_cache(tok, state: dict) -> tuple[Check, object]:
 
     cache_dir = state.get("cache_dir")
     if not cache_dir:
-        return Check("cache matches tokenizer", "SKIP", "the checkpoint records no cache_dir (imported checkpoint?)"), None
+        return Check("cache matches tokenizer", "SKIP",
+                     "the checkpoint records no cache_dir (imported checkpoint?)"), None
     if not (Path(cache_dir) / "manifest.json").is_file():
         return Check("cache matches tokenizer", "WARN", f"the run's cache {cache_dir} is gone",
                      "rebuild it with `tinystories data prepare --tokenizer CHECKPOINT_DIR --from SOURCE` "
@@ -89,8 +92,8 @@ def check_cache(tok, state: dict) -> tuple[Check, object]:
                      f"cache {cache.manifest.get('fingerprint', Path(cache_dir).name)} was built with tokenizer "
                      f"{cache.manifest['tokenizer'].get('path', '?')} (sha256 {want[:12]}), the checkpoint's tokenizer "
                      f"is sha256 {tok.sha256[:12]}: the model learned from ids that mean other text",
-                     f"rebuild the cache with the run's tokenizer: `tinystories data prepare --tokenizer {tok.path.parent} "
-                     f"--from SOURCE`, then retrain"), cache
+                     f"rebuild the cache with the run's tokenizer: "
+                     f"`tinystories data prepare --tokenizer {tok.path.parent} --from SOURCE`, then retrain"), cache
     return Check("cache matches tokenizer", "PASS",
                  f"cache {cache.manifest.get('fingerprint', '')} built with this tokenizer (sha256 {want[:12]})"), cache
 
@@ -109,7 +112,8 @@ def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
     if isinstance(val[-1].get("train_loss"), (int, float)):
         gap = last - float(val[-1]["train_loss"])
     gap_txt = f"; train/val gap {gap:+.3f}" if gap is not None else ""
-    trend = f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) -> last {last:.3f} (step {val[-1].get('step')}){gap_txt}"
+    trend = (f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) "
+             f"-> last {last:.3f} (step {val[-1].get('step')}){gap_txt}")
     dropout = cfg.model.dropout if cfg is not None else 0.0
     more_dropout = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + 0.1):.1f}" if dropout > 0
                     else "add model.dropout=0.1")
@@ -170,6 +174,12 @@ def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
     return Check(name, "PASS", f"{len(pts)} logged lrs follow {want}")
 
 
+def _base_symbol(piece: str) -> bool:
+    """A tokenizer's base alphabet entry: one symbol (byte-level BPE's 256 bytes, a SentencePiece character) or a
+    SentencePiece byte-fallback piece like <0x0A>."""
+    return len(piece) == 1 or (piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6)
+
+
 def check_vocab_size(tok, cache, counts: np.ndarray | None) -> Check:
     name = "vocabulary vs data"
     if cache is None:
@@ -178,15 +188,20 @@ def check_vocab_size(tok, cache, counts: np.ndarray | None) -> Check:
     per_entry = train_tokens / tok.vocab_size
     unused = None
     if counts is not None:
+        # entries that can be unused harmlessly: special tokens and the single-byte base alphabet (a byte-level BPE
+        # keeps all 256 bytes for coverage; most never occur in English stories). Learned merges must be used.
         special = tok.special_ids
-        unused = int(sum(1 for i in range(tok.vocab_size) if counts[i] == 0 and i not in special))
+        unused = int(sum(1 for i in range(tok.vocab_size) if counts[i] == 0 and i not in special
+                         and not _base_symbol(tok.id_to_piece(i))))
     detail = f"{train_tokens:,} train tokens for {tok.vocab_size:,} entries ({per_entry:.0f} tokens per entry)"
     if unused is not None:
         detail += f"; {unused:,} entries ({unused / tok.vocab_size:.1%}) never occur in the train split"
     if per_entry < MIN_TOKENS_PER_ENTRY or (unused is not None and unused / tok.vocab_size > MAX_UNUSED_SHARE):
         suggest = max(512, min(tok.vocab_size // 2, 2 ** int(math.log2(max(train_tokens // 1000, 512)))))
-        return Check(name, "WARN", f"large vocabulary on small data: {detail}; rare entries get too few updates to learn",
-                     f"use a smaller vocabulary (e.g. `tinystories tokenizer train --vocab-size {suggest}`) or much more data")
+        return Check(name, "WARN",
+                     f"large vocabulary on small data: {detail}; rare entries get too few updates to learn",
+                     f"use a smaller vocabulary (e.g. `tinystories tokenizer train --vocab-size {suggest}`) "
+                     "or much more data")
     return Check(name, "PASS", detail)
 
 
@@ -206,7 +221,8 @@ def check_samples(model, tok, reference: list[str], n: int, samples: list[dict] 
     samples = samples if samples is not None else sample_stories(model, tok, n)
     got = story_stats([s["text"] for s in samples])["articles_per_100_words"] or 0.0
     if not reference:
-        return Check(name, "SKIP", f"{got:.1f} articles per 100 words in {n} samples; no reference text (pass --reference)")
+        return Check(name, "SKIP",
+                     f"{got:.1f} articles per 100 words in {n} samples; no reference text (pass --reference)")
     ref = story_stats(reference)["articles_per_100_words"] or 0.0
     detail = f"{got:.1f} articles per 100 words in {n} samples vs {ref:.1f} in real stories"
     if got < 0.5 * ref:
@@ -336,22 +352,3 @@ def _cmd_doctor(args) -> int:
     if args.json:
         write_json_report(args.json, [c.__dict__ for c in checks])
     return 1 if any(c.status == "FAIL" for c in checks) else 0
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    p = add_command(
-        sub, "doctor", "check a run for common mistakes (split article tokens, stale cache, overfitting, lr schedule, "
-        "vocabulary size, grammar of samples)",
-        "  tinystories doctor runs/tiny\n"
-        "  tinystories doctor runs/tiny --samples 0        # skip generating samples\n"
-        "  tinystories doctor runs/imported/checkpoint --reference ../shared/data/tinystories/TinyStories-valid-head.txt\n",
-        _cmd_doctor)
-    p.add_argument("run_dir", help="run directory (or a checkpoint directory)")
-    p.add_argument("--samples", type=int, default=SAMPLE_STORIES,
-                   help=f"stories to sample for the article and grammar checks (default {SAMPLE_STORIES}; 0 = skip)")
-    p.add_argument("--reference",
-                   help="real stories for the article and grammar comparisons (default: the run's validation split)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
-    p.add_argument("--json", help="also write the checks as JSON")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinystories.defaults import DEFAULT_STORIES
 from tinystories.errors import UserError
 
 OPENINGS = [
@@ -36,7 +37,6 @@ OPENINGS = [
     "In a small house in the woods,",
     "Sam wanted to",
 ]
-DEFAULT_STORIES = 20
 REFERENCE_STORIES = 300
 TRAIN_VOCAB_BYTES = 100 << 20  # read at most this much training text for the vocabulary
 TRAIN_VOCAB_TOKENS = 20_000_000  # or decode at most this many cached training tokens
@@ -61,7 +61,9 @@ def split_long_documents(docs: list[str]) -> list[str]:
 
 
 def read_documents(path: str | Path, flag: str | None = None) -> list[str]:
-    """The documents of a text file or directory; `flag` (e.g. "--reference") is the option that named it, for errors."""
+    """The documents of a text file or directory.
+
+    `flag` (e.g. "--reference") is the option that named it, for errors."""
     from tinystories.textdata import iter_documents, list_text_files
 
     if not Path(path).exists():
@@ -166,7 +168,6 @@ def generate_stories(model, tok, n: int, params, prompts: list[str] | None = Non
 
 
 # --- held-out prompts (issue 15) -------------------------------------------------------------------------------
-PROMPT_KINDS = ("openings", "held-out")
 PROMPT_MIN_WORDS = 8  # a first sentence shorter than this takes the second one with it
 
 
@@ -354,6 +355,48 @@ def pick_device(name: str | None) -> str:
     return str(resolve(name or "auto"))
 
 
+def _score_text(model, ck, cache, checkpoint, text, max_tokens: int | None, log) -> dict:
+    """The likelihood part of `evaluate`: score `text` (default: the run's validation split), at most `max_tokens`
+    tokens. Returns the report's "text" (what was scored), the likelihood figures and "likelihood_seconds"."""
+    from tinystories.likelihood import encode_documents, likelihood
+
+    tok = ck.tokenizer
+    out: dict = {}
+    t0 = time.time()
+    if text:
+        docs = read_documents(text, "--text")
+        stream, n_bytes = encode_documents(tok, docs)
+        if max_tokens and len(stream) > max_tokens + 1:
+            stream = stream[: max_tokens + 1]  # max_tokens predicted tokens
+            n_bytes = len(tok.decode(stream.tolist()).encode("utf-8"))
+        out["text"] = str(text)
+    else:
+        if cache is None:
+            where = ck.state.get("cache_dir")
+            why = f"the run's cache {where} is gone" if where else "this checkpoint does not record its token cache"
+            raise UserError(f"{checkpoint}: {why}; pass the text to score with --text FILE "
+                            f"(e.g. --text ../shared/data/tinystories/TinyStories-valid-head.txt)")
+        cache.check_tokenizer(tok)
+        split = cache.split("val")
+        if not split.tokens:
+            raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
+        stream, n_bytes = cut_stream(tok, split, max_tokens)
+        out["text"] = f"{cache.path} (validation split)"
+    if len(stream) < 2:
+        raise UserError(f"{out['text']}: no text to score")
+    bar = None
+    if log is not None and len(stream) > PROGRESS_TOKENS:  # long texts: tokens/s and ETA on stderr
+        from tinystories.prepare import Progress
+
+        bar = Progress("scoring", lambda line: print(line, file=sys.stderr, flush=True), unit="tokens", scale=1)
+    lk = likelihood(model, stream, n_bytes, window=model.cfg.max_seq_len, progress=bar)
+    if bar is not None:
+        bar.close()
+    out.update(lk)
+    out["likelihood_seconds"] = time.time() - t0
+    return out
+
+
 def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_tokens: int | None = None,
              num_stories: int = DEFAULT_STORIES, reference: str | Path | None = None,
              train_text: str | Path | None = None, sampling=None, judge_url: str | None = None,
@@ -363,14 +406,14 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
     tokens), `num_stories` sampled stories (SamplingParams `sampling`, default its defaults) against real ones,
     and the LLM judge at `judge_url` when given. Returns every figure as a dict (the JSON report)."""
     from tinystories.checkpoint import load_model
-    from tinystories.likelihood import encode_documents, likelihood
     from tinystories.sampling import SamplingParams
     from tinystories.story_stats import story_stats
 
     if num_stories < 0:
         raise UserError(f"--num-stories {num_stories}: must be >= 0 (0 skips generation)")
     if (judge_url is None) != (judge_model is None) and num_stories:
-        raise UserError("--judge-url and --judge-model go together (e.g. --judge-url http://localhost:8000 --judge-model gpt-4o-mini)")
+        raise UserError("--judge-url and --judge-model go together "
+                        "(e.g. --judge-url http://localhost:8000 --judge-model gpt-4o-mini)")
     params = (sampling or SamplingParams()).validate()
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: must be >= 1 (leave it out to score all the text)")
@@ -385,38 +428,7 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
     result: dict = {"checkpoint": str(ck.path), "step": ck.step, "device": device, "window": window}
 
     # likelihood
-    t0 = time.time()
-    if text:
-        docs = read_documents(text, "--text")
-        stream, n_bytes = encode_documents(tok, docs)
-        if max_tokens and len(stream) > max_tokens + 1:
-            stream = stream[: max_tokens + 1]  # max_tokens predicted tokens
-            n_bytes = len(tok.decode(stream.tolist()).encode("utf-8"))
-        result["text"] = str(text)
-    else:
-        if cache is None:
-            where = ck.state.get("cache_dir")
-            why = f"the run's cache {where} is gone" if where else "this checkpoint does not record its token cache"
-            raise UserError(f"{checkpoint}: {why}; pass the text to score with --text FILE "
-                            f"(e.g. --text ../shared/data/tinystories/TinyStories-valid-head.txt)")
-        cache.check_tokenizer(tok)
-        split = cache.split("val")
-        if not split.tokens:
-            raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
-        stream, n_bytes = cut_stream(tok, split, max_tokens)
-        result["text"] = f"{cache.path} (validation split)"
-    if len(stream) < 2:
-        raise UserError(f"{result['text']}: no text to score")
-    bar = None
-    if log is not None and len(stream) > PROGRESS_TOKENS:  # long texts: tokens/s and ETA on stderr
-        from tinystories.prepare import Progress
-
-        bar = Progress("scoring", lambda line: print(line, file=sys.stderr, flush=True), unit="tokens", scale=1)
-    lk = likelihood(model, stream, n_bytes, window=window, progress=bar)
-    if bar is not None:
-        bar.close()
-    result.update(lk)
-    result["likelihood_seconds"] = time.time() - t0
+    result.update(_score_text(model, ck, cache, checkpoint, text, max_tokens, log))
 
     # generated stories vs real ones
     result["sampling"] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
@@ -456,8 +468,8 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
                 result["stories"]["reference"].update(grammar_stats(ref, max_errors=keep))
         # --- end of grammar ---
         if judge_url:
-            result["judge"] = judge_stories(samples, judge_url, judge_model, judge_timeout,
-                                            log=(lambda m: print(m, end="", file=sys.stderr)) if sys.stderr.isatty() else None)
+            judge_log = (lambda m: print(m, end="", file=sys.stderr)) if sys.stderr.isatty() else None
+            result["judge"] = judge_stories(samples, judge_url, judge_model, judge_timeout, log=judge_log)
     return result
 
 
@@ -507,7 +519,8 @@ def format_result(r: dict, show_grammar_errors: int = 0) -> str:
             lines.append(j["skipped"])
         else:
             means = "  ".join(f"{k} {format_value(v, '{:.2f}')}" for k, v in j["means"].items())
-            lines.append(f"judge {j['model']} at {j['url']}: {j['judged']} stories graded, {j['malformed']} malformed replies")
+            lines.append(f"judge {j['model']} at {j['url']}: {j['judged']} stories graded, "
+                         f"{j['malformed']} malformed replies")
             lines.append(f"  means (1-10): {means}")
     return "\n".join(lines)
 
@@ -530,44 +543,3 @@ def _cmd_eval(args) -> int:
         write_json_report(args.json, result)
     print(format_result(result, show_grammar_errors=args.show_grammar_errors))
     return 0
-
-
-def _tokens_or_all(value: str) -> int | None:
-    """--max-tokens N or all (issue 13)"""
-    return None if value.strip().lower() == "all" else int(value)
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-    from tinystories.sampling import add_sampling_args
-
-    p = add_command(
-        sub, "eval", "likelihood (loss, perplexity, bits per byte), story statistics vs real stories, optional LLM judge",
-        "  tinystories eval --checkpoint runs/tiny                     # the run's validation split, 20 stories\n"
-        "  tinystories eval --checkpoint runs/tiny --text ../shared/data/tinystories/TinyStories-valid-head.txt --json eval.json\n"
-        "  tinystories eval --checkpoint runs/tiny --num-stories 0     # likelihood only\n"
-        "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n"
-        "  tinystories eval --checkpoint runs/tiny --prompts held-out --show-grammar-errors 5   # real story starts\n",
-        _cmd_eval)
-    p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
-    p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
-    p.add_argument("--max-tokens", type=_tokens_or_all, default=None,
-                   help="score at most this many tokens, or 'all' (default: all the text)")
-    p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES, help=f"stories to generate (default {DEFAULT_STORIES}; 0 = none)")
-    p.add_argument("--reference", help="real stories to compare with (default: the cache's validation split, else --text)")
-    p.add_argument("--train-text", help="training text for the invented-words statistic (default: the cache's sources)")
-    add_sampling_args(p, repetition_penalty=False)
-    p.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000 (POST /v1/chat/completions)")
-    p.add_argument("--judge-model", help="model name to send to the judge")
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
-    p.add_argument("--json", help="write every figure and the samples to this JSON file")
-    # --- issue 15: prompts and grammar ---
-    p.add_argument("--prompts", choices=PROMPT_KINDS, default="openings",
-                   help="openings: the fixed story openings (default); held-out: the first sentence or two of real "
-                        "held-out stories (the reference), as in the TinyStories paper (the judge sees the same)")
-    p.add_argument("--show-grammar-errors", type=int, default=0, metavar="N",
-                   help="print N generated sentences the grammar parser (link-parser) rejects, with their stories")
-    p.add_argument("--no-grammar", dest="grammar", action="store_false",
-                   help="skip the grammar parser (Link Grammar's link-parser) rows")
-    # --- end of issue 15 ---
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")

@@ -10,7 +10,6 @@ import torch
 from tinystories.sampling import (
     SamplingParams,
     StreamDecoder,
-    add_sampling_args,
     compile_decoding_now,
     generate_texts,
     prompt_ids,
@@ -90,26 +89,3 @@ def _cmd_generate(args) -> int:
         one(prompt.rstrip("\n"))
         if params.seed is not None:
             params.seed += 1  # a new story for the same opening next time
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command, at_least
-
-    p = add_command(
-        sub, "generate", "write stories with a model (KV cache, streamed as they are produced)",
-        "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
-        "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
-        "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
-        "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
-        _cmd_generate)
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (uses its best checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", default=None,
-                   help="story opening; \"\" starts from the start-of-story token alone; omit for an interactive loop")
-    add_sampling_args(p)
-    p.add_argument("--num-samples", type=at_least(1), default=1, help="stories to sample in one batch (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
-    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for torch")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the one-token decoding step (torch.compile): 1.1-1.6x faster decoding on CPU after a "
-                        "few seconds of compiling; worth it for many or long stories and interactive sessions")

@@ -210,23 +210,22 @@ class LinkParser:
             current = None
             deadline = time.monotonic() + self.watchdog
 
+        def give_up(v: str) -> int:
+            """Kill the process; the item being parsed (the next one without a verdict) gets `v`."""
+            stuck = current if current is not None else k
+            self._kill()
+            self.restarts += 1
+            if stuck < n:
+                out[items[stuck][0]] = v
+            return min(stuck + 1, n)
+
         while True:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:  # no answer in time: the item being parsed is the next one without a verdict
-                stuck = current if current is not None else k
-                self._kill()
-                self.restarts += 1
-                if stuck < n:
-                    out[items[stuck][0]] = TIMED_OUT
-                return min(stuck + 1, n)
+            except queue.Empty:  # no answer in time
+                return give_up(TIMED_OUT)
             if line is None:  # the process died (or closed its output)
-                stuck = current if current is not None else k
-                self._kill()
-                self.restarts += 1
-                if stuck < n:
-                    out[items[stuck][0]] = FAILED
-                return min(stuck + 1, n)
+                return give_up(FAILED)
             if line.startswith(" "):  # an echo
                 if k >= len(expected) or line != expected[k]:
                     self._kill()

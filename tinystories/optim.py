@@ -82,6 +82,43 @@ def check_optimizer_state(kind: str, state: dict) -> None:
                         f"train.optimizer={saved}; resume with --set train.optimizer={saved}")
 
 
+class Float32Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz orthogonalisation in float32 instead of bfloat16.
+
+    torch runs those iterations in bf16, which a CPU without native bf16 (AVX2 only) emulates: measured with
+    oneDNN/MKL/ATen limited to AVX2 on an AMD EPYC, a training step of the CPU model went from 1.0 s (AdamW) to
+    7.2 s (torch's Muon), and a 2048^3 bf16 matmul ran at under 1 GFLOP/s against 47 in fp32. Same update rule,
+    same param groups and state ("momentum_buffer"), so checkpoints move freely between the two classes."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            momentum, lr = group["momentum"], group["lr"]
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                update = _newton_schulz_fp32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)  # "original"
+        return None
+
+
+def _newton_schulz_fp32(g: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (Keller Jordan's), in float32."""
+    a, b, c = coefficients
+    x = g.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device):
     """The optimizer `t.optimizer` names, each param group tagged with its `base_lr`."""
     matrices, other, vectors = split_params(model)
@@ -93,8 +130,11 @@ def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device):
         return torch.optim.AdamW(groups, lr=t.lr, **adam_kw)
     adamw = torch.optim.AdamW([{"params": other, "weight_decay": t.weight_decay, "base_lr": t.lr},
                                {"params": vectors, "weight_decay": 0.0, "base_lr": t.lr}], lr=t.lr, **adam_kw)
-    muon = torch.optim.Muon([{"params": matrices, "base_lr": t.muon_lr}], lr=t.muon_lr,
-                            weight_decay=t.muon_weight_decay, momentum=t.muon_momentum, adjust_lr_fn="original")
+    from tinystories.device import cpu_has_bf16
+
+    muon_class = Float32Muon if device.type == "cpu" and not cpu_has_bf16() else torch.optim.Muon
+    muon = muon_class([{"params": matrices, "base_lr": t.muon_lr}], lr=t.muon_lr,
+                      weight_decay=t.muon_weight_decay, momentum=t.muon_momentum, adjust_lr_fn="original")
     return Optimizers([muon, adamw])
 
 

@@ -53,12 +53,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     val_pts = [val[s] for s in sorted(val)]
     fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     if train_pts:
-        ax_loss.plot([p["tokens"] for p in train_pts], [p["loss"] for p in train_pts], label="train loss", lw=1, alpha=0.8)
+        ax_loss.plot([p["tokens"] for p in train_pts], [p["loss"] for p in train_pts],
+                     label="train loss", lw=1, alpha=0.8)
     if val_pts:
         ax_loss.plot([p["tokens"] for p in val_pts], [p["val_loss"] for p in val_pts], "o-", label="val loss", ms=3)
         ax_bpb.plot([p["tokens"] for p in val_pts], [p["val_bpb"] for p in val_pts], "o-", color="C2", ms=3)
         best = min(val_pts, key=lambda p: p["val_bpb"])
-        ax_bpb.annotate(f"{best['val_bpb']:.3f}", (best["tokens"], best["val_bpb"]), textcoords="offset points", xytext=(0, 8), ha="center")
+        ax_bpb.annotate(f"{best['val_bpb']:.3f}", (best["tokens"], best["val_bpb"]),
+                        textcoords="offset points", xytext=(0, 8), ha="center")
     if train_pts:
         ax_lr.plot([p["tokens"] for p in train_pts], [p["lr"] for p in train_pts], color="C3")
     ax_loss.set_ylabel("loss (nats/token)")
@@ -84,13 +86,3 @@ def _cmd_plot(args) -> int:
     out = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"wrote {out}")
     return 0
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    p = add_command(sub, "plot", "plot train/val loss, bits per byte and lr against tokens (PNG)",
-                    "  tinystories plot runs/cpu                 # writes runs/cpu/loss.png\n"
-                    "  tinystories plot runs/cpu --out cpu.png\n", _cmd_plot)
-    p.add_argument("run_dir", help="run directory with metrics.jsonl")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png); missing parent directories are created")

@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from tinystories.config import RunConfig, TokenizerConfig
+from tinystories.config import RunConfig
+from tinystories.defaults import REPORT_STORIES
 from tinystories.errors import UserError
 
 DEFAULT_TOKENIZER_DIR = "tokenizer"  # under the data directory
-REPORT_STORIES = 2000
 
 
 def cache_root(data_dir: str | Path) -> Path:
@@ -188,7 +188,8 @@ def _cmd_fetch(args) -> int:
     raw = fetch(args.version, args.data_dir, args.source)
     files = sorted(p.name for p in raw.iterdir() if not p.name.startswith("."))
     print(f"raw text in {raw}: {', '.join(files)}")
-    print(f"next: tinystories tokenizer train --data-dir {args.data_dir} --out {Path(args.data_dir) / DEFAULT_TOKENIZER_DIR}")
+    print(f"next: tinystories tokenizer train --data-dir {args.data_dir} "
+          f"--out {Path(args.data_dir) / DEFAULT_TOKENIZER_DIR}")
     return 0
 
 
@@ -213,7 +214,8 @@ def _cmd_tokenizer_train(args) -> int:
     tok = load_tokenizer(path)
     print(f"trained {tok.vocab_size:,}-token byte-level BPE on {source} in {time.time() - t0:.1f}s -> {path}")
     if tok.vocab_size < args.vocab_size:
-        print(f"note: the text has too few distinct merges for {args.vocab_size:,} tokens; the vocabulary stopped at {tok.vocab_size:,}")
+        print(f"note: the text has too few distinct merges for {args.vocab_size:,} tokens; "
+              f"the vocabulary stopped at {tok.vocab_size:,}")
     print(format_report(report(tok, held_out_docs(source, REPORT_STORIES))))
     return 0
 
@@ -223,7 +225,8 @@ def _cmd_tokenizer_report(args) -> int:
     from tinystories.tokenizer import format_report, format_reports_side_by_side, load_tokenizer, report
 
     if args.stories < 1:
-        raise UserError(f"--stories {args.stories}: must be >= 1 (held-out stories to measure; default {REPORT_STORIES})")
+        raise UserError(f"--stories {args.stories}: must be >= 1 "
+                        f"(held-out stories to measure; default {REPORT_STORIES})")
     if args.json:
         check_report_path(args.json)
     reps = [report(load_tokenizer(t), held_out_docs(_source(args), args.stories)) for t in args.tokenizer]
@@ -271,72 +274,3 @@ def _cmd_prepare(args) -> int:
     if note:
         print(note)
     return 0
-
-
-def _stories_arg(value: str) -> int | None:
-    if value.strip().lower() == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"--max-stories {value}: expected a number of stories or 'all'") from None
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    data = sub.add_parser("data", help="get TinyStories and build the token cache",
-                          description="Get TinyStories text and turn it into a token cache.")
-    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = add_command(dsub, "fetch", "download TinyStories from the Hugging Face Hub, or register local files",
-                    "  tinystories data fetch                     # TinyStoriesV2-GPT4 train+valid into data/raw\n"
-                    "  tinystories data fetch --version v1\n"
-                    "  tinystories data fetch --from ../shared/data/tinystories   # offline: local files\n",
-                    _cmd_fetch)
-    p.add_argument("--version", default="v2", choices=["v1", "v2"], help="v2 = TinyStoriesV2-GPT4 (default), v1 = TinyStories")
-    p.add_argument("--from", dest="source", help="local file or directory (.txt, .json, .jsonl) instead of downloading")
-    p.add_argument("--data-dir", default="data", help="data directory (default: data)")
-
-    p = add_command(dsub, "prepare", "tokenize every story into a fingerprinted, memory-mapped token cache",
-                    "  tinystories data prepare --tokenizer data/tokenizer --from ../shared/data/tinystories\n"
-                    "  tinystories data prepare --tokenizer ../shared/models/llama2-tokenizer/tokenizer.model --from stories.jsonl\n",
-                    _cmd_prepare)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, SentencePiece .model, or a directory with one")
-    p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
-    p.add_argument("--data-dir", default="data", help="data directory; the cache goes to DATA_DIR/cache")
-    p.add_argument("--cache-dir", default=None, help="cache root (default: DATA_DIR/cache)")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="held-out share in [0, 1) when there is no validation file: 1 story in round(1/F), at most "
-                        "1 in 2 (default 0.01; 0 = none, and training then validates on the train split)")
-    p.add_argument("--max-stories", type=int, default=None, help="use only the first N training stories")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="build only a part: the first units of the train text holding at least N tokens (a later "
-                        "run with a larger N, or without --tokens, adds only what is missing)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
-
-    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer and report on its vocabulary",
-                         description="Train a byte-level BPE tokenizer, and show whether articles are single, frequent tokens.")
-    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    p = add_command(tsub, "train", "train a byte-level BPE tokenizer (HF tokenizers) and print its report",
-                    "  tinystories tokenizer train --vocab-size 10000 --from ../shared/data/tinystories --out data/tokenizer\n"
-                    "  tinystories tokenizer train --vocab-size 4096 --max-stories 100000 --out data/tok4k\n",
-                    _cmd_tokenizer_train)
-    p.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size (default 10000)")
-    p.add_argument("--max-stories", type=_stories_arg, default=TokenizerConfig().max_stories,
-                   help=f"train on the first N stories only, or 'all' (default {TokenizerConfig().max_stories:,}: "
-                        f"bytes/token no longer improves much beyond that; see benchmarks/tokenizer_sample.py)")
-    p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
-    p.add_argument("--data-dir", default="data", help="data directory used when --from is not given")
-    p.add_argument("--out", required=True, help="output directory for tokenizer.json")
-    p.add_argument("--force", action="store_true", help="replace a tokenizer.json already in --out")
-
-    p = add_command(tsub, "report", "vocabulary report: bytes/token, article tokens and their share, unused entries",
-                    "  tinystories tokenizer report --tokenizer data/tokenizer --from ../shared/data/tinystories\n"
-                    "  tinystories tokenizer report --tokenizer ../shared/models/llama2-tokenizer/tokenizer.model \\\n"
-                    "      --tokenizer data/tokenizer --from ../shared/data/tinystories   # side by side\n",
-                    _cmd_tokenizer_report)
-    p.add_argument("--tokenizer", action="append", required=True, help="tokenizer to report on (repeatable)")
-    p.add_argument("--from", dest="source", help="text to measure on (its validation file, else its last stories)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--stories", type=int, default=REPORT_STORIES, help=f"held-out stories to measure (default {REPORT_STORIES})")
-    p.add_argument("--json", help="also write the report(s) as JSON to this file")

@@ -53,7 +53,8 @@ def find_data(data: str | None, data_dir: Path, log=print) -> Path:
     if raw.is_dir() and any(raw.iterdir()):
         log(f"data: {raw} (downloaded earlier)")
         return raw
-    log("data: downloading TinyStories from the Hugging Face Hub (set TINYSTORIES_DATA or --data to use local files) ...")
+    log("data: downloading TinyStories from the Hugging Face Hub "
+        "(set TINYSTORIES_DATA or --data to use local files) ...")
     return fetch("v2", data_dir)
 
 
@@ -119,8 +120,21 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
                  f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
                  f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
     cfg = load_config(cfg_path, overrides)
+    sized = ""
+    if not on_gpu:  # the CPU model is sized to this machine and the budget (sizing.py, from the recipe study)
+        from tinystories.device import choose_policy, detect_caps
+        from tinystories.sizing import choose_cpu_shape
+
+        caps = detect_caps(torch.device("cpu"))
+        policy = choose_policy(caps, cfg.train)
+        kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
+        shape, sized = choose_cpu_shape(minutes, vocab, policy.dtype, kind)
+        cfg = load_config(cfg_path, overrides + shape.overrides())
     cfg.out_dir = str(out)
-    print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min of training -> {out}")
+    print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
+          f"of training -> {out}")
+    if sized:
+        print(f"model size: {sized}")
     latest = out / "checkpoints" / "latest"
     if latest.exists():
         _check_same_request(out, cfg)  # before any tokenizer or cache is built
@@ -160,8 +174,9 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
         print(f"\n{text}\n")
     print("=" * 30 + " evaluation " + "=" * 33)
     result = evaluate(out, num_stories=EVAL_STORIES, sampling=SamplingParams(max_new_tokens=200),
-                      max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", log=lambda *a, **k: None)
-    print(format_result(result))
+                      max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", prompts="held-out",
+                      log=lambda *a, **k: None)
+    print(format_result(result, show_grammar_errors=3))
     plot = plot_run(out)
     print(f"\nloss plot: {plot}")
     stages.append(("stories + report", time.time() - t0))
@@ -171,7 +186,8 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
     print(f"  tinystories serve --checkpoint {out}            # playground at http://127.0.0.1:8000")
     steps = int(ck.state.get("total_steps") or ck.step or 1000)
-    print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   # train 3x longer (the cosine is stretched)")
+    print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   "
+          "# train 3x longer (the cosine is stretched)")
     print(f"  tinystories doctor {out}")
     return 0
 
@@ -242,17 +258,3 @@ def _cmd_quickstart(args) -> int:
         return run_quickstart(args.data, args.minutes, Path(args.out), Path(args.data_dir))
     except KeyboardInterrupt:
         return _interrupted(Path(args.out))
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    p = add_command(sub, "quickstart", "the main job: data -> tokenizer -> cache -> train -> stories and an eval report",
-                    "  tinystories quickstart                                   # download, 10 minutes on CPU\n"
-                    "  tinystories quickstart --data ../shared/data/tinystories --minutes 5\n"
-                    "  TINYSTORIES_DATA=../shared/data/tinystories QUICKSTART_MINUTES=10 make quickstart\n",
-                    _cmd_quickstart)
-    p.add_argument("--data", help="raw text file or directory (default: $TINYSTORIES_DATA, a previous download, else the Hub)")
-    p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default $QUICKSTART_MINUTES or 10)")
-    p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    p.add_argument("--data-dir", default="data", help="where downloads, tokenizers and caches go (default data)")

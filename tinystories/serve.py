@@ -20,7 +20,6 @@ start-up.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the route signatures' annotations at runtime
-import argparse
 import asyncio
 import json
 import math
@@ -29,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from tinystories.defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 from tinystories.errors import UserError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -36,8 +36,6 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt never needs more: the context is a few hu
 MAX_PROMPT_CHARS = 32_000
 MAX_ALTERNATIVES = 5
 RETRY_AFTER_S = 1
-DEFAULT_MAX_BATCH = 16  # benchmarks/serve_load.py: see docs/playground.md
-DEFAULT_MAX_QUEUE = 256
 
 
 def model_name(path: Path) -> str:
@@ -576,41 +574,3 @@ def _cmd_serve(args) -> int:
     serve(args.checkpoint, args.host, args.port, max_batch, args.timeout, args.cors_origin, args.device,
           args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag)
     return 0
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    p = add_command(
-        sub, "serve", "Serve a checkpoint over HTTP: a JSON/streaming API, an OpenAI-compatible endpoint and a "
-                      "browser playground.",
-        "  tinystories serve --checkpoint runs/tiny            # then open http://127.0.0.1:8000/\n"
-        "  tinystories serve --checkpoint ck/ --port 8080 --max-batch 32 --max-queue 512 --timeout 30\n"
-        "  tinystories serve --checkpoint ck/ --cors-origin http://localhost:3000\n"
-        "  curl -N -X POST localhost:8000/v1/generate -H 'content-type: application/json' \\\n"
-        "       -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'\n",
-        _cmd_serve,
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="requests decoded together, one batched forward per token; more wait in the queue "
-                        f"(default: {DEFAULT_MAX_BATCH})")
-    p.add_argument("--max-concurrent", type=int, default=None, help="the old name of --max-batch")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help="requests waiting for a free row; beyond it, 429 with Retry-After (default: "
-                        f"{DEFAULT_MAX_QUEUE}; 0: no queue)")
-    p.add_argument("--queue-timeout", type=float, default=60.0,
-                   help="seconds a request may wait in the queue before a 503 (default: 60)")
-    p.add_argument("--timeout", type=float, default=60.0, help="time limit per generation in seconds (default: 60)")
-    p.add_argument("--cors-origin", nargs="+", default=[], metavar="ORIGIN",
-                   help="allow browser pages from these origins to call the API (default: none, CORS closed)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of the decoding loop (default: 1 on CPU: the HTTP side needs a core)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the one-token decoding step at startup (torch.compile; a few seconds, falls back to "
-                        "eager if it cannot): ~2x the tokens/s under load on CPU (default: on; --no-compile to skip)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (default: info)")

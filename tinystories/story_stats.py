@@ -31,7 +31,8 @@ _OPEN_QUOTES = "\"“‘'(["
 _CLOSE_QUOTES = "\"”’')]"
 
 # vowel letter but consonant sound -> "a": a unicorn, a useful, a one-eyed, a European, a ewe
-_A_BEFORE_VOWEL_LETTER = re.compile(r"^(uni|use|usu|uti|uto|ura|uro|ure|euro|eu|ewe|one\b|once|onesie|ukulele|u$)", re.I)
+_A_BEFORE_VOWEL_LETTER = re.compile(
+    r"^(uni|use|usu|uti|uto|ura|uro|ure|euro|eu|ewe|one\b|once|onesie|ukulele|u$)", re.I)
 # consonant letter but vowel sound -> "an": an hour, an honest, an heir, an honor/honour
 _AN_BEFORE_CONSONANT = re.compile(r"^(hour|honest|honor|honour|heir|herb)", re.I)
 

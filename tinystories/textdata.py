@@ -52,7 +52,8 @@ def list_text_files(source: str | Path, flag: str = "--from") -> list[Path]:
         return [path]
     files = sorted(
         p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise UserError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory (check {flag})")
@@ -69,13 +70,15 @@ def resolve_source(source: str | Path | None, data_dir: str | Path = DEFAULT_DAT
     if fetched.is_dir() and any(fetched.iterdir()):
         return fetched
     raise UserError(
-        f"no raw text found: {_source_hint(flag)}, or run `tinystories data fetch` to download TinyStories into {fetched}"
+        f"no raw text found: {_source_hint(flag)}, "
+        f"or run `tinystories data fetch` to download TinyStories into {fetched}"
     )
 
 
 def _decode_error(path: Path, err: UnicodeDecodeError, offset: int = 0) -> UserError:
     return UserError(
-        f"{path}: invalid UTF-8 at byte {offset + err.start} (convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+        f"{path}: invalid UTF-8 at byte {offset + err.start} "
+        "(convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
     )
 
 

@@ -156,9 +156,11 @@ def find_tokenizer_file(path: str | Path) -> Path:
         models = sorted(p.glob("*.model"))
         if models:
             return models[0]
-        raise UserError(f"{p}: no tokenizer.json or SentencePiece .model in this directory (train one with `tinystories tokenizer train`)")
+        raise UserError(f"{p}: no tokenizer.json or SentencePiece .model in this directory "
+                        "(train one with `tinystories tokenizer train`)")
     if not p.is_file():
-        raise UserError(f"{p}: tokenizer not found (pass a tokenizer.json, a SentencePiece .model or a directory holding one)")
+        raise UserError(f"{p}: tokenizer not found "
+                        "(pass a tokenizer.json, a SentencePiece .model or a directory holding one)")
     return p
 
 
@@ -181,7 +183,8 @@ def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int |
 
     if vocab_size < BYTE_ALPHABET + 1:
         raise UserError(
-            f"--vocab-size {vocab_size} is below the {BYTE_ALPHABET}-byte alphabet plus one special token ({BYTE_ALPHABET + 1}); use e.g. 4096 or 10000"
+            f"--vocab-size {vocab_size} is below the {BYTE_ALPHABET}-byte alphabet plus one special token "
+            f"({BYTE_ALPHABET + 1}); use e.g. 4096 or 10000"
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -293,7 +296,8 @@ def format_report(rep: dict) -> str:
         f"trained on       {rep['trained_on']}",
         f"held-out text    {rep['stories']:,} stories, {rep['bytes']:,} bytes, {rep['tokens']:,} tokens",
         f"bytes per token  {rep['bytes_per_token']:.2f}",
-        f"unused entries   {rep['unused_vocab']:,} of {rep['vocab_size']:,} ({rep['unused_vocab_share']:.1%}) never occur in this text",
+        f"unused entries   {rep['unused_vocab']:,} of {rep['vocab_size']:,} ({rep['unused_vocab_share']:.1%}) "
+        "never occur in this text",
         "articles         text     one token   share of all tokens",
     ]
     for a in rep["articles"]:
@@ -308,7 +312,8 @@ def format_reports_side_by_side(reps: list[dict]) -> str:
     """Several reports as one table, a column per tokenizer (same held-out text)."""
     from pathlib import Path as _P
 
-    names = [(_P(r["tokenizer"]).parent.name if _P(r["tokenizer"]).stem == "tokenizer" else _P(r["tokenizer"]).name)[-24:]
+    names = [(_P(r["tokenizer"]).parent.name if _P(r["tokenizer"]).stem == "tokenizer"
+              else _P(r["tokenizer"]).name)[-24:]
              for r in reps]
     width = max(16, *(len(n) for n in names))
     rows = [("", names),

@@ -786,7 +786,8 @@ class Trainer:
         flops = tps * run.flops_per_token / run.d.world  # achieved, per process (6N + attention per token)
         mfu = flops / run.peak if run.peak else None  # vs the GPU's datasheet / the CPU's measured matmul peak
         point = {"kind": "train", "step": step, **run.position(step), "loss": mean_loss, "lr": lr,
-                 "total_steps": lr_total, "tokens_per_s": tps, "time": now - self.t_start, "gflops": flops / 1e9}
+                 "total_steps": lr_total, "tokens_per_s": tps, "time": now - self.t_start, "gflops": flops / 1e9,
+                 "cpu_s": time.process_time()}  # this process's CPU seconds (all threads): speed without the load
         if mfu is not None:
             point["mfu"] = mfu
         scale = ""
@@ -1045,31 +1046,3 @@ def _cmd_train(args) -> int:
         sys.stderr.flush()
         os._exit(result["status"])
     return result["status"]
-
-
-def register_cli(sub) -> None:
-    from tinystories.cli import add_command
-
-    p = add_command(
-        sub, "train", "train a Llama-style model on the token cache (CPU, GPU, or several under torchrun)",
-        "  tinystories train --config configs/cpu.yaml --data ../shared/data/tinystories --out runs/cpu\n"
-        "  tinystories train --config configs/tinystories-23M.yaml --set train.lr=3e-4 --set train.compile=true\n"
-        "  tinystories train --resume runs/cpu                      # continue exactly where it stopped\n"
-        "  tinystories train --resume runs/cpu --set train.max_steps=6000   # ... and train longer\n"
-        "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
-        "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
-        "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
-        _cmd_train)
-    p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml (optional with --init-from: train.* "
-                                    "and data.* only; not with --resume)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. train.lr=3e-4 (repeatable)")
-    p.add_argument("--out", help="run directory (overrides out_dir)")
-    p.add_argument("--data", help="raw text file or directory (overrides data.source)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="fine-tune: a new run starting from these weights (a checkpoint or run directory) with a fresh "
-                        "optimizer; its architecture (model.*) and tokenizer come from the checkpoint")
-    p.add_argument("--micro-batch", metavar="N|auto",
-                   help="micro-batch per process; auto finds the largest that fits (GPU)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
