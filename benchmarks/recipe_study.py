@@ -20,8 +20,9 @@ when run on a busy machine or one with AMX.
     python benchmarks/recipe_study.py --minutes 5 10 --seeds 1 2 --out /tmp/recipe-study
     python benchmarks/recipe_study.py --arms adamw,muon --minutes 2 --seeds 1 --out /tmp/rs   # a quick look
 
-To study a CPU without native bf16 on one that has it, limit torch's kernels to AVX2 (ATen, oneDNN and MKL):
-    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/recipe_study.py ...
+To study a CPU without native bf16 on one that has it, limit oneDNN (bf16 matmuls) and MKL to AVX2:
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/recipe_study.py ...
+(not ATEN_CPU_CAPABILITY=avx2: with torch 2.13 it made compiled training steps return NaN on an AMD EPYC.)
 
 It prints one table row per (arm, budget): mean bits per byte over the seeds and their spread, steps, tokens/s;
 writes results.json (every run) and recipe-study.png to --out. Rerunning with the same --out reuses finished runs.

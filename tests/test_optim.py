@@ -96,3 +96,24 @@ def test_zero_init_zeroes_only_residual_projections():
     zero_init_residual_projections(m)
     for name, p in m.named_parameters():
         assert (p.abs().sum() == 0) == name.endswith(("wo.weight", "w2.weight")), name
+
+
+def test_float32_muon_follows_torch_muon_and_shares_its_state():
+    """Float32Muon (used where bf16 is emulated) is torch's Muon with the orthogonalisation in float32: the same
+    updates up to bf16 rounding, and each class loads the other's state."""
+    from tinystories.optim import Float32Muon
+
+    torch.manual_seed(0)
+    w_ref = torch.nn.Parameter(torch.randn(48, 80))
+    w = torch.nn.Parameter(w_ref.detach().clone())
+    ref = torch.optim.Muon([w_ref], lr=0.02, adjust_lr_fn="original")
+    ours = Float32Muon([w], lr=0.02, adjust_lr_fn="original")
+    for _ in range(3):
+        g = torch.randn(48, 80)
+        w_ref.grad, w.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    diff = (w_ref - w).abs().max().item()
+    assert 0 < diff < 2e-3  # three updates of size ~0.02: bf16 rounding of the orthogonalised update, not a bug
+    ref.load_state_dict(ours.state_dict())
+    ours.load_state_dict(ref.state_dict())

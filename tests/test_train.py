@@ -96,13 +96,15 @@ def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k)
     # a time budget fixes the length after 10 steps and the run still decays; tampered rates are caught
     budget = tmp_path / "budget"
     budget.mkdir()
-    cfg = tiny_cfg(budget, tok4k, "train.max_minutes=0.1", "train.warmup_steps=1000", "train.min_lr=3e-4",
+    cfg = tiny_cfg(budget, tok4k, "train.max_minutes=0.5", "train.warmup_steps=1000", "train.min_lr=3e-4",
                    "train.eval_interval=100000", "train.checkpoint_interval=100000")
     train(cfg)
     pts = lr_points(budget / "run")
     lengths = [p["total_steps"] for p in pts]
     fixed = next(i for i, n in enumerate(lengths) if n is not None)  # after 10 steps, or earlier at the deadline
-    assert fixed <= 10 and set(lengths[:fixed]) == {None} and set(lengths[fixed:]) == {pts[-1]["step"]}
+    assert fixed <= 10 and set(lengths[:fixed]) == {None} and len(set(lengths[fixed:])) == 1
+    # it ends at that length, or earlier when a slowed-down machine ran past the deadline (the budget wins)
+    assert pts[-1]["step"] == lengths[-1] or pts[-1]["step"] < lengths[-1] and pts[-1]["time"] >= 0.5 * 60
     assert lr_check(budget / "run").status == "PASS"  # the warmup-only points and the fixed schedule both check
     (budget / "run" / "metrics.jsonl").write_text("".join(json.dumps({**p, "lr": 3e-3}) + "\n" for p in pts))
     assert lr_check(budget / "run").status == "FAIL"

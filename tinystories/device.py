@@ -103,9 +103,12 @@ def pick_device(pref: str, d: Dist | None = None) -> torch.device:
 
 def cpu_bf16_feature() -> str:
     """The native-bf16 feature torch can use on this CPU ("amx_bf16", "avx512_bf16"), "" when none: the CPU must
-    have it and torch's kernels must not be limited below AVX-512 (ATEN_CPU_CAPABILITY=avx2, which together with
-    ONEDNN_MAX_CPU_ISA=AVX2 also makes a machine with bf16 behave like one without, for measurements)."""
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    have it, and neither torch's kernels (ATEN_CPU_CAPABILITY) nor oneDNN's, which run bf16 matmuls
+    (ONEDNN_MAX_CPU_ISA), may be limited below AVX-512. `ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` makes
+    a machine with bf16 behave like one without, for measurements."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not (
+            onednn == "ALL" or onednn.startswith(("AVX512", "AVX10"))):
         return ""
     return _cpu_feature("amx_bf16", "avx512_bf16")
 
