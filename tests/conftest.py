@@ -33,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def s260(tmp_path_factory) -> Path:
+    """llama2.c's stories260K (a real model that writes sentences), imported through the real CLI."""
+    out = tmp_path_factory.mktemp("s260") / "ck"
+    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -292,15 +292,6 @@ def test_cut_stream_at_story_boundary():
 # --- issue 15: held-out prompts and the grammar rows ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s260(tmp_path_factory) -> Path:
-    """llama2.c's stories260K (a real model that writes sentences), imported through the real CLI."""
-    from conftest import STORIES260K, TOK512
-
-    out = tmp_path_factory.mktemp("s260") / "ck"
-    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LLAMA2_TOKENIZER, STORIES260K, TOK512, VALID_HEAD, one_line_error, run_cli
+from conftest import LLAMA2_TOKENIZER, VALID_HEAD, one_line_error, run_cli
 
 INSTALL = ("llama-cpp-python is not installed: CMAKE_ARGS='-DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF' "
            "pip install 'tinystories[llama-cpp]' (builds llama.cpp from source: ~6 CPU-minutes)")
@@ -29,12 +29,6 @@ PROMPT = "Once upon a time"
 F32_LOGIT_TOL = 1e-3  # max |logit difference| (llama.cpp f32 vs PyTorch f32); measured ~1e-5 (see docs/interop.md)
 
 
-@pytest.fixture(scope="module")
-def s260(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("s260") / "ck"
-    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def export(ck: Path, out: Path, *extra: str) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import pytest
 import yaml
 
-from conftest import STORIES260K, TOK512, one_line_error, run_cli
+from conftest import one_line_error, run_cli
 
 WRITER, READER = "hf_test_writer_token", "hf_test_read_only_token"
 USERS = {WRITER: ("alice", "write"), READER: ("alice", "read")}
@@ -170,12 +170,6 @@ def hub(tmp_path):
     srv.shutdown()
 
 
-@pytest.fixture(scope="module")
-def s260(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("s260") / "ck"
-    r = run_cli("import", "llama2c", STORIES260K, "--tokenizer", TOK512, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def _card(path: Path) -> tuple[dict, str]:
