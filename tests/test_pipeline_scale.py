@@ -112,6 +112,7 @@ def test_ctrl_c_stops_the_workers_and_the_rerun_resumes(tmp_path, tok4k):
     import signal
     import subprocess
     import sys
+    import time
 
     from conftest import REPO
 
@@ -133,8 +134,16 @@ def test_ctrl_c_stops_the_workers_and_the_rerun_resumes(tmp_path, tok4k):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
-    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and
-                open(f"/proc/{w}/stat").read().split()[2] != "Z"]  # no worker left running
+    def running(w: int) -> bool:
+        try:
+            return open(f"/proc/{w}/stat").read().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30  # the workers exit on their own (SIGTERM / parent death): wait for that event
+    while any(running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if running(w)]  # no worker left running
     [cache_dir] = list((tmp_path / "cache").iterdir())
     assert not (cache_dir / "manifest.json").exists() and (cache_dir / "unit-00000.json").exists()
     first = (cache_dir / "train-00000.bin").stat().st_mtime_ns

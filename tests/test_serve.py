@@ -494,7 +494,8 @@ def test_seeded_request_same_alone_and_inside_a_busy_batch(batch_server):
 
 @pytest.fixture(scope="module")
 def queue_server(checkpoint):
-    s = Server(checkpoint, "--max-batch", "1", "--max-queue", "4", "--queue-timeout", "0.3", "--no-compile")
+    # a timeout far shorter than the 500-token story in front (~0.3 s even on a fast, idle machine)
+    s = Server(checkpoint, "--max-batch", "1", "--max-queue", "4", "--queue-timeout", "0.02", "--no-compile")
     try:
         yield s.wait()
     finally:
@@ -510,7 +511,7 @@ def test_queue_timeout_503(queue_server):
                 pass
             late = post(queue_server, "/v1/generate", {"prompt": "x", "max_new_tokens": 2})
             assert late.status_code == 503 and late.headers["Retry-After"] == "1"
-            assert "in the queue" in late.json()["detail"] and "--queue-timeout 0.3" in late.json()["detail"]
+            assert "in the queue" in late.json()["detail"] and "--queue-timeout 0.02" in late.json()["detail"]
             late = post(queue_server, "/v1/completions", {"prompt": "x", "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "queue_timeout"
     h = queue_server.wait_for(lambda h: h["active"] == 0)
