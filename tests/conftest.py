@@ -42,6 +42,23 @@ def s260(tmp_path_factory) -> Path:
     return out
 
 
+def poison_loss_after(monkeypatch, good_steps: int) -> None:
+    """Make the training loss NaN from training forward pass `good_steps` + 1 on (a divergence, for the NaN tests)."""
+    import tinystories.model as model_mod
+
+    original, calls = model_mod.Transformer.forward, {"n": 0}
+
+    def poisoned(self, tokens, targets=None, **kw):
+        logits, loss = original(self, tokens, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > good_steps:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -163,19 +163,9 @@ def test_overflow_at_every_scale_is_divergence_and_a_nan_loss_is_named(tmp_path,
     with pytest.raises(UserError, match=f"overflowed float16 at every loss scale at step {MAX_SKIPPED_IN_A_ROW - 1}"):
         train(cfg)
     # a NaN loss in float16 also overflows that step's gradients (one skip): it is reported as a NaN loss
-    import tinystories.model as model_mod
+    from conftest import poison_loss_after
 
-    original, calls = model_mod.Transformer.forward, {"n": 0}
-
-    def poisoned(self, tokens, targets=None, **kw):
-        logits, loss = original(self, tokens, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] > 5:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+    poison_loss_after(monkeypatch, 5)
     with pytest.raises(UserError, match="the loss became NaN/inf at step 5"):
         train(cfg_for(tmp_path / "nan", data, "train.max_steps=20", "train.dtype=float16"))
 

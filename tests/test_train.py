@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_DIR, LLAMA2_TOKENIZER, REPO, STORIES260K, TOK512, TRAIN_HEAD, one_line_error, run_cli
+from conftest import (
+    DATA_DIR,
+    LLAMA2_TOKENIZER,
+    REPO,
+    STORIES260K,
+    TOK512,
+    TRAIN_HEAD,
+    one_line_error,
+    poison_loss_after,
+    run_cli,
+)
 from tinystories.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
 from tinystories.config import load_config
 from tinystories.errors import UserError
@@ -189,21 +199,8 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, tok4k, monkeypatch):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, tok4k, monkeypatch):
-    import tinystories.model as model_mod
-
     cfg = tiny_cfg(tmp_path, tok4k, "train.max_steps=50", "train.checkpoint_interval=10", "train.eval_interval=1000")
-    original = model_mod.Transformer.forward
-    calls = {"n": 0}
-
-    def poisoned(self, tokens, targets=None, **kw):
-        logits, loss = original(self, tokens, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] > 25:
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_mod.Transformer, "forward", poisoned)
+    poison_loss_after(monkeypatch, 25)
     with pytest.raises(UserError, match="NaN/inf at step 25"):
         train(cfg)
     ck = read_checkpoint(tmp_path / "run", prefer="latest")
