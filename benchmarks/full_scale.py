@@ -81,7 +81,8 @@ def main() -> None:
                     help="train tokens of the quickstart-sized part (default: what quickstart --minutes 10 asks for)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--quickstart-minutes", type=float, default=None,
-                    help="also run quickstart (twice: first run, rerun)")
+                    help="also run quickstart twice on a fresh data directory: the first run builds the tokenizer and "
+                         "the cache, the rerun (a new --out) trains again with them")
     ap.add_argument("--stages", default="tokenizer,prepare,part,train,eval",
                     help="comma-separated subset of tokenizer,prepare,part,train,eval")
     args = ap.parse_args()
@@ -134,10 +135,11 @@ def main() -> None:
             results.append(r)
     if args.quickstart_minutes:
         qdata = work / "qs-data"
-        for which in ("first run", "rerun"):
+        # first run: everything from nothing; rerun: a new run (trained again) whose tokenizer and cache exist
+        for which, run in (("first run", "qs-run"), ("rerun, tokenizer and cache exist", "qs-run-2")):
             r = run_stage(f"quickstart --minutes {args.quickstart_minutes:g} ({which})",
                           ["quickstart", "--data", str(data), "--minutes", str(args.quickstart_minutes), "--out",
-                           str(work / "qs-run"), "--data-dir", str(qdata)], work / f"quickstart-{which[:5]}.log")
+                           str(work / run), "--data-dir", str(qdata)], work / f"quickstart-{which[:5]}.log")
             r["throughput"] = "-"
             results.append(r)
     print(f"\n{'stage':58} {'time':>9} {'peak RSS':>10}  throughput")

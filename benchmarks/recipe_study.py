@@ -43,9 +43,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 
-BASE = {  # configs/cpu.yaml as of round 1, run in float32 (a CPU without native bf16)
-    "model.dropout": "0.0",
+BASE = {  # configs/cpu.yaml as of round 1 (its shape and optimizer stated here, so the arms keep their meaning
+    # when cpu.yaml adopts a winner), without dropout, run in float32 (a CPU without native bf16)
+    "model.dim": "256", "model.n_layers": "6", "model.n_heads": "8", "model.dropout": "0.0",
+    "train.optimizer": "adamw", "train.zero_init_residual": "false", "train.lr_schedule": "cosine",
 }
+D192X4 = {"model.dim": "192", "model.n_layers": "4", "model.n_heads": "6"}
+MUON_D192X4 = {"train.optimizer": "muon", **D192X4}
 # name -> --set overrides on top of BASE (and of configs/cpu.yaml)
 ARMS: dict[str, dict[str, str]] = {
     "adamw": {},  # round 1's recipe: AdamW lr 2e-3, warmup 100, cosine to 1e-4, batch 16, dim 256 x 6 layers
@@ -61,7 +65,17 @@ ARMS: dict[str, dict[str, str]] = {
     "muon-warmup20": {"train.optimizer": "muon", "train.warmup_steps": "20"},
     "muon-linear": {"train.optimizer": "muon", "train.lr_schedule": "linear", "train.min_lr": "0"},
     "muon-wsd": {"train.optimizer": "muon", "train.lr_schedule": "wsd", "train.min_lr": "0"},
-    "muon-d192x4": {"train.optimizer": "muon", "model.dim": "192", "model.n_layers": "4", "model.n_heads": "6"},
+    "muon-d192x4": MUON_D192X4,
+    # around the smaller shape: what carries over from the optimizer, lr, schedule, init, batch, width
+    "adamw-d192x4": D192X4,
+    "muon-d192x4-lr0.04": {**MUON_D192X4, "train.muon_lr": "0.04"},
+    "muon-d192x4-lr0.01": {**MUON_D192X4, "train.muon_lr": "0.01"},
+    "muon-d192x4-wsd": {**MUON_D192X4, "train.lr_schedule": "wsd", "train.min_lr": "0"},
+    "muon-d192x4-zero-init": {**MUON_D192X4, "train.zero_init_residual": "true"},
+    "muon-d192x4-batch32": {**MUON_D192X4, "train.batch_size": "32"},
+    "muon-d192x4-batch8": {**MUON_D192X4, "train.batch_size": "8"},
+    "muon-d128x4": {"train.optimizer": "muon", "model.dim": "128", "model.n_layers": "4", "model.n_heads": "4"},
+    "muon-d192x6": {**MUON_D192X4, "model.n_layers": "6"},
     "muon-d256x4": {"train.optimizer": "muon", "model.n_layers": "4"},
     "muon-d320x6": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8"},
 }
@@ -126,6 +140,8 @@ def main() -> None:
     ap.add_argument("--ref-tokens-per-s", type=float, default=None,
                     help="the baseline's tokens/s on the machine the budget is meant for (default: measured here)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/recipe-study"))
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="measure every arm's speed and stop (calibrate while the machine is quiet, train later)")
     a = ap.parse_args()
     names = [n.strip() for n in a.arms.split(",") if n.strip()]
     unknown = [n for n in names if n not in ARMS]
@@ -155,6 +171,8 @@ def main() -> None:
             measured[key] = calibrate(name, sets, a, data_dir, tok)
         speed[name] = measured[key]
         print(f"  {name}: {speed[name][0]:.0f} ms/step here ({speed[name][1]:,} tokens/step)", flush=True)
+    if a.calibrate_only:
+        return
     base_ms_per_token = speed["adamw"][0] / speed["adamw"][1]
     for name in names:
         sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}

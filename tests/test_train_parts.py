@@ -1,6 +1,6 @@
 """The trainer's parts on their own, without a training run: TrainState (state.json) round trips, RunLength (the
 run length, the time budget, the learning rate), early stopping, the device choices, atomic writes and
-check_compatible. Unit tests, a few seconds in all; only the last one reads ../shared (the real tokenizers)."""
+check_compatible. Unit tests, a few seconds in all; only the compatibility test reads ../shared (real tokenizers)."""
 
 from __future__ import annotations
 
@@ -235,3 +235,23 @@ def test_one_compatibility_rule_for_resume_and_init_from(random_checkpoint):
     settings.tokenizer.vocab_size = 2048
     with pytest.raises(UserError, match=r"a new 2048-token tokenizer \(--set tokenizer.vocab_size=2048\)"):
         check_compatible(ck, settings, None, resume=True, where="runs/a", overrides=["tokenizer.vocab_size=2048"])
+
+
+def test_scaler_skips_counts_on_the_device_and_survives_a_resume():
+    """float16's skipped updates are counted from the gradient norm without a host sync per step; a long run of
+    skips is reported (at the step where it reached the limit) and the run-in-a-row survives a save/load."""
+    from tinystories.train import MAX_SKIPPED_IN_A_ROW, ScalerGaveUp, ScalerSkips
+
+    skips = ScalerSkips(torch.device("cpu"))
+    for step, norm in enumerate([1.0, float("inf"), float("nan"), 2.0, float("inf")]):
+        skips.add(torch.tensor(norm), step)
+    assert skips.check() == 3 and int(skips.in_a_row) == 1
+    saved = skips.state_dict()
+    assert saved == {"skipped_steps": 3, "skipped_in_a_row": 1}
+    resumed = ScalerSkips(torch.device("cpu"))
+    resumed.load_state_dict({**saved, "scale": 1.0})
+    for step in range(5, 5 + MAX_SKIPPED_IN_A_ROW):
+        resumed.add(torch.tensor(float("inf")), step)
+    with pytest.raises(ScalerGaveUp) as e:
+        resumed.check()
+    assert e.value.args[0] == 5 + MAX_SKIPPED_IN_A_ROW - 2  # the 30th skip in a row: one was before the save

@@ -424,8 +424,7 @@ class Run:
         self.amp = autocast_ctx(self.device, self.dtype)
         # float16: loss scaling; otherwise a pass-through
         self.scaler = self.policy.make_grad_scaler(self.cfg.train.loss_scale_init)
-        self.skipped_steps = 0  # optimizer steps the scaler skipped (inf/NaN gradients at the current scale)
-        self.skipped_in_a_row = 0
+        self.skips = ScalerSkips(self.device)  # float16: the updates the scaler skipped, counted on the device
         self.peak = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.raw_model.flops_per_token()
         self.n_params = self.raw_model.num_params()
@@ -450,7 +449,7 @@ class Run:
         """trainer.pt: the optimizer's state, the loss scaler's (float16) and the RNGs."""
         ts = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
         if self.scaler.is_enabled():
-            ts["scaler"] = {**self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+            ts["scaler"] = {**self.scaler.state_dict(), **self.skips.state_dict()}
         if self.device.type == "cuda":
             ts["cuda_rng"] = torch.cuda.get_rng_state()
         return ts
@@ -458,7 +457,7 @@ class Run:
     def load_trainer_state(self, ts: dict) -> None:
         self.optimizer.load_state_dict(ts["optimizer"])
         if self.scaler.is_enabled() and "scaler" in ts:
-            self.skipped_steps = ts["scaler"].pop("skipped_steps", 0)
+            self.skips.load_state_dict(ts["scaler"])  # pops its keys; the rest is the scaler's
             self.scaler.load_state_dict(ts["scaler"])
         torch.set_rng_state(ts["cpu_rng"])
         if self.device.type == "cuda" and "cuda_rng" in ts:
@@ -657,26 +656,57 @@ def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> 
 MAX_SKIPPED_IN_A_ROW = 30  # float16: the scale halves at each skipped step; 30 in a row is divergence, not overflow
 
 
+class ScalerGaveUp(NonFiniteLoss):
+    """float16: MAX_SKIPPED_IN_A_ROW updates in a row were skipped (overflow at every loss scale tried)."""
+
+
+class ScalerSkips:
+    """float16: the optimizer steps the loss scaler skipped, counted on the device like LossMeter's loss (no host
+    sync per step; read at log intervals). The scaler skips a step when the unscaled gradients hold inf/NaN, which
+    is when their total norm is not finite: that norm is what is counted."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.gave_up_at = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, grad_norm: torch.Tensor, step: int) -> None:
+        skipped = (~torch.isfinite(grad_norm)).long()
+        self.total += skipped
+        self.in_a_row.mul_(skipped).add_(skipped)  # +1 if skipped, else back to 0
+        self.gave_up_at = torch.where((self.in_a_row >= MAX_SKIPPED_IN_A_ROW) & (self.gave_up_at < 0),
+                                      torch.tensor(step, device=grad_norm.device), self.gave_up_at)
+
+    def check(self) -> int:
+        """The steps skipped so far (one host sync); raises ScalerGaveUp(step) after a long run of skips."""
+        if int(self.gave_up_at) >= 0:
+            raise ScalerGaveUp(int(self.gave_up_at))
+        return int(self.total)
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": int(self.total), "skipped_in_a_row": int(self.in_a_row)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.total.fill_(sd.pop("skipped_steps", 0))
+        self.in_a_row.fill_(sd.pop("skipped_in_a_row", 0))
+
+
 def optimizer_step(run: Run, step: int) -> None:
     """Clip the accumulated gradients and update the weights. In float16 the loss scaler unscales the gradients
     first and skips the update when they hold inf/NaN (then halves the scale): normal overflow, counted in
-    skipped_steps; only a long run of skips is reported as divergence. Elsewhere the scaler passes through."""
+    run.skips without a host sync; only a long run of skips is reported as divergence (at the next log line).
+    Elsewhere the scaler passes through."""
     scaler, t = run.scaler, run.cfg.train
     if scaler.is_enabled():
         scaler.unscale_(run.optimizer)
     if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    elif scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
     if scaler.is_enabled():
-        before = scaler.get_scale()
         scaler.step(run.optimizer)
         scaler.update()
-        if scaler.get_scale() < before:  # this step's gradients overflowed: the update was skipped
-            run.skipped_steps += 1
-            run.skipped_in_a_row += 1
-            if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise NonFiniteLoss(step)
-        else:
-            run.skipped_in_a_row = 0
+        run.skips.add(norm, step)
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -792,8 +822,8 @@ class Trainer:
             point["mfu"] = mfu
         scale = ""
         if run.scaler.is_enabled():
-            point["loss_scale"], point["skipped_steps"] = run.scaler.get_scale(), run.skipped_steps
-            scale = f" | scale {point['loss_scale']:.0e} ({run.skipped_steps} skipped)"
+            point["loss_scale"], point["skipped_steps"] = run.scaler.get_scale(), run.skips.check()
+            scale = f" | scale {point['loss_scale']:.0e} ({point['skipped_steps']} skipped)"
         shown_total = "?" if self.length.provisional else self.length.total
         eta = self.length.seconds_left(step, now, tps, run.tokens_per_step)
         line = (f"step {step}/{shown_total} | epoch {point['epoch']:.2f} | tokens {fmt_count(point['tokens'])} | "
@@ -840,7 +870,7 @@ class Trainer:
             # a NaN loss in float16 also makes its step's gradients overflow (one skip): only the scaler's own
             # give-up (MAX_SKIPPED_IN_A_ROW) is reported as overflow
             what = ("the gradients overflowed float16 at every loss scale"
-                    if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW else "the loss became NaN/inf")
+                    if isinstance(e, ScalerGaveUp) else "the loss became NaN/inf")
             raise UserError(f"{what} at step {e.args[0]}; the last good checkpoint is kept in "
                             f"{run.dir / 'checkpoints' / 'latest'}. Lower train.lr or raise warmup_steps, then "
                             f"`tinystories train --resume {run.dir}`") from None
