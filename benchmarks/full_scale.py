@@ -121,9 +121,10 @@ def main() -> None:
     if "train" in stages:
         run = work / "run"
         r = run_stage("train start-up + 3 steps (whole cache)",
-                      ["train", "--config", "configs/cpu.yaml", "--data", str(data), "--out", str(run), "--set",
-                       f"data.data_dir={work}", f"tokenizer.path={tok}", "train.max_steps=3", "train.compile=false",
-                       "train.eval_interval=1000", "train.checkpoint_interval=1000"],
+                      ["train", "--config", "configs/cpu.yaml", "--data", str(data), "--out", str(run), "--force",
+                       *(a for kv in (f"data.data_dir={work}", f"tokenizer.path={tok}", "train.max_steps=3",
+                                      "train.max_minutes=null", "train.compile=false", "train.eval_interval=1000",
+                                      "train.checkpoint_interval=1000") for a in ("--set", kv))],
                       work / "train.log")
         r["throughput"] = "-"
         results.append(r)

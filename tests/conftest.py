@@ -21,7 +21,7 @@ LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer" / "tokenizer.model"
 # pure unit tests (config, schedule, optimizer, device policy, memory, story statistics, CLI start-up): they run
 # without ../shared; every other test uses the real data there and is skipped, saying so, where it is missing
 UNIT_TEST_FILES = {"test_config.py", "test_story_stats.py", "test_optim.py", "test_device_policy.py",
-                   "test_memory.py", "test_cli_startup.py"}
+                   "test_memory.py", "test_cli_startup.py", "test_sizing.py"}
 
 
 def pytest_collection_modifyitems(config, items):

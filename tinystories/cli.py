@@ -236,8 +236,9 @@ def _add_train(sub) -> None:
         "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
         "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
         "tinystories.train:_cmd_train")
-    p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml (optional with --init-from: train.* "
-                                    "and data.* only; not with --resume)")
+    p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml, or auto: the GPU config on a GPU, on "
+                                    "a CPU cpu.yaml sized to this machine and train.max_minutes (optional with "
+                                    "--init-from: train.* and data.* only; not with --resume)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. train.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (overrides out_dir)")

@@ -119,17 +119,13 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
                  f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
                  f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
-    cfg = load_config(cfg_path, overrides)
     sized = ""
-    if not on_gpu:  # the CPU model is sized to this machine and the budget (sizing.py, from the recipe study)
-        from tinystories.device import choose_policy, detect_caps
-        from tinystories.sizing import choose_cpu_shape
+    if on_gpu:
+        cfg = load_config(cfg_path, overrides)
+    else:  # the CPU model is sized to this machine and the budget (sizing.py, from the recipe study)
+        from tinystories.sizing import sized_cpu_config
 
-        caps = detect_caps(torch.device("cpu"))
-        policy = choose_policy(caps, cfg.train)
-        kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
-        shape, sized = choose_cpu_shape(minutes, vocab, policy.dtype, kind)
-        cfg = load_config(cfg_path, overrides + shape.overrides())
+        cfg, sized = sized_cpu_config(cfg_path, overrides, minutes, vocab)
     cfg.out_dir = str(out)
     print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
           f"of training -> {out}")

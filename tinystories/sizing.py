@@ -63,5 +63,41 @@ def choose_cpu_shape(minutes: float, vocab: int, dtype: torch.dtype, describe_cp
         if t >= shape.min_tokens:
             choice, tokens = shape, t
     why = (f"{describe_cpu}, {peak / 1e9:,.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}): "
-           f"{choice.name}, {vocab // 1024}K vocab for {minutes:g} min (~{tokens / 1e6:.1f}M tokens)")
+           f"{choice.name}, {vocab / 1000:.0f}K vocab for {minutes:g} min (~{tokens / 1e6:.1f}M tokens)")
     return choice, why
+
+
+def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int):
+    """The config at `cfg_path` with the shape and recipe the study recommends for `minutes` of training on this
+    CPU (the caller's overrides win over the sizing's), and the line that says why."""
+    from tinystories.config import load_config
+    from tinystories.device import choose_policy, detect_caps
+
+    caps = detect_caps(torch.device("cpu"))
+    policy = choose_policy(caps, load_config(cfg_path, overrides).train)
+    kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
+    shape, why = choose_cpu_shape(minutes, vocab, policy.dtype, kind)
+    mine = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] in {k.split("=", 1)[0] for k in
+                                                                           shape.overrides()}]
+    if mine:
+        why += f" (yours kept: {', '.join(mine)})"
+    return load_config(cfg_path, shape.overrides() + overrides), why
+
+
+def auto_config(overrides: list[str]):
+    """`train --config auto`: configs/tinystories-23M.yaml on a GPU; on a CPU, configs/cpu.yaml sized to this
+    machine and its time budget (train.max_minutes). Returns the config and the line that says why."""
+    from tinystories.config import CONFIG_DIR, load_config
+
+    if torch.cuda.is_available():
+        return load_config(CONFIG_DIR / "tinystories-23M.yaml", overrides), "GPU found: configs/tinystories-23M.yaml"
+    path = CONFIG_DIR / "cpu.yaml"
+    cfg = load_config(path, overrides)
+    if not cfg.train.max_minutes:
+        return cfg, "no time budget (train.max_minutes) to size for: configs/cpu.yaml as it is"
+    vocab = cfg.tokenizer.vocab_size
+    if cfg.tokenizer.path:  # an existing tokenizer: its real size
+        from tinystories.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(cfg.tokenizer.path).vocab_size
+    return sized_cpu_config(path, overrides, cfg.train.max_minutes, vocab)

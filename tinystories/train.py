@@ -1038,9 +1038,15 @@ def _cmd_train(args) -> int:
             cfg, src = _init_from_config(args, overrides)
         else:
             if not args.config:
-                raise UserError("give --config FILE (e.g. configs/cpu.yaml), --resume RUN_DIR, or --init-from "
-                                "CHECKPOINT (fine-tuning)")
-            cfg = load_config(args.config, overrides)
+                raise UserError("give --config FILE (e.g. configs/cpu.yaml, or auto), --resume RUN_DIR, or "
+                                "--init-from CHECKPOINT (fine-tuning)")
+            if args.config == "auto" and not Path("auto").exists():
+                from tinystories.sizing import auto_config
+
+                cfg, why = auto_config(overrides)
+                print(f"model size: {why}", flush=True)
+            else:
+                cfg = load_config(args.config, overrides)
             if args.out:
                 cfg.out_dir = args.out
             if args.data:
