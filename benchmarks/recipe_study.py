@@ -76,6 +76,8 @@ ARMS: dict[str, dict[str, str]] = {
     "muon-d192x4-batch8": {**MUON_D192X4, "train.batch_size": "8"},
     "muon-d128x4": {"train.optimizer": "muon", "model.dim": "128", "model.n_layers": "4", "model.n_heads": "4"},
     "muon-d192x6": {**MUON_D192X4, "model.n_layers": "6"},
+    # the tokenizer: a "10K" BPE (8,094 entries on the 2 MB head) instead of 4K, on the small shape
+    "muon-d192x4-vocab10k": {**MUON_D192X4, "tokenizer.vocab_size": "10000"},
     "muon-d256x4": {"train.optimizer": "muon", "model.n_layers": "4"},
     "muon-d320x6": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8"},
 }
@@ -88,7 +90,18 @@ def run_cli(args: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({r.returncode}): tinystories {' '.join(args)}; see {log}")
 
 
-def train_args(out: Path, sets: dict[str, str], data_dir: Path, tok: Path) -> list[str]:
+def tokenizer_for(sets: dict[str, str], data_dir: Path) -> Path:
+    """The arm's BPE tokenizer trained on the shared train head (4K unless the arm sets tokenizer.vocab_size)."""
+    vocab = sets.get("tokenizer.vocab_size", "4096")
+    tok = data_dir / f"tokenizer-{vocab}"
+    if not (tok / "tokenizer.json").exists():
+        run_cli(["tokenizer", "train", "--vocab-size", vocab, "--from", str(SHARED), "--out", str(tok)],
+                data_dir / f"tokenizer-{vocab}.log")
+    return tok
+
+
+def train_args(out: Path, sets: dict[str, str], data_dir: Path) -> list[str]:
+    tok = tokenizer_for(sets, data_dir)
     args = ["train", "--config", "configs/cpu.yaml", "--data", str(SHARED), "--out", str(out), "--force"]
     fixed = {"data.data_dir": str(data_dir), "tokenizer.path": str(tok), "train.max_minutes": "null",
              "train.checkpoint_interval": "1000000", "train.eval_interval": "1000000", "train.log_interval": "5",
@@ -105,10 +118,10 @@ def points(run: Path) -> list[dict]:
 def speed_class(sets: dict[str, str]) -> tuple:
     """The overrides that change the time of a step (shape, batch, optimizer); lr, schedule, init and seed don't."""
     return tuple(sorted((k, v) for k, v in sets.items() if k.startswith("model.") or k in (
-        "train.batch_size", "train.optimizer", "train.dtype", "train.compile")))
+        "train.batch_size", "train.optimizer", "train.dtype", "train.compile", "tokenizer.vocab_size")))
 
 
-def calibrate(name: str, sets: dict[str, str], a, data_dir: Path, tok: Path) -> tuple[float, int]:
+def calibrate(name: str, sets: dict[str, str], a, data_dir: Path) -> tuple[float, int]:
     """Milliseconds per optimizer step of this arm, training only (median over the logged intervals after the
     first, which includes compilation)."""
     out = a.out / "calib" / name
@@ -117,7 +130,7 @@ def calibrate(name: str, sets: dict[str, str], a, data_dir: Path, tok: Path) -> 
         saved = json.loads(done.read_text())
         return saved["ms"], saved["tokens_per_step"]
     steps = a.calib_steps + 10
-    run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.eval_tokens": "256"}, data_dir, tok),
+    run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.eval_tokens": "256"}, data_dir),
             a.out / f"calib-{name}.log")
     tr = [p for p in points(out) if p["kind"] == "train"]
     tokens_per_step = int(tr[-1]["tokens"] / tr[-1]["step"])
@@ -148,10 +161,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     a.out.mkdir(parents=True, exist_ok=True)
-    data_dir, tok = a.out / "data", a.out / "data" / "tokenizer-4096"
-    if not (tok / "tokenizer.json").exists():
-        run_cli(["tokenizer", "train", "--vocab-size", "4096", "--from", str(SHARED), "--out", str(tok)],
-                a.out / "tokenizer.log")
+    data_dir = a.out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     from tinystories.device import cpu_has_bf16
@@ -168,7 +179,7 @@ def main() -> None:
         sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}
         key = speed_class(sets)
         if key not in measured:
-            measured[key] = calibrate(name, sets, a, data_dir, tok)
+            measured[key] = calibrate(name, sets, a, data_dir)
         speed[name] = measured[key]
         print(f"  {name}: {speed[name][0]:.0f} ms/step here ({speed[name][1]:,} tokens/step)", flush=True)
     if a.calibrate_only:
@@ -187,7 +198,7 @@ def main() -> None:
                     continue
                 out = a.out / "runs" / f"{name}-{minutes:g}min-seed{seed}"
                 run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.seed": str(seed),
-                                         "train.eval_tokens": "100000000"}, data_dir, tok), a.out / f"{out.name}.log")
+                                         "train.eval_tokens": "100000000"}, data_dir), a.out / f"{out.name}.log")
                 pts = points(out)
                 val = [p for p in pts if p["kind"] == "val"][-1]
                 tr = [p for p in pts if p["kind"] == "train"]
@@ -198,6 +209,41 @@ def main() -> None:
                 results_file.write_text(json.dumps(results, indent=1))
                 print(f"  {key}: {steps} steps, bpb {val['val_bpb']:.4f}", flush=True)
     report(results, names, a)
+
+
+# (smaller shape, larger shape) arms with the same recipe: where does the larger one start to win?
+CROSSOVERS = [("muon-d192x4", "muon")]
+
+
+def crossover(results: dict, small: str, large: str) -> str | None:
+    """Each shape's bits per byte as a + b ln(tokens), fitted through its mean at each budget (two or more), and
+    the budget at which the two lines cross at equal wall-clock (each shape at its own tokens/s): beyond the
+    budgets measured this is an extrapolation, and the line says so."""
+    import math
+
+    fits = {}
+    for arm in (small, large):
+        by_budget: dict[float, list[dict]] = {}
+        for r in results.values():
+            if r["arm"] == arm:
+                by_budget.setdefault(r["minutes"], []).append(r)
+        if len(by_budget) < 2:
+            return None
+        xs = [math.log(statistics.mean(r["tokens"] for r in rs)) for rs in by_budget.values()]
+        ys = [statistics.mean(r["bpb"] for r in rs) for rs in by_budget.values()]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        rate = statistics.mean(r["tokens_per_s"] for rs in by_budget.values() for r in rs)
+        fits[arm] = (my - b * mx, b, rate, max(by_budget))
+    (a1, b1, r1, m1), (a2, b2, r2, m2) = fits[small], fits[large]
+    if b2 >= b1:  # the larger shape does not improve faster per doubling of tokens: no crossover ahead
+        return f"crossover {small} -> {large}: none ahead (slopes {b1:.4f} vs {b2:.4f} bpb per ln token)"
+    # a1 + b1 ln(r1 t) = a2 + b2 ln(r2 t)  ->  ln t
+    t = math.exp((a2 - a1 + b2 * math.log(r2) - b1 * math.log(r1)) / (b1 - b2))
+    measured = max(m1, m2) * 60
+    return (f"crossover {small} -> {large}: at ~{t / 60:.0f} min on this machine, when {large} has seen "
+            f"~{r2 * t / 1e6:.1f}M tokens ({small}: {r1 * t / 1e6:.1f}M); fitted a + b ln(tokens) per shape"
+            + (f", an extrapolation beyond the {measured / 60:g} minutes measured" if t > measured else ""))
 
 
 def report(results: dict, names: list[str], a) -> None:
@@ -216,6 +262,10 @@ def report(results: dict, names: list[str], a) -> None:
             rows.append((name, minutes, mean, max(bpbs) - min(bpbs), len(bpbs)))
             print(f"{name:<18} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
                   f"{rs[0]['steps']:>6} {rs[0]['tokens_per_s']:>9,.0f} {rel:>8}")
+    for small, large in CROSSOVERS:
+        line = crossover(results, small, large)
+        if line:
+            print(line)
     import matplotlib
 
     matplotlib.use("Agg")

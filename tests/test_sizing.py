@@ -20,8 +20,8 @@ def peak(monkeypatch):
     return set_peak
 
 
-def tokens_bought(shape, minutes: float, flops: float, vocab: int) -> float:
-    return minutes * 60 * flops * shape.mfu / shape.flops_per_token(vocab)
+def tokens_bought(shape, minutes: float, flops: float, vocab: int, dtype=torch.float32) -> float:
+    return minutes * 60 * flops * shape.mfu(dtype) / shape.flops_per_token(vocab)
 
 
 def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger(peak):
@@ -36,9 +36,15 @@ def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger(peak):
                           f"{small.name}, 4K vocab for 10 min")
     assert f"~{tokens_bought(small, 10, 0.5 * edge, 4096) / 1e6:.1f}M tokens" in why
     peak(2 * edge)
-    assert choose_cpu_shape(10, 4096, torch.bfloat16, "CPU with native bf16")[0] == large
+    assert choose_cpu_shape(10, 4096, torch.float32, "CPU without native bf16")[0] == large
     # the same fast machine with a short budget: the small shape again
-    assert choose_cpu_shape(2, 4096, torch.bfloat16, "CPU with native bf16")[0] == small
+    assert choose_cpu_shape(2, 4096, torch.float32, "CPU without native bf16")[0] == small
+    # bf16 reaches a smaller share of its (higher) peak: the tokens bought use the bf16 share
+    bf16_edge = large.min_tokens / tokens_bought(large, 10, 1.0, 4096, torch.bfloat16)
+    peak(0.9 * bf16_edge)
+    assert choose_cpu_shape(10, 4096, torch.bfloat16, "CPU with native bf16")[0] == small
+    peak(1.1 * bf16_edge)
+    assert choose_cpu_shape(10, 4096, torch.bfloat16, "CPU with native bf16")[0] == large
 
 
 def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(peak, monkeypatch):

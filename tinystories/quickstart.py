@@ -23,7 +23,7 @@ CPU_TOKENS_PER_S = 10_000  # training tokens/s a CPU run buys at most (cpu.yaml:
 CACHE_PASSES = 3  # the cache part holds 3x the tokens the budget buys at that speed
 TOKENIZE_MB_S_PER_CORE = 3.0  # data prepare
 BPE_TRAIN_MB_S = 3.0  # tokenizer train
-REPORT_S_CPU = 90  # three stories, 12 stories for statistics, likelihood on EVAL_TOKENS, plot
+REPORT_S_CPU = 45  # three stories, 12 for statistics, likelihood on EVAL_TOKENS, grammar, plot (15-32 s measured)
 STORY_BYTES = 900  # TinyStoriesV2's mean story size, for the tokenizer sample's size
 
 

@@ -22,13 +22,17 @@ class Shape:
     dim: int
     n_layers: int
     n_heads: int
-    mfu: float  # share of the matmul peak its training step reaches (compiled, batch 16 x 256)
+    mfu_fp32: float  # share of the float32 matmul peak its training step reaches (compiled, batch 16 x 256, Muon)
+    mfu_bf16: float  # the same in bfloat16 autocast, against the bf16 peak (AVX512-BF16 / AMX)
     min_tokens: float  # the fewest training tokens at which the study found it beats the next smaller shape
 
     def overrides(self) -> list[str]:
         # the study's recipe with it: Muon for the block matrices, no dropout (~2 passes over the data)
         return [f"model.dim={self.dim}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
                 "train.optimizer=muon", "model.dropout=0.0"]
+
+    def mfu(self, dtype: torch.dtype) -> float:
+        return self.mfu_bf16 if dtype == torch.bfloat16 else self.mfu_fp32
 
     def flops_per_token(self, vocab: int, seq_len: int = 256) -> float:
         """Training FLOPs per token, the model's own count (built on the meta device: nothing is allocated)."""
@@ -40,14 +44,15 @@ class Shape:
             return Transformer(cfg).flops_per_token()
 
 
-# smallest first; from the recipe study (docs/training-recipe.md, 2-core AMD EPYC with kernels limited to AVX2):
-# at a 5-minute budget (1-2M tokens) dim 192 x 4 reached 1.159 bits per byte against 1.241 for dim 256 x 6 (both
-# Muon); mfu is each shape's measured share of the fp32 matmul peak there (dim 256 x 6: 139 GFLOP/s, 66%; dim 192
-# x 4: 2.1x its steps per second at 0.44x the FLOPs per token). min_tokens 4M for dim 256 x 6 is not measured: it
-# rests on round 1's AMX quickstart (1.101 with ~4M tokens); the crossover is the study's next question.
+# smallest first. mfu: measured with benchmarks/train_throughput.py (--compile --optimizer muon, batch 16 x 256, 4K
+# vocabulary) on 2 cores of an AMD EPYC with avx512_bf16: float32 with oneDNN/MKL limited to AVX2 (a CPU without
+# native bf16) against its 211 GFLOP/s fp32 peak; bfloat16 natively against its ~930 GFLOP/s bf16 peak (bf16
+# matmuls this small reach a far smaller share of the peak). min_tokens: from the recipe study
+# (docs/training-recipe.md): at 5 and 10 minutes (1-4M tokens) dim 192 x 4 beat dim 256 x 6 (both Muon) at equal
+# wall-clock; the crossover where the larger shape starts to win is the study's fit (recipe_study.py prints it).
 CPU_SHAPES = [
-    Shape("dim 192, 4 layers", 192, 4, 6, mfu=0.62, min_tokens=0),
-    Shape("dim 256, 6 layers", 256, 6, 8, mfu=0.66, min_tokens=4.0e6),
+    Shape("dim 192, 4 layers", 192, 4, 6, mfu_fp32=0.637, mfu_bf16=0.278, min_tokens=0),
+    Shape("dim 256, 6 layers", 256, 6, 8, mfu_fp32=0.629, mfu_bf16=0.293, min_tokens=4.0e6),
 ]
 
 
@@ -59,7 +64,7 @@ def choose_cpu_shape(minutes: float, vocab: int, dtype: torch.dtype, describe_cp
     peak = peak_flops(torch.device("cpu"), dtype)
     choice, tokens = CPU_SHAPES[0], 0.0
     for shape in CPU_SHAPES:
-        t = minutes * 60 * peak * shape.mfu / shape.flops_per_token(vocab)
+        t = minutes * 60 * peak * shape.mfu(dtype) / shape.flops_per_token(vocab)
         if t >= shape.min_tokens:
             choice, tokens = shape, t
     why = (f"{describe_cpu}, {peak / 1e9:,.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}): "
