@@ -201,7 +201,9 @@ def _dtype_choice(caps: DeviceCaps, pref: str) -> tuple[torch.dtype, str]:
         if t == "cpu":
             if caps.cpu_bf16:
                 return torch.bfloat16, f"native bf16: {caps.cpu_bf16}"
-            return torch.float32, f"no native bf16 on this CPU{': ' + caps.cpu_isa if caps.cpu_isa else ''}"
+            limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+            why = f"oneDNN limited to {limit}" if limit else caps.cpu_isa and f"best ISA {caps.cpu_isa}"
+            return torch.float32, f"no native bf16 on this CPU{', ' + why if why else ''}"
         if t == "mps":
             return torch.float32, "half precision is not faster on MPS; train.dtype=bfloat16 saves memory"
         return torch.float32, ""
