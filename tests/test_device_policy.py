@@ -72,8 +72,8 @@ def test_cpu_native_bf16_gets_bf16_and_avx2_gets_float32():
     assert policy(CPU_AMX).dtype == torch.bfloat16
     q = policy(CPU_AVX2)
     assert (q.dtype, q.autocast, q.grad_scaler) == (torch.float32, False, False)
-    assert q.describe() == ("device cpu (Intel Core i7-8700): float32 (no native bf16 on this CPU, best ISA AVX2), TF32 n/a, "
-                            "SDPA cpu flash, fused AdamW, compiled")
+    assert q.describe() == ("device cpu (Intel Core i7-8700): float32 (no native bf16 on this CPU, best ISA AVX2), "
+                            "TF32 n/a, SDPA cpu flash, fused AdamW, compiled")
 
 
 def test_explicit_float16_on_cpu_gets_a_grad_scaler():
