@@ -48,11 +48,13 @@ class Shape:
 # vocabulary) on 2 cores of an AMD EPYC with avx512_bf16: float32 with oneDNN/MKL limited to AVX2 (a CPU without
 # native bf16) against its 211 GFLOP/s fp32 peak; bfloat16 natively against its ~930 GFLOP/s bf16 peak (bf16
 # matmuls this small reach a far smaller share of the peak). min_tokens: from the recipe study
-# (docs/training-recipe.md): at 5 and 10 minutes (1-4M tokens) dim 192 x 4 beat dim 256 x 6 (both Muon) at equal
-# wall-clock; the crossover where the larger shape starts to win is the study's fit (recipe_study.py prints it).
+# (docs/training-recipe.md), without native bf16: at 5 minutes dim 192 x 4 beat dim 256 x 6 (both Muon) by 7.0%
+# (1.1539 vs 1.2408 bits per byte), at 10 minutes by 0.6% (1.1309 vs 1.1378, when dim 256 x 6 had seen 1.96M
+# tokens); a + b ln(tokens) fitted per shape through both budgets crosses at ~11 minutes there, when dim 256 x 6
+# has seen ~2.1M tokens (recipe_study.py prints the fit): its min_tokens.
 CPU_SHAPES = [
     Shape("dim 192, 4 layers", 192, 4, 6, mfu_fp32=0.637, mfu_bf16=0.278, min_tokens=0),
-    Shape("dim 256, 6 layers", 256, 6, 8, mfu_fp32=0.629, mfu_bf16=0.293, min_tokens=4.0e6),
+    Shape("dim 256, 6 layers", 256, 6, 8, mfu_fp32=0.629, mfu_bf16=0.293, min_tokens=2.1e6),
 ]
 
 
