@@ -253,7 +253,7 @@ def crossover(results: dict, small: str, large: str) -> str | None:
 
 
 def report(results: dict, names: list[str], a) -> None:
-    print(f"\n{'arm':<18} {'budget':>6} {'bpb (mean)':>10} {'spread':>7} {'seeds':>5} {'steps':>6} {'tokens/s':>9} "
+    print(f"\n{'arm':<22} {'budget':>6} {'bpb (mean)':>10} {'spread':>7} {'seeds':>5} {'steps':>6} {'tokens/s':>9} "
           f"{'vs adamw':>8}")
     rows = []
     for minutes in a.minutes:
@@ -266,7 +266,7 @@ def report(results: dict, names: list[str], a) -> None:
             mean = statistics.mean(bpbs)
             rel = f"{100 * (mean / statistics.mean(base) - 1):+.1f}%" if base else "-"
             rows.append((name, minutes, mean, max(bpbs) - min(bpbs), len(bpbs)))
-            print(f"{name:<18} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
+            print(f"{name:<22} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
                   f"{rs[0]['steps']:>6} {rs[0]['tokens_per_s']:>9,.0f} {rel:>8}")
     for small, large in CROSSOVERS:
         line = crossover(results, small, large)
