@@ -84,8 +84,8 @@ def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int)
     policy = choose_policy(caps, load_config(cfg_path, overrides).train)
     kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
     shape, why = choose_cpu_shape(minutes, vocab, policy.dtype, kind)
-    mine = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] in {k.split("=", 1)[0] for k in
-                                                                           shape.overrides()}]
+    sized_keys = {o.split("=", 1)[0] for o in shape.overrides()}
+    mine = [key for key in (o.split("=", 1)[0] for o in overrides) if key in sized_keys]
     if mine:
         why += f" (yours kept: {', '.join(mine)})"
     return load_config(cfg_path, shape.overrides() + overrides), why
@@ -94,12 +94,13 @@ def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int)
 def auto_config(overrides: list[str]):
     """`train --config auto`: configs/tinystories-23M.yaml on a GPU; on a CPU, configs/cpu.yaml sized to this
     machine and its time budget (train.max_minutes). Returns the config and the line that says why."""
-    from tinystories.config import CONFIG_DIR, load_config
+    from tinystories.config import load_config
+    from tinystories.quickstart import pick_config  # the one rule for which config a device gets
 
-    if torch.cuda.is_available():
-        return load_config(CONFIG_DIR / "tinystories-23M.yaml", overrides), "GPU found: configs/tinystories-23M.yaml"
-    path = CONFIG_DIR / "cpu.yaml"
+    path = pick_config(on_gpu=torch.cuda.is_available())
     cfg = load_config(path, overrides)
+    if torch.cuda.is_available():
+        return cfg, f"GPU found: configs/{path.name}"
     if not cfg.train.max_minutes:
         return cfg, "no time budget (train.max_minutes) to size for: configs/cpu.yaml as it is"
     vocab = cfg.tokenizer.vocab_size
