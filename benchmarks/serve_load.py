@@ -18,7 +18,10 @@ completed, 429s, errors, time to first token (p50/p99, from sending the request)
 every slot was free afterwards (and how many abandoned requests the server counted as cancelled), the server's
 own cancel-to-free time, and for the last client count the server's RSS after 10 s and at the end. Then a
 disconnect probe: with 8 clients streaming, a client reads a few tokens, closes its connection and polls
-/health until the server counts the cancellation (client close -> slot free, over HTTP).
+/health until the server counts the cancellation (client close -> slot free, over HTTP); its request asks for
+at most the model's context (from /v1/model). Every figure is printed with the machine it was measured on (CPU
+model, GPU when the server runs on one) and the server's device and precision. Every loop is bounded: a server
+that refuses a request for good (a 4xx) or never frees a slot ends the run with a message, not a hang.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import shlex
 import socket
 import subprocess
@@ -37,6 +41,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+PROBE_TOKENS = 400  # the disconnect probe's request: long enough to be running when it is dropped (capped by context)
+MAX_ATTEMPTS = 50  # tries of one probe request (429s, stories that end in under 3 tokens) before giving up
+MAX_CONSECUTIVE_FAILURES = 20  # a load client stops after this many failed requests in a row
 PROMPTS = ["Once upon a time", "Lily wanted to fly a kite, but", "Tom found a shiny red ball in the park.",
            "One day, a tiny bird could not find its mom.", "The sun was hot, so Ben and Sue went to the"]
 
@@ -46,6 +53,46 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a request refused for good, a slot never freed): printed, exit status 1."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu, else /proc/cpuinfo, else platform), for labelling the figures."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"})
+        for line in out.stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+    return ", ".join(names) if out.returncode == 0 and names else None
+
+
+def machine(device: str | None = None) -> str:
+    """Where a figure was measured: this machine's CPU (and GPU when `device` is one), for every printed run."""
+    where = f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
+    if device and device.startswith("cuda"):
+        where += f"; GPU {gpu_name() or 'unknown'}"
+    return where
 
 
 class Stats:
@@ -105,15 +152,21 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stats: St
 
 
 async def client_loop(i: int, url: str, args, stats: Stats, deadline: float) -> None:
+    """Requests one after another until `deadline`; gives up (an error) after MAX_CONSECUTIVE_FAILURES in a row."""
     limits = httpx.Limits(max_connections=2, max_keepalive_connections=1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
-        k = 0
+        k = failures = 0
         while time.perf_counter() < deadline:
             body = {"prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_new_tokens": args.max_new_tokens,
                     "temperature": 0.8, "stream": True, "seed": i * 1000 + k}
             k += 1
             abandon = bool(args.abandon_every) and k % args.abandon_every == 0
+            errors = stats.errors
             wait = await one_request(client, url, body, stats, abandon)
+            failures = failures + 1 if stats.errors > errors else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                stats.error(f"client {i} gave up after {failures} failed requests in a row")
+                return
             if wait:
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
 
@@ -161,12 +214,14 @@ def wait_free(url: str, timeout: float = 60.0) -> bool:
     return False
 
 
-async def disconnect_probe(url: str, args, repeats: int = 5) -> list[float]:
+async def disconnect_probe(url: str, args, context: int | None, repeats: int = 5) -> list[float]:
     """With 8 clients streaming, close a stream after 3 tokens and poll /health until the server counted the
-    cancellation. Returns the times (s) from closing to the slot being free."""
+    cancellation. Returns the times (s) from closing to the slot being free. `context`: the model's (the probe's
+    request asks for at most that many tokens; None: --max-new-tokens, which the load used)."""
     out: list[float] = []
-    stop = time.perf_counter() + 3600
+    stop = time.perf_counter() + 3600  # a bound only: the background clients are cancelled when the probe ends
     bg_args = argparse.Namespace(**{**vars(args), "abandon_every": 0})
+    max_new = min(PROBE_TOKENS, context) if context else args.max_new_tokens
     background = [asyncio.create_task(client_loop(100 + i, url, bg_args, Stats(), stop)) for i in range(8)]
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -178,21 +233,13 @@ async def disconnect_probe(url: str, args, repeats: int = 5) -> list[float]:
                 return out
             for k in range(repeats):
                 before = (await client.get(url + "/health")).json()["cancelled"]
-                body = {"prompt": "Once upon a time", "max_new_tokens": 400, "stream": True, "seed": k}
-                n = 0
-                while n < 3:  # until a stream is admitted (a server without a queue answers 429 meanwhile)
-                    async with httpx.AsyncClient(timeout=30) as own:  # its own connection, closed on leaving
-                        async with own.stream("POST", url + "/v1/generate", json=body) as r:
-                            async for line in r.aiter_lines():
-                                n += line.startswith("event: token")
-                                if n >= 3:
-                                    break
-                    if n < 3:
-                        await asyncio.sleep(0.05)
+                await _probe_stream(url, {"prompt": "Once upon a time", "max_new_tokens": max_new, "stream": True,
+                                          "seed": k})
                 t_close = time.perf_counter()
                 while (await client.get(url + "/health")).json()["cancelled"] <= before:
                     if time.perf_counter() - t_close > 30:
-                        break
+                        raise BenchError("disconnect probe: the server did not count the closed stream as cancelled "
+                                         "within 30 s (its slot was never freed)")
                     await asyncio.sleep(0.005)
                 out.append(time.perf_counter() - t_close)
     finally:
@@ -200,6 +247,28 @@ async def disconnect_probe(url: str, args, repeats: int = 5) -> list[float]:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
     return out
+
+
+async def _probe_stream(url: str, body: dict) -> None:
+    """Open a stream, read 3 tokens, close it. Retried (at most MAX_ATTEMPTS times) while the server answers 429 or
+    the story ends in under 3 tokens; any other answer, or running out of attempts, is a BenchError."""
+    for attempt in range(MAX_ATTEMPTS):
+        n, request = 0, {**body, "seed": body["seed"] + 1000 * attempt}  # another story each attempt
+        async with httpx.AsyncClient(timeout=30) as own:  # its own connection, closed on leaving
+            async with own.stream("POST", url + "/v1/generate", json=request) as r:
+                if r.status_code == 429:  # busy: a server whose queue is full
+                    await r.aread()
+                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+                    continue
+                if r.status_code != 200:
+                    raise BenchError(f"disconnect probe: POST /v1/generate {json.dumps(body)} answered HTTP "
+                                     f"{r.status_code}: {(await r.aread())[:300].decode(errors='replace')}")
+                async for line in r.aiter_lines():
+                    n += line.startswith("event: token")
+                    if n >= 3:
+                        return  # leaving the blocks closes the connection mid-stream
+    raise BenchError(f"disconnect probe: no stream reached 3 tokens in {MAX_ATTEMPTS} attempts (429s, or stories "
+                     "that ended at once)")
 
 
 def free_port() -> int:
@@ -232,8 +301,32 @@ def start_server(args, flags: list[str], code: Path, checkpoint: str) -> tuple[s
     sys.exit("the server did not start within 300 s")
 
 
-def bench(label: str, url: str, args, pid: int | None) -> list[dict]:
+def model_info(url: str) -> dict:
+    """GET /v1/model (an older server may lack some fields: context, dtype)."""
+    r = httpx.get(url + "/v1/model", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def describe_server(info: dict, url: str) -> str:
+    """Where the figures of this server come from: the machine, the server's device and precision."""
+    local = httpx.URL(url).host in ("127.0.0.1", "localhost", "::1")
+    where = machine(info.get("device")) if local else f"a remote server (this client: {machine()})"
+    return f"{where}; server device {info.get('device', 'not reported')}, precision {info.get('dtype', 'not reported')}"
+
+
+def check_fits(args, info: dict) -> None:
+    ctx = info.get("context")
+    if ctx and args.max_new_tokens > ctx:
+        raise BenchError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of {ctx} tokens "
+                         f"(the server would answer every request with 422): give at most {ctx}")
+
+
+def bench(label: str, url: str, args, pid: int | None, info: dict) -> list[dict]:
     rows = []
+    where = describe_server(info, url)
+    print(f"{label:>8}  measured on: {where}")
+    print(HEADER)
     for clients in args.clients:
         before = health(url)
         stats, wall, rss = asyncio.run(run_load(url, clients, args, pid))
@@ -245,12 +338,12 @@ def bench(label: str, url: str, args, pid: int | None) -> list[dict]:
                "errors": stats.errors, "5xx": stats.server_errors, "ttft_p50_ms": 1000 * percentile(stats.ttft, 50),
                "ttft_p99_ms": 1000 * percentile(stats.ttft, 99), "tokens_per_s": stats.tokens / wall,
                "abandoned": stats.abandoned, "cancelled": cancelled, "slots_free": freed,
-               "cancel_to_free_max_ms": c2f["max"] if c2f else None, "rss_mb": rss}
+               "cancel_to_free_max_ms": c2f["max"] if c2f else None, "rss_mb": rss, "measured_on": where}
         rows.append(row)
         print_row(row)
         for e in stats.error_samples:
             print(f"    error: {e}")
-    probe = asyncio.run(disconnect_probe(url, args))
+    probe = asyncio.run(disconnect_probe(url, args, info.get("context")))
     if probe:
         print(f"{label:>8}  disconnect probe (8 streaming clients): client close -> slot free over HTTP "
               f"{', '.join(f'{1000 * t:.0f}' for t in probe)} ms (max {1000 * max(probe):.0f} ms)")
@@ -283,6 +376,9 @@ def engine_only(args) -> int:
     model, ck = load_model(args.checkpoint, "cpu")
     if args.compile:
         model.compile_decoding()
+    if args.max_new_tokens > model.cfg.max_seq_len:
+        raise BenchError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
+                         f"{model.cfg.max_seq_len} tokens")
 
     async def run(batch: int) -> tuple[int, float, float]:
         engine = Engine(model, ck.tokenizer, max_batch=batch, max_queue=10_000)
@@ -299,7 +395,9 @@ def engine_only(args) -> int:
         return sum(len(j.token_ids) for j in jobs), time.perf_counter() - t0, warm
 
     print(f"engine only (no HTTP): {ck.path}, {'compiled' if args.compile else 'eager'}, "
-          f"{args.max_new_tokens} new tokens per request, {torch.get_num_threads()} torch thread(s)")
+          f"{args.max_new_tokens} new tokens per request, {torch.get_num_threads()} torch thread(s)\n"
+          f"measured on: {machine('cpu')}; device cpu, precision "
+          f"{str(next(model.parameters()).dtype).removeprefix('torch.')}")
     for batch in [int(b) for b in args.engine_batches.split(",")]:
         tokens, secs, warm = asyncio.run(run(batch))
         print(f"  --max-batch {batch:>3}: {tokens:>6,} tokens in {secs:5.2f} s = {tokens / secs:7.0f} tokens/s"
@@ -308,6 +406,14 @@ def engine_only(args) -> int:
 
 
 def main() -> int:
+    try:
+        return _main()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="start `tinystories serve` on this checkpoint (loopback, free port)")
@@ -345,21 +451,27 @@ def main() -> int:
           f"{os.cpu_count()} CPUs")
     rows = []
     if args.url:
-        print(HEADER)
-        return report(bench("url", args.url.rstrip("/"), args, None))
+        url = args.url.rstrip("/")
+        info = model_info(url)
+        check_fits(args, info)
+        return report(bench("url", url, args, None, info))
     for label, flags in configs:
         code, checkpoint = codes.get(label, REPO), checkpoints.get(label, args.checkpoint)
         proc, url = start_server(args, shlex.split(flags), code, checkpoint)
         try:
-            info = httpx.get(url + "/v1/model", timeout=10).json()
+            info = model_info(url)
+            check_fits(args, info)
             print(f"\n{label}: tinystories serve {flags or '(defaults)'}  [{code}]  model "
-                  f"{info['name']} ({info['parameters']:,} parameters, device {info['device']}), limits "
+                  f"{info['name']} ({info['parameters']:,} parameters, context {info.get('context', '?')}, device "
+                  f"{info['device']}, precision {info.get('dtype', 'not reported')}), limits "
                   f"{json.dumps(info.get('limits'))}")
-            print(HEADER)
-            rows += bench(label, url, args, proc.pid)
+            rows += bench(label, url, args, proc.pid, info)
         finally:
             proc.terminate()
-            proc.wait(15)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return report(rows)
 
 
@@ -373,6 +485,10 @@ def report(rows: list[dict]) -> int:
             if (base, c) in by and (new, c) in by and by[(base, c)]["tokens_per_s"] > 0:
                 print(f"  {c:>3} clients: {by[(new, c)]['tokens_per_s']:.1f} / {by[(base, c)]['tokens_per_s']:.1f} = "
                       f"{by[(new, c)]['tokens_per_s'] / by[(base, c)]['tokens_per_s']:.2f}x")
+    if rows:
+        print("figures measured on:")
+        for where in dict.fromkeys(f"{r['config']}: {r['measured_on']}" for r in rows):
+            print(f"  {where}")
     bad = [r for r in rows if r["errors"] or not r["slots_free"]]
     return 1 if bad else 0
 

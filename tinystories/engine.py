@@ -13,7 +13,8 @@ own sampling parameters and seeded generator: `sampling.next_tokens`), hands the
 asyncio queues in one call, lets finished rows leave (the last row moves into the hole, so the active rows
 stay 0..n-1), and runs one batched forward for the rest (`model.decode`: compiled when `compile_decoding()`
 was called). Cancellation is therefore noticed between two decoding steps, and a queued request that is
-cancelled leaves the queue at once.
+cancelled leaves the queue at once. `close()` (the server shutting down) ends every request: queued ones at once
+(EngineClosed: HTTP 503), active ones after the current decoding step, with finish_reason "shutdown".
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class QueueTimeout(Exception):
     """A request waited in the queue past --queue-timeout (HTTP 503)."""
 
 
+class EngineClosed(Exception):
+    """The engine was closed (the server is shutting down) before the request left the queue (HTTP 503)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request: its inputs, the text so far, its finish reason and timing. Created by Engine.submit."""
@@ -51,8 +56,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    # "stop" (end of story or a stop string), "length", "timeout", "cancelled", "error"; "queue_timeout" while
-    # it never left the queue
+    # "stop" (end of story or a stop string), "length", "timeout", "cancelled", "error", "shutdown" (the engine
+    # was closed); "queue_timeout" when it never left the queue, and "shutdown" with admitted_at None
     finish_reason: str | None = None
     error: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -92,10 +97,16 @@ class Job:
                 self._engine._cancel_queued(self)
 
     async def admitted(self) -> None:
-        """Wait until the request leaves the queue; QueueTimeout if it waited past --queue-timeout."""
+        """Wait until the request leaves the queue; QueueTimeout if it waited past --queue-timeout, EngineClosed
+        if the engine was closed while it waited."""
         await asyncio.shield(self._admitted)
+        self._raise_if_never_admitted()
+
+    def _raise_if_never_admitted(self) -> None:
         if self.finish_reason == "queue_timeout":
             raise QueueTimeout(self.error)
+        if self.finish_reason == "shutdown" and self.admitted_at is None:
+            raise EngineClosed(self.error)
 
     async def events(self) -> AsyncIterator[dict]:
         """Token events ({"type": "token", "id", "token", "text"[, "top"]}) until the request ends."""
@@ -106,10 +117,9 @@ class Job:
             yield ev
 
     async def result(self) -> "Job":
-        """The finished job (QueueTimeout if it never left the queue)."""
+        """The finished job (QueueTimeout or EngineClosed if it never left the queue)."""
         await asyncio.shield(self._done)
-        if self.finish_reason == "queue_timeout":
-            raise QueueTimeout(self.error)
+        self._raise_if_never_admitted()
         return self
 
     def timing(self) -> dict:
@@ -182,6 +192,8 @@ class Engine:
         else:
             job._gen.seed()
         with self._lock:
+            if self._closed:
+                raise EngineClosed(SHUTTING_DOWN)
             free = self.max_batch - len(self._rows)
             if len(self._queue) >= self.max_queue + free:
                 self.rejected += 1
@@ -202,13 +214,24 @@ class Engine:
                                      "n": len(freed)} if freed else None)
         return out
 
-    def close(self) -> None:
-        """Stop the decoding loop once it is idle (after its current step) and wait for it."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop serving (the server is shutting down). Every request ends: queued ones at once (their admitted() and
+        result() raise EngineClosed), active ones after the current decoding step, with finish_reason "shutdown"
+        and the tokens they have; later submit() calls raise EngineClosed. Then the loop ends; this waits for it
+        (at most `timeout` seconds). Safe to call more than once, from any thread."""
         with self._lock:
             self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
             self._lock.notify()
+        out: list[tuple[Job, Any]] = []
+        now = time.perf_counter()
+        for job in queued:
+            job.finish_reason, job.error, job.ended_at = "shutdown", SHUTTING_DOWN, now
+            out += [(job, "admitted"), (job, None)]
+        _dispatch(out)
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
 
     def warm_up(self, log: Callable[[str], None] | None = None) -> None:
         """Run the batched decoding step for 1 and 2 rows (masked and not), so that a compiled step is compiled
@@ -248,7 +271,7 @@ class Engine:
                     while not self._rows and not self._queue and not self._closed:
                         self._lock.wait()
                     if self._closed:
-                        return
+                        break
                     now = time.perf_counter()
                     out: list[tuple[Job, Any]] = []
                     for job in [j for j in self._queue if now - j.submitted > self.queue_timeout_s]:
@@ -276,6 +299,15 @@ class Engine:
                         self._lengths.clear()
                 if out:
                     _dispatch(out)
+        # closed: the active requests end here, between two steps, with what they have (close() emptied the queue)
+        out = []
+        for job in self._rows:
+            self._finish(job, "shutdown", out)
+        with self._lock:
+            self.served += len(self._rows)
+            self._rows.clear()
+            self._lengths.clear()
+        _dispatch(out)
 
     def _iteration(self, admit: list[Job], out: list) -> None:
         now = time.perf_counter()
@@ -423,6 +455,9 @@ class Engine:
                 return chr(b) if b < 128 else piece
             return piece.replace("\u2581", " ")
         return self.tok.decode([i])
+
+
+SHUTTING_DOWN = "the server is shutting down; retry later"
 
 
 def _dispatch(out: list[tuple[Job, Any]]) -> None:

@@ -13,7 +13,10 @@ The model is loaded once, into a `tinystories.engine.Engine`: requests wait in a
 429 with Retry-After only when it is full, 503 after --queue-timeout in it) and one decoding loop steps up to
 --max-batch of them together, one batched forward per token (continuous batching: requests join and leave
 between steps). The two routers below only translate HTTP to `engine.submit(...)` and the job's events; a client
-that goes away is dropped from the queue at once, or from the batch before the next decoding step. Guards:
+that goes away is dropped from the queue at once, or from the batch before the next decoding step. On shutdown
+(SIGTERM, Ctrl-C) the engine is closed first: running requests end after the current step with finish_reason
+"shutdown" (a stream's final event; in the OpenAI protocol an error chunk, or 503 when not streaming), queued ones
+get 503, and then the process exits. Guards:
 validation with clear 422s (prompt length in tokens vs the context, parameter ranges), a request body limit
 (413), CORS closed unless --cors-origin is given, and no request field names a file: the checkpoint is fixed at
 start-up.
@@ -21,6 +24,7 @@ start-up.
 
 # no `from __future__ import annotations`: FastAPI resolves the route signatures' annotations at runtime
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -166,17 +170,22 @@ class _Api:
 
     async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool):
         """(job, None) once the request has a row in the batch, else (None, the error response): 429 when the
-        queue is full, 503 when it waited past --queue-timeout; a client that leaves while queued is dropped."""
-        from tinystories.engine import QueueFull, QueueTimeout
+        queue is full, 503 when it waited past --queue-timeout or the server is shutting down; a client that
+        leaves while queued is dropped."""
+        from tinystories.engine import EngineClosed, QueueFull, QueueTimeout
 
         try:
             job = self.engine.submit(ids, params, top_alternatives, stop)
         except QueueFull as e:
             return None, _error(429, f"{e}; retry in {RETRY_AFTER_S}s", openai, "rate_limit_error", "busy")
+        except EngineClosed as e:
+            return None, _error(503, str(e), openai, "server_error", "shutdown")
         try:
             await _unless_disconnected(request, job, job.admitted())
         except QueueTimeout as e:
             return None, _error(503, str(e), openai, "server_error", "queue_timeout")
+        except EngineClosed as e:
+            return None, _error(503, str(e), openai, "server_error", "shutdown")
         if job.finish_reason == "cancelled":  # the client left while queued: nobody reads this
             return None, _error(499, "client closed the request", openai, "server_error", "cancelled")
         return job, None
@@ -303,6 +312,8 @@ def openai_router(api: _Api, CompletionRequest):
             await api.result(request, job)
             if job.error:
                 return _error(500, f"generation failed: {job.error}", True, "server_error", "error")
+            if job.finish_reason == "shutdown":  # OpenAI's finish reasons have no word for it
+                return _error(503, _shutdown_message(job), True, "server_error", "shutdown")
             return {**chunk(job.text, _openai_finish(job)), "usage": _openai_usage(job)}
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
@@ -313,6 +324,9 @@ def openai_router(api: _Api, CompletionRequest):
                         yield _sse(chunk(ev["text"], None))
                 if job.error:
                     yield _sse({"error": {"message": f"generation failed: {job.error}", "type": "server_error"}})
+                elif job.finish_reason == "shutdown":
+                    yield _sse({"error": {"message": _shutdown_message(job), "type": "server_error",
+                                          "code": "shutdown"}})
                 else:
                     yield _sse(chunk("", _openai_finish(job)))
                     if include_usage:
@@ -351,6 +365,12 @@ def _openai_chunker(name: str):
     return chunk
 
 
+def _shutdown_message(job) -> str:
+    from tinystories.engine import SHUTTING_DOWN
+
+    return f"{SHUTTING_DOWN} (the generation was stopped after {len(job.token_ids)} token(s))"
+
+
 def _openai_finish(job) -> str:
     return "stop" if job.finish_reason == "stop" else "length"
 
@@ -361,7 +381,7 @@ def _openai_usage(job) -> dict:
 
 
 ERROR_RESPONSES = {429: {"description": "the queue is full (--max-queue): retry after Retry-After seconds"},
-                   503: {"description": "waited in the queue past --queue-timeout"},
+                   503: {"description": "waited in the queue past --queue-timeout, or the server is shutting down"},
                    413: {"description": "request body too large"}}
 
 
@@ -378,7 +398,16 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
     GenerateRequest, CompletionRequest = _schemas()
     engine = Engine(model, ck.tokenizer, max_batch, max_queue, timeout_s, queue_timeout_s)
     name = model_name(ck.path)
-    app = FastAPI(title="tinystories", version="1", summary=f"Story generation with {name}", description=__doc__)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn sends this only after the open requests ended (serve() closes the engine before that, so that
+        # they do); for other ASGI servers and test clients, this is where the engine stops
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="tinystories", version="1", summary=f"Story generation with {name}", description=__doc__,
+                  lifespan=lifespan)
     app.state.engine = engine
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -398,6 +427,7 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
         "val_bpb": _val_bpb(ck.state),
         "metrics": _finite(ck.state.get("metrics")),
         "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "limits": {"max_concurrent": max_batch, "max_batch": max_batch, "max_queue": max_queue,
                    "timeout_s": timeout_s, "queue_timeout_s": queue_timeout_s, "max_body_bytes": max_body_bytes,
                    "max_alternatives": MAX_ALTERNATIVES},
@@ -503,20 +533,42 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         if model.decoding_is_compiled:  # else decode() printed why and stays eager
             print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
-          f"on http://{shown}:{port}/  (API schema: /openapi.json, docs: /docs)", flush=True)
+    ready = [f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
+             f"on http://{shown}:{port}/  (API schema: /openapi.json, docs: /docs)"]
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}, reachable from other machines; the server has no authentication",
-              flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                          timeout_graceful_shutdown=2))
+        ready.append(f"warning: listening on {host}, reachable from other machines; the server has no authentication")
+    # timeout_graceful_shutdown bounds the wait for requests the engine does not end (none of ours: closing it
+    # ends them all within a decoding step)
+    server = _uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                            timeout_graceful_shutdown=2), app.state.engine, ready)
     try:
         server.run(sockets=sockets)
     except OSError as e:  # listen() on a socket another process bound meanwhile
         raise UserError(_bind_error(host, port, e)) from None
     finally:
+        app.state.engine.close()
         for sock in sockets:
             sock.close()
+
+
+def _uvicorn_server(config, engine, ready: list[str]):
+    """A uvicorn.Server that prints `ready` once it listens (a script may connect as soon as it reads it) and, on
+    shutdown (SIGTERM, Ctrl-C), closes the engine before waiting for the open connections: the running requests
+    then end after the current decoding step with finish_reason "shutdown" and the queued ones get 503, instead
+    of running on until uvicorn's graceful-shutdown timeout cancels them without an answer."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:  # listening (startup failed otherwise)
+                print("\n".join(ready), flush=True)
+
+        async def shutdown(self, sockets=None):
+            await asyncio.to_thread(engine.close)  # the jobs' endings reach this event loop meanwhile
+            await super().shutdown(sockets=sockets)
+
+    return Server(config)
 
 
 def _bind_error(host: str, port: int, e: OSError) -> str:
