@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VALID_HEAD, run_cli
+from conftest import VALID_HEAD, one_line_error, run_cli
 from tinystories.doctor import run_checks
 from tinystories.train import lr_at
 
@@ -185,3 +185,71 @@ def test_grammar_check_thresholds():
     gap = float(warn.detail.split(" points")[0])
     assert warn.status == "WARN" and GRAMMAR_PASS_POINTS < gap <= GRAMMAR_WARN_POINTS, warn
     assert check_grammar(None, real).status == "SKIP"
+
+
+# --- the lr check per segment of a run; one metrics reader -----------------------------------------------------------
+
+
+def _lr_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if "lr schedule:" in line)
+
+
+@pytest.mark.slow
+def test_lr_check_follows_each_segment_of_a_resumed_run(tmp_path, tok4k, source):
+    """A run resumed with --set train.lr (allowed) follows a new schedule from there on: doctor checks each logged
+    lr against its own segment's schedule (metrics.jsonl's segment rows), and still catches tampered rates. A
+    half-written last line left by a killed run does not break the resumed run's metrics."""
+    from conftest import REPO
+    from tinystories.schedule import Schedule
+
+    run = tmp_path / "run"
+    args = ["train", "--config", REPO / "configs" / "cpu.yaml", "--out", run, "--data", source]
+    for s in ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
+              "train.batch_size=4", "train.max_steps=12", "train.max_minutes=null", "train.warmup_steps=4",
+              "train.lr=3e-3", "train.min_lr=3e-4", "train.eval_interval=6", "train.eval_tokens=2048",
+              "train.log_interval=1", "train.checkpoint_interval=6", "train.sample_tokens=4",
+              "train.dtype=float32", "train.compile=false", f"tokenizer.path={tok4k}",
+              f"data.data_dir={tmp_path / 'data'}"):
+        args += ["--set", s]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 13, "lo')  # a write the killed run never finished
+    r = run_cli("train", "--resume", run, "--set", "train.lr=1e-3", "--set", "train.min_lr=1e-4",
+                "--set", "train.max_steps=20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    assert [(p["step"], p["schedule"]["lr"]) for p in rows if p["kind"] == "segment"] == [(0, 3e-3), (12, 1e-3)]
+    r = run_cli("doctor", run, "--samples", "0")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    line = _lr_line(r.stdout)
+    assert line.startswith("PASS"), r.stdout
+    assert "resumed at step 12 with lr 0.003 -> 0.001, min_lr 0.0003 -> 0.0001" in line, line
+
+    # rates that do not follow their segment's schedule: x2 in the resumed segment, or the first segment's schedule
+    seg2 = next(i for i, p in enumerate(rows) if p["kind"] == "segment" and p["step"] == 12)
+    first = Schedule(lr=3e-3, min_lr=3e-4, warmup_steps=4)
+    for tamper in (lambda p: 2 * p["lr"], lambda p: first.lr_at(p["step"] - 1, p["total_steps"])):
+        metrics.write_text("".join(json.dumps({**p, "lr": tamper(p)} if i > seg2 and p["kind"] == "train" else p)
+                                   + "\n" for i, p in enumerate(rows)))
+        r = run_cli("doctor", run, "--samples", "0")
+        assert r.returncode == 1 and _lr_line(r.stdout).startswith("FAIL"), r.stdout
+
+
+def test_old_runs_without_segment_rows_are_checked_as_before(good_run, broken_run):
+    # good_run's and broken_run's metrics have no segment rows: checked against the run's config
+    assert _by_name(run_checks(good_run, samples=0)[0])["lr schedule"].status == "PASS"
+    assert _by_name(run_checks(broken_run, samples=0)[0])["lr schedule"].status == "FAIL"
+
+
+def test_doctor_reads_a_torn_last_line_and_rejects_a_corrupt_middle_line(good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run, symlinks=True)
+    text = (run / "metrics.jsonl").read_text()
+    assert not text.endswith("\n")  # _metrics ends with a half-written line
+    checks = _by_name(run_checks(run, samples=0)[0])
+    assert checks["lr schedule"].status == "PASS" and checks["validation loss"].status == "PASS"
+    lines = text.splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:3]) + '{"kind": "train", "st\n' + "".join(lines[3:]))
+    one_line_error(run_cli("doctor", run, "--samples", "0"), f"{run / 'metrics.jsonl'}:4")

@@ -292,3 +292,35 @@ def test_push_errors_are_one_line(s260, hub, tmp_path):
     one_line_error(run_cli("export", "--format", "llama2c", "--checkpoint", s260, "--out", tmp_path / "m.bin",
                            "--push-to-hub", "alice/x", env=env), "--push-to-hub", "hf and gguf")
     assert not (tmp_path / "g").exists() and not (tmp_path / "m.bin").exists()
+
+
+def _run_around(checkpoint: Path, root: Path, metrics: str) -> Path:
+    """A run directory holding a copy of `checkpoint` as its step-10 checkpoint, with this metrics.jsonl text."""
+    import os
+    import shutil
+
+    ckdir = root / "run" / "checkpoints"
+    shutil.copytree(checkpoint, ckdir / "step-00000010")
+    os.symlink("step-00000010", ckdir / "latest")
+    (root / "run" / "metrics.jsonl").write_text(metrics)
+    return root / "run"
+
+
+_POINTS = "".join(json.dumps({"kind": "train", "step": s, "loss": 8.0 - s / 10, "lr": 1e-3, "time": 1.5 * s}) + "\n"
+                  for s in range(1, 11))
+
+
+def test_training_time_of_a_live_run_skips_a_half_written_last_line(random_checkpoint, tmp_path):
+    from tinystories.hub import training_time_s
+
+    run = _run_around(random_checkpoint, tmp_path, _POINTS + '{"kind": "train", "step": 11, "time": 1')
+    assert training_time_s(run / "checkpoints" / "step-00000010", 10) == 15.0
+
+
+def test_model_card_corrupt_metrics_line_is_one_line_naming_file_and_line(random_checkpoint, tmp_path):
+    lines = _POINTS.splitlines(keepends=True)
+    run = _run_around(random_checkpoint, tmp_path, "".join(lines[:6]) + '{"kind": "train", "ti\n' + "".join(lines[6:]))
+    out = tmp_path / "hf"
+    one_line_error(run_cli("export", "--format", "hf", "--checkpoint", run, "--out", out),
+                   f"{run / 'metrics.jsonl'}:7", "corrupt")
+    assert not out.exists()

@@ -5,7 +5,6 @@ with the concrete fix for every WARN and FAIL. Exit status 0 when nothing FAILs,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ import yaml
 
 from tinystories.defaults import SAMPLE_STORIES
 from tinystories.errors import UserError
+from tinystories.metrics import read_metrics
+from tinystories.schedule import PROVISIONAL_TOTAL, Schedule
 
 ARTICLE_PIECES = ("the", "a", "an")
 MIN_ARTICLE_SHARE = 0.02  # " the" + " a" + " an" are ~6% of tokens in real TinyStories
@@ -29,21 +30,6 @@ class Check:
     status: str  # PASS WARN FAIL SKIP
     detail: str
     fix: str = ""
-
-
-def read_metrics(run_dir: Path) -> list[dict] | None:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return None
-    out = []
-    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line while training is still writing
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -131,43 +117,59 @@ def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
     return Check(name, "PASS", f"still falling: {trend}")
 
 
-def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
-    """Every logged learning rate against the trainer's own schedule (train.lr_at). A train point logs the lr of its
-    last optimizer step (step - 1) and the run length it was scheduled for: that length changes when a time budget
-    fixes it after its first steps, or when a run is resumed with a new train.max_steps (the cosine is stretched)."""
-    from tinystories.train import PROVISIONAL_TOTAL, effective_warmup, lr_at
+def _schedule_change(a: Schedule, b: Schedule) -> str:
+    """What a resume changed in the schedule, e.g. 'lr 0.003 -> 0.001, min_lr 0.0003 -> 0.0001'."""
+    fmt = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k} {fmt(da[k])} -> {fmt(db[k])}" for k in da if da[k] != db[k])
 
+
+def check_lr(metrics: list[dict] | None, cfg, state: dict) -> Check:
+    """Every logged learning rate against the trainer's own schedule (schedule.lr_at). A train point logs the lr of
+    its last optimizer step (step - 1) and the run length it was scheduled for: that length changes when a time
+    budget fixes it after its first steps, or when a run is resumed with a new train.max_steps (the cosine is
+    stretched). A resume may also change the schedule itself (--set train.lr=...): each start or resume writes a
+    segment row with its schedule, and a point is checked against the schedule of the segment it was logged in
+    (metrics from before segment rows: the run's config)."""
     name = "lr schedule"
     if metrics is None:
         return Check(name, "SKIP", "no metrics.jsonl (imported checkpoint or not a run directory)")
-    pts = [m for m in metrics if m.get("kind") == "train" and isinstance(m.get("lr"), (int, float))
-           and isinstance(m.get("step"), int)]
     final_total = state.get("total_steps") or cfg.train.max_steps
-    if len(pts) < 2 or not (final_total or any(m.get("total_steps") for m in pts)):
+    configured = Schedule.of(cfg.train)
+    sched, changes = configured, []  # the schedule in effect; (step, what changed) at each segment that changed it
+    pts = []
+    for m in metrics:
+        if m.get("kind") == "segment" and isinstance(m.get("schedule"), dict):
+            seg = Schedule.from_dict(m["schedule"])
+            if seg is not None:
+                if seg != sched and (pts or changes):
+                    changes.append((m.get("step"), _schedule_change(sched, seg)))
+                sched = seg
+        elif m.get("kind") == "train" and isinstance(m.get("lr"), (int, float)) and isinstance(m.get("step"), int):
+            pts.append((m, sched))
+    if len(pts) < 2 or not (final_total or any(m.get("total_steps") for m, _ in pts)):
         return Check(name, "SKIP", "no logged learning rates or no total_steps in state.json")
-    t = cfg.train
-    tol = lambda e: max(0.05 * abs(e), 1e-3 * t.lr)  # noqa: E731
     bad, lengths = [], []
-    for m in pts:
+    for m, sc in pts:
         step, lr = m["step"], float(m["lr"])
         if "total_steps" in m:  # the exact schedule of that step
             total = m["total_steps"] or PROVISIONAL_TOTAL
-            exp = [lr_at(step - 1, cfg, total)]
+            exp = [sc.lr_at(step - 1, total)]
             if m["total_steps"] and (not lengths or lengths[-1][1] != total):
                 lengths.append((step, total))
         else:  # metrics from before the length was logged: the final length, either step convention
-            exp = [lr_at(step + s, cfg, int(final_total)) for s in (-1, 0, 1)]
-        if all(abs(lr - e) > tol(e) for e in exp):
+            exp = [sc.lr_at(step + s, int(final_total)) for s in (-1, 0, 1)]
+        if all(abs(lr - e) > max(0.05 * abs(e), 1e-3 * sc.lr) for e in exp):
             bad.append((step, lr, exp[0]))
     total = lengths[-1][1] if lengths else int(final_total)
-    decay = {"cosine": "cosine", "linear": "linear",
-             "wsd": f"constant, then linear over the last {t.cooldown_frac:.0%}"}
-    want = (f"warmup {effective_warmup(t.warmup_steps, total)} steps to {t.lr:g}, {decay[t.lr_schedule]} to "
-            f"{t.min_lr:g} at step {total}"
-            + ("; run length " + " -> ".join(f"{a} from step {s}" for s, a in lengths) if len(lengths) > 1 else ""))
+    last = pts[-1][1]
+    want = (last.describe(total)
+            + ("; run length " + " -> ".join(f"{a} from step {s}" for s, a in lengths) if len(lengths) > 1 else "")
+            + "".join(f"; resumed at step {s} with {what}" for s, what in changes))
     if len(bad) > max(1, 0.05 * len(pts)):
         step, lr, exp = bad[len(bad) // 2]
-        return Check(name, "FAIL", f"{len(bad)} of {len(pts)} logged lrs differ from the config ({want}); "
+        where = "their segment's schedule" if changes else "the config"
+        return Check(name, "FAIL", f"{len(bad)} of {len(pts)} logged lrs differ from {where} ({want}); "
                                    f"e.g. step {step}: lr {lr:.3g}, expected {exp:.3g}",
                      "the run did not follow its config: check train.lr/min_lr/warmup_steps in RUN_DIR/config.yaml "
                      "(a resumed run reads them from there)")

@@ -36,17 +36,14 @@ def _run_dir(ck_path: Path) -> Path | None:
 
 def training_time_s(ck_path: Path, step: int) -> float | None:
     """Seconds of training up to `step`, from the run's metrics.jsonl (the last record at or before it)."""
+    from tinystories.metrics import read_metrics
+
     run = _run_dir(ck_path)
-    f = run / "metrics.jsonl" if run else None
-    if not f or not f.is_file():
-        return None
+    records = read_metrics(run) if run else None
     t = None
-    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("time"), (int, float)) and rec.get("step", 0) <= step:
+    for rec in records or []:
+        if isinstance(rec.get("time"), (int, float)) and isinstance(rec.get("step", 0), int) \
+                and rec.get("step", 0) <= step:
             t = float(rec["time"])
     return t
 

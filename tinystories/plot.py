@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from tinystories import metrics
 from tinystories.atomic import atomic_file
 from tinystories.errors import UserError
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file():
+    """The run's metrics.jsonl records (tinystories.metrics: a torn last line of a live run is skipped)."""
+    points = metrics.read_metrics(run_dir)
+    if points is None:
         raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory made by `tinystories train`?)")
-    points = []
-    for i, line in enumerate(f.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                points.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{f}: line {i} is not valid JSON") from None
     return points
 
 
@@ -45,8 +39,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
         raise UserError(f"--out {out}: cannot create the directory {out.parent} ({why}); pick another --out") from None
     # a resumed run appends again from its checkpoint's step: keep the last value logged for each step
-    train = {p["step"]: p for p in points if p["kind"] == "train"}
-    val = {p["step"]: p for p in points if p["kind"] == "val"}
+    train = {p["step"]: p for p in points if p.get("kind") == "train"}
+    val = {p["step"]: p for p in points if p.get("kind") == "val"}
     if not train and not val:
         raise UserError(f"{run_dir}/metrics.jsonl has no points yet")
     train_pts = [train[s] for s in sorted(train)]

@@ -61,6 +61,7 @@ from tinystories.device import (  # noqa: F401 (PEAK_BF16_FLOPS, cpu_has_bf16, p
 from tinystories.errors import UserError
 from tinystories.model import Transformer
 from tinystories.optim import apply_schedule, check_optimizer_state, make_optimizer, zero_init_residual_projections
+from tinystories.schedule import PROVISIONAL_TOTAL, Schedule, effective_warmup, lr_at  # noqa: F401 (re-exported)
 from tinystories.tokenizer import TextTokenizer, copy_tokenizer, tokenizer_file_name
 
 
@@ -127,33 +128,9 @@ def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) ->
 # ---------------------------------------------------------------------------------------------- schedule
 
 
-PROVISIONAL_TOTAL = 10**9  # the run length while a time budget is still measuring the step time (warmup only)
 BUDGET_MEASURE_STEPS = 10  # a time budget fixes the run length after this many steps (or at its deadline)
 BUDGET_MARGIN = 1.08  # the measured step time is stretched by this much when the budget is turned into steps
 BUDGET_GRACE_S = 5  # a run still going this long after its deadline (a slow machine) finishes at once
-
-
-def effective_warmup(warmup_steps: int, total_steps: int) -> int:
-    """The configured warmup, or the first 10% of a run too short for it, so that every run also decays."""
-    return warmup_steps if warmup_steps < total_steps else total_steps // 10
-
-
-def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then one decay from lr to min_lr at
-    total_steps (train.lr_schedule: cosine; linear; wsd = constant, then linear over the last cooldown_frac of
-    the run). The one schedule: the trainer sets it and `doctor` checks logged rates against it."""
-    t = cfg.train
-    warm = effective_warmup(t.warmup_steps, total_steps)
-    if step < warm:
-        return t.lr * (step + 1) / warm
-    if step >= total_steps:
-        return t.min_lr
-    progress = (step - warm) / max(total_steps - warm, 1)
-    if t.lr_schedule == "cosine":
-        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-    if t.lr_schedule == "wsd":
-        progress = max(0.0, 1 - (1 - progress) / t.cooldown_frac)
-    return t.lr - (t.lr - t.min_lr) * progress
 
 
 def require_run_length(cfg: RunConfig) -> None:
@@ -328,8 +305,17 @@ class Reporter:
     """Progress bar (rich, on a terminal) or plain log lines, metrics.jsonl, TensorBoard and wandb."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, enabled: bool, total_steps: int, start_step: int):
+        from tinystories.metrics import drop_torn_tail, metrics_path
+
         self.enabled = enabled
-        self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.metrics = None
+        if enabled:
+            drop_torn_tail(metrics_path(run_dir))  # a killed run's half-written line would glue onto the next one
+            self.metrics = open(metrics_path(run_dir), "a")
+            # this segment's schedule (a resume may change it with --set): doctor checks its points against it
+            self.metrics.write(json.dumps({"kind": "segment", "step": start_step,
+                                           "schedule": Schedule.of(cfg.train).to_dict()}) + "\n")
+            self.metrics.flush()
         self.tb = self.wandb = None
         self.progress = None
         if not enabled:
