@@ -74,3 +74,29 @@ def test_every_handler_resolves():
     for handler in sorted(handlers):
         module, name = handler.split(":")
         assert callable(getattr(importlib.import_module(module), name, None)), handler
+
+
+# a torch older than the API floor, faked in a subprocess: its metadata says 2.5.1 and it lacks the newer APIs the
+# package uses (torch.optim.Muon: 2.9; torch.nn.utils.get_total_norm: 2.6)
+OLD_TORCH = """
+import importlib.metadata as md, sys
+import torch
+real_version = md.version
+md.version = lambda name: "2.5.1" if name == "torch" else real_version(name)
+del torch.optim.Muon, torch.nn.utils.get_total_norm
+from tinystories.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_old_torch_is_a_one_line_error_naming_both_versions(tmp_path):
+    """An older torch than pyproject.toml requires: one line naming the installed and the required version, before a
+    command's module meets a missing API (an AttributeError traceback from optim.py's torch.optim.Muon before)."""
+    from conftest import one_line_error
+
+    floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert tuple(map(int, floor.split("."))) >= (2, 9)  # torch.optim.Muon, the newest API the package uses
+    r = subprocess.run([sys.executable, "-c", OLD_TORCH, "train", "--config", "configs/cpu.yaml",
+                        "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    one_line_error(r, "torch 2.5.1", f"torch>={floor}")
+    assert not (tmp_path / "run").exists()

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TRAIN_HEAD
+from procwatch import Lines
 
 LOSS_TOL = 2e-5
 TIMEOUT = 150  # seconds per launch; a hang fails the test instead of blocking the suite
@@ -163,6 +164,29 @@ def test_ddp_resume_and_checkpoints_interchangeable(data, ddp8, single8):
             torch.testing.assert_close(w[k], w_full[k], atol=1e-4, rtol=1e-3, msg=f"{other.name}: {k}")
 
 
+def test_ddp_resume_restores_each_ranks_own_rng(data, single8):
+    """Dropout draws from each rank's CPU RNG: a DDP checkpoint holds every rank's RNG state and a resumed rank
+    restores its own (every rank once restored rank 0's, so rank 1 drew rank 0's dropout masks after a resume).
+    Stopped at step 4 and resumed to 8, the run matches the uninterrupted one step for step, and each rank's RNG
+    state at step 8 is the uninterrupted run's, and not the other rank's."""
+    import torch
+
+    drop = "model.dropout=0.1"
+    full, run = data.root / "drop8", data.root / "drop4"
+    launch(2, ["--config", "configs/cpu.yaml", "--out", str(full), *_sets(data, "train.max_steps=8", drop)])
+    launch(2, ["--config", "configs/cpu.yaml", "--out", str(run), *_sets(data, "train.max_steps=4", drop)])
+    launch(2, ["--resume", str(run), "--set", "train.max_steps=8"])
+    assert_same_losses(train_losses(full), train_losses(run), range(1, 9))
+
+    def rng_states(run_dir: Path) -> list:
+        return torch.load(run_dir / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["cpu_rng"]
+
+    resumed, uninterrupted = rng_states(run), rng_states(full)
+    assert isinstance(resumed, list) and len(resumed) == len(uninterrupted) == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted))
+    assert not torch.equal(resumed[0], resumed[1])
+
+
 def _pids_with_env(marker: str, rank: str) -> list[int]:
     found = []
     for p in Path("/proc").iterdir():
@@ -182,31 +206,26 @@ def test_dead_rank_fails_the_run_instead_of_hanging(data, single8):
     """SIGKILL rank 1 mid-run: torchrun must tear rank 0 down and exit non-zero, well inside the timeout."""
     run = data.root / "killed"
     marker = uuid.uuid4().hex
-    log = open(data.root / "killed.log", "w")
     proc = subprocess.Popen(
         _cmd(2, ["--config", "configs/cpu.yaml", "--out", str(run), *_sets(data, "train.max_steps=100000")]),
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env({"TS_DDP_TEST": marker}), start_new_session=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env({"TS_DDP_TEST": marker}),
+        start_new_session=True,
     )
+    lines = Lines(proc)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and proc.poll() is None:
-            m = run / "metrics.jsonl"
-            if m.is_file() and len(train_losses(run)) >= 2:
-                break
-            time.sleep(0.2)
+        lines.logged_step_at_least(2)  # rank 0 printed its second step: both ranks are training
         assert proc.poll() is None, "the run ended before the worker could be killed"
         victims = _pids_with_env(marker, "1")
         assert len(victims) == 1, victims
         os.kill(victims[0], signal.SIGKILL)
         t_kill = time.time()
-        rc = proc.wait(timeout=90)
+        rc = proc.wait(timeout=90)  # a hang guard: torchrun must notice the death and stop rank 0
         took = time.time() - t_kill
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # our own launcher's process group
             proc.wait()
-        log.close()
-    out = (data.root / "killed.log").read_text()
+    out = lines.text(timeout=90)
     assert rc != 0, out[-3000:]
     assert "SIGKILL" in out or "Signal 9" in out, out[-3000:]
     assert not _pids_with_env(marker, "0"), "rank 0 survived its launcher"

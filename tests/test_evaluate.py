@@ -275,18 +275,83 @@ def test_eval_without_cache_says_how_to_pass_text(random_checkpoint):
     assert "--text" in _one_line_error(run_cli("eval", "--checkpoint", random_checkpoint, "--num-stories", "0"))
 
 
-def test_cut_stream_at_story_boundary():
+EVAL_N = 3001  # validation tokens of short_run's evaluations: the cut ends inside a story
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tok4k, small_text) -> Path:
+    """A real 3-step training run (tiny model) whose evaluations score EVAL_N validation tokens."""
+    from conftest import REPO
+    from tinystories.config import load_config
+    from tinystories.train import train
+
+    root = tmp_path_factory.mktemp("short-run")
+    cfg = load_config(REPO / "configs" / "cpu.yaml", [
+        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0",
+        "train.batch_size=4", "train.max_steps=3", "train.max_minutes=null", "train.eval_interval=1000",
+        f"train.eval_tokens={EVAL_N}", "train.sample_tokens=4", "train.dtype=float32", "train.compile=false",
+        "data.val_fraction=0.1", f"tokenizer.path={tok4k}", f"data.source={small_text}",
+        f"data.data_dir={root / 'data'}"])
+    cfg.out_dir = str(root / "run")
+    train(cfg)
+    return root / "run"
+
+
+def test_training_validation_is_evals_max_tokens_cut(short_run, tmp_path):
+    """The training run's final validation loss is `eval --max-tokens N` of the same checkpoint with N =
+    train.eval_tokens: both score the same text (the run's subset once ran on to a story end, up to 2x N; eval's
+    stopped at the story end before N, down to N/2)."""
+    ck = short_run / "checkpoints" / "latest"
+    state = json.loads((ck / "state.json").read_text())
+    assert state["step"] == 3
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "--checkpoint", ck, "--max-tokens", EVAL_N, "--num-stories", "0", "--device", "cpu",
+                "--json", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["tokens"] == EVAL_N
+    assert res["loss_per_token"] == pytest.approx(state["metrics"]["val_loss"], abs=1e-5)
+    assert res["bits_per_byte"] == pytest.approx(state["metrics"]["val_bpb"], abs=1e-5)
+
+
+def test_validation_cut_has_exactly_the_documented_size(short_run):
+    """likelihood.cut_split: the first N predicted tokens (N + 1 of the stream), or the whole split when shorter;
+    bytes: the whole stories' from the index, plus the decoded part of the story the cut ends in."""
     import numpy as np
 
-    from tinystories.cache import Split
+    from tinystories.cache import TokenCache
+    from tinystories.checkpoint import read_checkpoint
     from tinystories.evaluate import cut_stream
+    from tinystories.likelihood import cut_split
+    from tinystories.train import validation_subset
 
-    stream = np.array([0, 5, 6, 7, 0, 8, 9, 0, 4, 4, 4, 4], dtype=np.uint16)  # stories at 0, 4, 7
-    split = Split([stream], np.array([[0, 30], [4, 20], [7, 50]]), len(stream), 100)
-    s, b = cut_stream(None, split, 8)  # 9 tokens would cut story 3: stop before it
-    assert s.tolist() == [0, 5, 6, 7, 0, 8, 9] and b == 50
-    s, b = cut_stream(None, split, None)
-    assert len(s) == 12 and b == 100
+    ck = read_checkpoint(short_run, prefer="latest")
+    tok, cache = ck.tokenizer, TokenCache.open(ck.state["cache_dir"])
+    split = cache.split("val")
+    whole, docs = np.asarray(split.stream()), np.asarray(split.docs)
+    starts = docs[:, 0]
+    assert len(docs) > 6 and len(whole) > EVAL_N + 1
+
+    # inside a story: N + 1 tokens, the stories before it whole, then its decoded part
+    s, b = cut_split(split, tok, EVAL_N)
+    assert np.array_equal(s, whole[: EVAL_N + 1])
+    k = int(np.searchsorted(starts, EVAL_N + 1)) - 1  # the story the cut ends in
+    assert starts[k] + 1 < EVAL_N + 1 < (starts[k + 1] if k + 1 < len(starts) else len(whole))
+    part = whole[starts[k] + 1 : EVAL_N + 1].tolist()
+    assert b == int(docs[:k, 1].sum()) + len(tok.decode(part).encode("utf-8"))
+
+    # at a story boundary: whole stories, their bytes from the index
+    s, b = cut_split(split, tok, int(starts[5]) - 1)
+    assert np.array_equal(s, whole[: starts[5]]) and b == int(docs[:5, 1].sum())
+
+    # the whole split: asked for more than there is, or for everything
+    for n in (len(whole) - 1, len(whole) + 100, None):
+        s, b = cut_split(split, tok, n)
+        assert np.array_equal(s, whole) and b == split.bytes
+
+    # one cut: the training run's subset and eval's are this one
+    for other in (validation_subset(cache, tok, EVAL_N), cut_stream(tok, split, EVAL_N)):
+        assert np.array_equal(other[0], whole[: EVAL_N + 1]) and other[1] == cut_split(split, tok, EVAL_N)[1]
 
 
 # --- issue 15: held-out prompts and the grammar rows ---------------------------------------------------------------

@@ -18,13 +18,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, TOK512, one_line_error, run_cli
+from procwatch import Lines
 from tinystories.checkpoint import load_model, read_checkpoint
 from tinystories.config import RunConfig, load_config
 from tinystories.errors import UserError
@@ -81,16 +81,14 @@ def killed_and_resumed(tmp: Path, data: dict, settings: list[str], kill_after: i
     r = run_cli(*cli_args(ref, data, *settings), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(killed, data, *settings)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_symlink() and os.readlink(latest) >= f"step-{kill_after:08d}":
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD})
+    try:
+        Lines(proc).saved_step_at_least(kill_after)  # the event, not a clock: it printed that the checkpoint is saved
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     resumed_from = read_checkpoint(killed, prefer="latest").step
     r = run_cli("train", "--resume", killed, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]

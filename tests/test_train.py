@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     poison_loss_after,
     run_cli,
 )
+from procwatch import Lines
 from tinystories.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
 from tinystories.config import load_config
 from tinystories.errors import UserError
@@ -153,16 +153,14 @@ def test_exact_resume_after_kill_9(tmp_path, tok4k):
     killed = tmp_path / "killed"
     killed.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(killed, tok4k, *common)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_symlink() and os.readlink(latest) >= "step-00000040":
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        Lines(proc).saved_step_at_least(40)  # it printed that the step-40 checkpoint is saved
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     resumed_from = read_checkpoint(killed / "run", prefer="latest").step
     assert 40 <= resumed_from < 150
     r = run_cli("train", "--resume", killed / "run")
@@ -313,18 +311,21 @@ def test_finetune_imported_stories260k_with_init_from(tmp_path):
 def test_ctrl_c_saves_a_checkpoint(tmp_path, tok4k):
     proc = subprocess.Popen([sys.executable, "-m", "tinystories", *cli_args(tmp_path, tok4k, "train.max_steps=100000",
                              "train.eval_interval=100000", "train.checkpoint_interval=100000")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             # a child inherits an ignored SIGINT (some test libraries ignore it in pytest's
                             # process): give the trainer the default disposition, as a shell would
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) > 5):
-        time.sleep(0.05)
+    lines = Lines(proc)
+    try:
+        lines.logged_step_at_least(5)  # training, past its start
+    except AssertionError:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "--resume" in out and "Traceback" not in err
+    out = lines.text()
+    assert proc.wait() == 130, out[-3000:]
+    assert "--resume" in out and "Traceback" not in out, out[-3000:]
     assert read_checkpoint(tmp_path / "run", prefer="latest").step > 0
 
 
@@ -335,3 +336,60 @@ def test_bad_micro_batch_is_a_one_line_error(tmp_path):
                     "--micro-batch", value)
         assert r.returncode == 2 and f"--micro-batch '{value}'" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_early_stop_evaluates_and_saves_its_step_once(tmp_path, tok4k, monkeypatch):
+    """An early stop ends the run at the evaluation that decided it: that step is evaluated once, has one
+    validation row in metrics.jsonl and is saved once (the final evaluation after the loop repeated it before)."""
+    import tinystories.train as train_mod
+
+    saved: list[int] = []
+    real_save = train_mod.save_checkpoint
+
+    def counting_save(run_dir, model, cfg, tok, state, *rest, **kw):
+        saved.append(state["step"])
+        return real_save(run_dir, model, cfg, tok, state, *rest, **kw)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", counting_save)
+    # AdamW at lr 1e-30 changes no float32 weight: the val loss after step 0 never improves, so patience 2 stops the
+    # run at the evaluation of step 4 (evaluations at 0 (best), 2, 4)
+    cfg = tiny_cfg(tmp_path, tok4k, "train.optimizer=adamw", "train.zero_init_residual=false", "train.lr=1e-30",
+                   "train.min_lr=1e-30", "model.dropout=0", "train.max_steps=50", "train.eval_interval=2",
+                   "train.checkpoint_interval=1000", "train.early_stopping_patience=2")
+    result = train(cfg)
+    assert result["step"] == 4
+    points = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points if p["kind"] == "val"] == [0, 2, 4]
+    assert saved == [2, 4]
+    assert read_checkpoint(tmp_path / "run", prefer="latest").step == 4
+
+
+@pytest.mark.slow
+def test_first_step_error_without_compile_is_not_a_compile_failure(tmp_path, tok4k, monkeypatch, capsys):
+    """train.compile=true where the device policy turns compile off (here: Windows): an error on the first step
+    (e.g. out of memory) is that error, not "torch.compile failed" followed by a retry."""
+    import dataclasses
+
+    import tinystories.model as model_mod
+    import tinystories.train as train_mod
+    from tinystories.device import detect_caps
+
+    monkeypatch.setattr(train_mod, "detect_caps",
+                        lambda device: dataclasses.replace(detect_caps(device), platform="win32"))
+    real_forward, calls = model_mod.Transformer.forward, {"n": 0}
+
+    def fails_first_training_pass(self, tokens, targets=None, **kw):
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated first-step failure: out of memory")
+        return real_forward(self, tokens, targets, **kw)
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", fails_first_training_pass)
+    cfg = tiny_cfg(tmp_path, tok4k, "train.compile=true", "train.max_steps=2", "train.eval_interval=1000")
+    with pytest.raises(RuntimeError, match="simulated first-step failure"):
+        train(cfg)
+    out = capsys.readouterr().out
+    assert "not compiled (torch.compile is off on Windows)" in out, out
+    assert "torch.compile failed" not in out and calls["n"] == 1

@@ -255,3 +255,34 @@ def test_scaler_skips_counts_on_the_device_and_survives_a_resume():
     with pytest.raises(ScalerGaveUp) as e:
         resumed.check()
     assert e.value.args[0] == 5 + MAX_SKIPPED_IN_A_ROW - 2  # the 30th skip in a row: one was before the save
+
+
+def test_each_rank_restores_its_own_rng_state_and_older_checkpoints_load():
+    """trainer.pt holds the RNG states by rank; rank r restores entry r. An older trainer.pt (one state: rank 0's)
+    still loads: rank 0 restores it, another rank keeps its own seeded state instead of taking rank 0's."""
+    from types import SimpleNamespace
+
+    from tinystories.device import Dist
+    from tinystories.train import Run
+
+    def fake_run(rank: int, world: int):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return SimpleNamespace(optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                               d=Dist(rank=rank, local_rank=rank, world=world), device=torch.device("cpu"))
+
+    states = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    ts = {"optimizer": fake_run(0, 2).optimizer.state_dict()}
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        Run.load_trainer_state(fake_run(rank, 2), {**ts, "cpu_rng": states})
+        assert torch.equal(torch.get_rng_state(), states[rank])
+    # an older checkpoint: one state
+    Run.load_trainer_state(fake_run(0, 2), {**ts, "cpu_rng": states[0]})
+    assert torch.equal(torch.get_rng_state(), states[0])
+    torch.manual_seed(99)
+    own = torch.get_rng_state()
+    Run.load_trainer_state(fake_run(1, 2), {**ts, "cpu_rng": states[0]})
+    assert torch.equal(torch.get_rng_state(), own)

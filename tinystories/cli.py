@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     module, name = args.func.split(":")
     try:
+        check_torch()  # before the handler's module imports torch
         return int(getattr(importlib.import_module(module), name)(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -108,6 +110,41 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """(2, 13, 0) from "2.13.0+cpu" (or "2.9.0a0+git..."): the leading release numbers."""
+    m = re.match(r"\d+(?:\.\d+)*", text.strip())
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def check_torch() -> None:
+    """The installed torch against the floor tinystories' package metadata requires (written once, in
+    pyproject.toml's dependencies): an older torch is one line naming both versions, before a command's module
+    meets an API it lacks (torch.optim.Muon is 2.9+) as an AttributeError. Reads metadata only: no torch import."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    try:
+        requires = metadata.requires("tinystories") or []
+    except metadata.PackageNotFoundError:
+        return  # run from a source tree that is not installed: nothing says what it needs
+    floor = next((m.group(1) for r in requires
+                  if (m := re.fullmatch(r"torch\s*>=\s*([\w.]+)", r.split(";")[0].strip()))), None)
+    if floor is None:
+        return
+    try:
+        installed = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        if find_spec("torch") is not None:
+            return  # a torch without package metadata (built from source): its version cannot be read here
+        raise UserError(f"torch is not installed; tinystories needs torch>={floor}: pip install 'torch>={floor}'") \
+            from None
+    want, have = _version_tuple(floor), _version_tuple(installed)
+    width = max(len(want), len(have))
+    if have + (0,) * (width - len(have)) < want + (0,) * (width - len(want)):
+        raise UserError(f"this environment has torch {installed}, but tinystories needs torch>={floor} "
+                        f"(torch.optim.Muon and newer APIs): pip install -U 'torch>={floor}'")
 
 
 def add_command(sub, name: str, help: str, examples: str, func: str) -> argparse.ArgumentParser:
@@ -300,7 +337,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
     p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
     p.add_argument("--max-tokens", type=_tokens_or_all, default=None,
-                   help="score at most this many tokens, or 'all' (default: all the text)")
+                   help="score the first N tokens (of the run's validation split: the text a training run with "
+                        "train.eval_tokens=N evaluates), or 'all' (default: all the text)")
     p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES,
                    help=f"stories to generate (default {DEFAULT_STORIES}; 0 = none)")
     p.add_argument("--reference",

@@ -89,18 +89,11 @@ def decode_docs(tok, split, limit: int) -> list[str]:
 
 
 def cut_stream(tok, split, max_tokens: int | None) -> tuple[np.ndarray, int]:
-    """The split's token stream cut to `max_tokens` predicted tokens, and the UTF-8 bytes of that text."""
-    stream = split.stream()
-    if not max_tokens or len(stream) <= max_tokens + 1:
-        return np.asarray(stream, dtype=np.int64), int(split.bytes)
-    end = max_tokens + 1
-    offsets = split.docs[:, 0]
-    n_whole = int(np.searchsorted(offsets, end, side="right"))  # docs starting before the cut
-    if n_whole >= 2 and int(offsets[n_whole - 1]) + 1 >= end // 2:
-        end = int(offsets[n_whole - 1])  # cut at a story boundary: exact bytes from the index
-        return np.asarray(stream[:end], dtype=np.int64), int(split.docs[: n_whole - 1, 1].sum())
-    cut = np.asarray(stream[:end], dtype=np.int64)  # inside one long document: measure the decoded text
-    return cut, len(tok.decode(cut.tolist()).encode("utf-8"))
+    """The split's first `max_tokens` predicted tokens and the UTF-8 bytes of that text: likelihood.cut_split, the
+    cut a training run's validation (train.eval_tokens) scores too."""
+    from tinystories.likelihood import cut_split
+
+    return cut_split(split, tok, max_tokens)
 
 
 def train_vocabulary(tok, cache, train_text: str | None) -> tuple[set[str] | None, str]:

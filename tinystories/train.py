@@ -108,21 +108,14 @@ class WindowSampler:
 
 
 def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
-    """A fixed validation subset: whole stories up to ~max_tokens tokens, and their exact UTF-8 byte count."""
+    """The fixed validation subset (train.eval_tokens): the first max_tokens predicted tokens of the validation
+    split and their exact UTF-8 byte count, cut by likelihood.cut_split, as `eval --max-tokens` cuts it."""
+    from tinystories.likelihood import cut_split
+
     split = cache.split("val")
     if split.tokens < 2:
         split = cache.split("train")  # no held-out text at all: measure on the train split (said in the log)
-    stream, docs = split.stream(), split.docs
-    ends = np.append(docs[1:, 0], len(stream))
-    n_docs = int(np.searchsorted(ends, max_tokens, side="left")) + 1
-    n_docs = min(n_docs, len(docs))
-    end = int(ends[n_docs - 1])
-    if end <= 2 * max_tokens:
-        return np.asarray(stream[:end]), int(docs[:n_docs, 1].sum())
-    # one story longer than the budget (e.g. a validation file that is one long document): cut it and
-    # count the bytes of exactly the tokens kept
-    cut = np.asarray(stream[:max_tokens])
-    return cut, len(tok.decode(cut[1:].tolist()).encode("utf-8"))
+    return cut_split(split, tok, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -431,13 +424,28 @@ class Run:
         return {**self.position(step), "cache_dir": str(self.cache.path.resolve()), "global_batch": self.global_batch,
                 "world_size": self.d.world, "n_params": self.n_params}
 
-    def trainer_state(self) -> dict:
-        """trainer.pt: the optimizer's state, the loss scaler's (float16) and the RNGs."""
-        ts = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+    def rng_states(self, gather: bool = True) -> dict[str, list[torch.Tensor]]:
+        """The RNG states (CPU, and CUDA on a GPU) of every rank, indexed by rank: under DDP each rank's own state
+        (dropout draws differ per rank), gathered with a collective that every rank must call; `gather` False
+        (rank 0 alone, e.g. on Ctrl-C): this rank's only."""
+        states = {"cpu_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda_rng"] = torch.cuda.get_rng_state()
+        if not (self.d.enabled and gather):
+            return {k: [v] for k, v in states.items()}
+        out = {}
+        for key, state in states.items():  # the same size on every rank
+            mine = state.to(self.device)
+            every = [torch.empty_like(mine) for _ in range(self.d.world)]
+            dist.all_gather(every, mine)
+            out[key] = [t.cpu() for t in every]
+        return out
+
+    def trainer_state(self, rngs: dict[str, list[torch.Tensor]]) -> dict:
+        """trainer.pt: the optimizer's state, the loss scaler's (float16) and every rank's RNG states (rng_states)."""
+        ts = {"optimizer": self.optimizer.state_dict(), **rngs}
         if self.scaler.is_enabled():
             ts["scaler"] = {**self.scaler.state_dict(), **self.skips.state_dict()}
-        if self.device.type == "cuda":
-            ts["cuda_rng"] = torch.cuda.get_rng_state()
         return ts
 
     def load_trainer_state(self, ts: dict) -> None:
@@ -445,9 +453,13 @@ class Run:
         if self.scaler.is_enabled() and "scaler" in ts:
             self.skips.load_state_dict(ts["scaler"])  # pops its keys; the rest is the scaler's
             self.scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["cpu_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in ts:
-            torch.cuda.set_rng_state(ts["cuda_rng"])
+        # this rank's own RNG states: a list by rank (an older trainer.pt holds one state, rank 0's); a rank the
+        # checkpoint has none for (more processes than saved it, or a Ctrl-C save) keeps its seed's (seed + rank)
+        for key, restore in (("cpu_rng", torch.set_rng_state), ("cuda_rng", torch.cuda.set_rng_state)):
+            states = ts.get(key)
+            states = [states] if isinstance(states, torch.Tensor) else (states or [])
+            if self.d.rank < len(states) and (key == "cpu_rng" or self.device.type == "cuda"):
+                restore(states[self.d.rank])
 
     def fall_back_to_eager(self, error: Exception) -> None:
         """torch.compile failed on the first call (e.g. no C++ compiler): train the model uncompiled."""
@@ -709,7 +721,9 @@ def train_step(run: Run, step: int, lr: float, meter: LossMeter, first: bool = F
         try:
             loss = forward_backward(run, x, y, sync)
         except Exception as e:
-            if not (t.compile and first and micro == 0):
+            # only where the policy compiled the model (train.compile may ask for it where the policy says no: MPS,
+            # Windows, CUDA without Triton) can a first-step error be compile's; out of memory never is
+            if not (run.policy.compile and first and micro == 0) or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             run.fall_back_to_eager(e)
             loss = forward_backward(run, x, y, sync)
@@ -760,16 +774,19 @@ class Trainer:
         model.train()
         return text.replace("\n", " ")
 
-    def save(self, step: int, is_best: bool) -> None:
-        """A checkpoint of the run at `step` (rank 0 writes it)."""
+    def save(self, step: int, is_best: bool, every_rank: bool = True) -> None:
+        """A checkpoint of the run at `step` (rank 0 writes it). Every rank calls it (each one's RNG state is saved),
+        except on Ctrl-C (`every_rank` False: rank 0 alone, with its own RNG state)."""
         run = self.run
+        rngs = run.rng_states(gather=every_rank)
         if not run.d.main:
             return
         self.state.step = step
         self.state.total_steps = self.length.logged_total
         self.state.deadline_left_s = self.length.deadline_left()
         save_checkpoint(run.dir, run.raw_model, run.cfg, run.tok, self.state.to_dict(run.facts(step)),
-                        run.trainer_state(), is_best)
+                        run.trainer_state(rngs), is_best)
+        self.reporter.print(f"checkpoint step {step} saved{' (best)' if is_best else ''}")
 
     def evaluate_and_save(self, step: int, final: bool) -> str | None:
         """Every evaluation, the final one too: validation metrics logged and printed, then (periodic ones) a
@@ -850,7 +867,8 @@ class Trainer:
                     self.save(step, is_best=False)
                 if not last:
                     length.stop_if_over_budget(step, now)
-            self.evaluate_and_save(step, final=True)  # also after an early stop
+            if stop_reason == "completed":  # an early stop has just evaluated and saved this step: not twice
+                self.evaluate_and_save(step, final=True)
         except NonFiniteLoss as e:
             self.reporter.close()
             # a NaN loss in float16 also makes its step's gradients overflow (one skip): only the scaler's own
@@ -864,7 +882,7 @@ class Trainer:
             stop_reason, status = "interrupted", 130
             if step > self.start_step and run.d.main:
                 self.reporter.print(f"interrupted at step {step}: saving a checkpoint ...")
-                self.save(step, is_best=False)
+                self.save(step, is_best=False, every_rank=False)
         except torch.cuda.OutOfMemoryError:
             self.reporter.close()
             raise UserError(f"GPU out of memory with a micro-batch of {t.batch_size}: use a smaller --set "
