@@ -220,6 +220,15 @@ def test_lr_check_follows_each_segment_of_a_resumed_run(tmp_path, tok4k, source)
                 "--set", "train.max_steps=20")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    # the optimizer runs at the rate it logs: the resumed run's groups carry the new base lr, not the saved one
+    import torch
+
+    from tinystories.checkpoint import read_checkpoint
+
+    ts = torch.load(read_checkpoint(run, prefer="latest").path / "trainer.pt", weights_only=True)
+    groups = [g for o in ts["optimizer"].get("optimizers", [ts["optimizer"]]) for g in o["param_groups"]]
+    adamw = [g["base_lr"] for g in groups if "ns_steps" not in g]  # Muon's groups follow train.muon_lr
+    assert adamw and set(adamw) == {1e-3}, groups
     assert [(p["step"], p["schedule"]["lr"]) for p in rows if p["kind"] == "segment"] == [(0, 3e-3), (12, 1e-3)]
     r = run_cli("doctor", run, "--samples", "0")
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr

@@ -449,7 +449,12 @@ class Run:
         return ts
 
     def load_trainer_state(self, ts: dict) -> None:
+        # the saved state brings back its groups' hyperparameters too; this run's config (a resume may --set
+        # train.lr, weight decay, ...) decides them, so the optimizer runs at the rate the run logs
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ts["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)
         if self.scaler.is_enabled() and "scaler" in ts:
             self.skips.load_state_dict(ts["scaler"])  # pops its keys; the rest is the scaler's
             self.scaler.load_state_dict(ts["scaler"])
