@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinystories.config import ModelConfig  # noqa: E402
-from tinystories.model import Transformer  # noqa: E402
-from tinystories.sampling import SamplingParams, sample  # noqa: E402
+from tinystories.core.config import ModelConfig  # noqa: E402
+from tinystories.inference.sampling import SamplingParams, sample  # noqa: E402
+from tinystories.model.transformer import Transformer  # noqa: E402
 
 SEED_CONFIG = dict(vocab_size=10000, dim=448, n_layers=7, n_heads=7, hidden_dim=1408, max_seq_len=512)
 CPU_CONFIG = dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, max_seq_len=256)
@@ -110,8 +110,8 @@ def vs_transformers(args) -> float:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
-    from tinystories.interop import export_hf
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.export.interop import export_hf
 
     model = build(SEED_CONFIG)
     plen, new = lengths(model, args.prompt_tokens, args.new_tokens)
@@ -166,7 +166,7 @@ def vs_transformers(args) -> float:
 
 def breakdown(args) -> None:
     """Where a batch-1 step of the seed shape goes: the weight matrix-vector products alone, then a whole step."""
-    from tinystories.model import KVCache
+    from tinystories.model.transformer import KVCache
 
     model = build(SEED_CONFIG)
     weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]

@@ -64,9 +64,9 @@ sys.argv = ["train_throughput.py", "--device", "cuda", "--dim", "448", "--n-laye
             "--hidden-dim", "1408", "--vocab-size", "10000", "--seq-len", "512", "--batch-size", "64",
             "--steps", "10", "--warmup", "3", *sys.argv[1:]]
 runpy.run_path("benchmarks/train_throughput.py", run_name="__main__")
-from tinystories.config import ModelConfig, TrainConfig
+from tinystories.core.config import ModelConfig, TrainConfig
 from tinystories.device_policy import choose_policy, detect_caps
-from tinystories.memory import estimate_memory
+from tinystories.training.memory import estimate_memory
 peak = torch.cuda.max_memory_allocated()
 dtype = choose_policy(detect_caps(torch.device("cuda", 0)), TrainConfig()).dtype
 cfg = ModelConfig(vocab_size=10000, dim=448, n_layers=7, n_heads=7, hidden_dim=1408, max_seq_len=512)

@@ -1,5 +1,6 @@
-"""Grammar parser speed: sentences per second through link-parser (tinystories.grammar), on real sentences of the
-shared valid head, with 1 worker process and with the default (min(2, CPU count)). Start-up is included.
+"""Grammar parser speed: sentences per second through link-parser (tinystories.evaluation.grammar), on real
+sentences of the shared valid head, with 1 worker process and with the default (min(2, CPU count)).
+Start-up is included.
 
     python benchmarks/grammar_speed.py --lines 300
 """
@@ -11,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from tinystories.grammar import PARSED, TIMED_OUT, check_sentences, find_parser
-from tinystories.story_stats import sentences
+from tinystories.evaluation.grammar import PARSED, TIMED_OUT, check_sentences, find_parser
+from tinystories.evaluation.story_stats import sentences
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 VALID_HEAD = SHARED / "data" / "tinystories" / "TinyStories-valid-head.txt"

@@ -21,10 +21,10 @@ import contextlib
 
 import torch
 
-from tinystories.config import CONFIG_DIR, TrainConfig, load_config
-from tinystories.memory import GiB, estimate_memory, pick_micro_batch
-from tinystories.model import Transformer
-from tinystories.optim import make_optimizer
+from tinystories.core.config import CONFIG_DIR, TrainConfig, load_config
+from tinystories.model.transformer import Transformer
+from tinystories.training.memory import GiB, estimate_memory, pick_micro_batch
+from tinystories.training.optim import make_optimizer
 
 
 def run_steps(cfg, micro_batch: int, dtype: torch.dtype, device: torch.device, optimizer: str, compile_: bool,

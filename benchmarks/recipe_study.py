@@ -171,7 +171,7 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    from tinystories.device import cpu_has_bf16
+    from tinystories.model.device import cpu_has_bf16
 
     bf16 = "native bf16" if cpu_has_bf16() else "no native bf16 as torch runs it"
     print(f"CPU: {model_name} ({bf16}; torch kernels: {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA limit: "

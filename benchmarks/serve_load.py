@@ -368,9 +368,9 @@ def engine_only(args) -> int:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from tinystories.checkpoint import load_model
-    from tinystories.engine import Engine
-    from tinystories.sampling import SamplingParams, prompt_ids
+    from tinystories.inference.engine import Engine
+    from tinystories.inference.sampling import SamplingParams, prompt_ids
+    from tinystories.model.checkpoint import load_model
 
     torch.set_num_threads(args.threads or 1)
     model, ck = load_model(args.checkpoint, "cpu")

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinystories.prepare import held_out_docs
-from tinystories.textdata import iter_documents, list_text_files, split_files
-from tinystories.tokenizer import load_tokenizer, train_bpe
+from tinystories.data.prepare import held_out_docs
+from tinystories.data.text import iter_documents, list_text_files, split_files
+from tinystories.data.tokenizer import load_tokenizer, train_bpe
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinystories.textdata import iter_documents
-from tinystories.tokenizer import load_tokenizer, train_bpe
+from tinystories.data.text import iter_documents
+from tinystories.data.tokenizer import load_tokenizer, train_bpe
 
 TRAIN_HEAD = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
               / "TinyStories-train-head.txt")

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from tinystories.config import RunConfig
-from tinystories.device import autocast_ctx, peak_flops, pick_dtype
-from tinystories.model import Transformer
-from tinystories.optim import make_optimizer
+from tinystories.core.config import RunConfig
+from tinystories.model.device import autocast_ctx, peak_flops, pick_dtype
+from tinystories.model.transformer import Transformer
+from tinystories.training.optim import make_optimizer
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Trains the same model body (configs/cpu.yaml: dim, layers, heads, context, dropout, optimizer, schedule)
 for the same wall-clock budget with each tokenizer; only the vocabulary, and so the embedding matrix,
 differs. Custom byte-level BPE tokenizers are trained on the train head by the library
-(`ensure_run_data` -> `tinystories.prepare.train_tokenizer`); `llama2` is the Llama 2 32K SentencePiece model.
-Each arm is then scored with the library's eval (`tinystories.evaluate.evaluate`): bits per byte on the
+(`ensure_run_data` -> `tinystories.data.prepare.train_tokenizer`); `llama2` is the Llama 2 32K SentencePiece model.
+Each arm is then scored with the library's eval (`tinystories.evaluation.evaluate.evaluate`): bits per byte on the
 validation head (one document), and statistics of generated stories (`story_stats`) next to real ones.
 
     python benchmarks/vocab_study.py --minutes 3 --out runs/vocab-study --vocabs 2048,4096,10000,llama2
@@ -85,11 +85,11 @@ def overall_rate(tokens: int, seconds: float | None) -> float | None:
 def run_arm(arm: str, out: Path, minutes: float, stories: int, max_new_tokens: int, text: Path, log=print) -> dict:
     import torch
 
-    from tinystories.checkpoint import load_model
-    from tinystories.config import load_config
-    from tinystories.evaluate import evaluate
-    from tinystories.sampling import SamplingParams
-    from tinystories.train import train
+    from tinystories.core.config import load_config
+    from tinystories.evaluation.evaluate import evaluate
+    from tinystories.inference.sampling import SamplingParams
+    from tinystories.model.checkpoint import load_model
+    from tinystories.training.loop import train
 
     arm_dir = out / (arm if arm == "llama2" else f"bpe-{arm}")
     for stale in ("checkpoints", "metrics.jsonl"):  # a fresh run each time (the token cache is kept)

@@ -44,7 +44,7 @@ def s260(tmp_path_factory) -> Path:
 
 def poison_loss_after(monkeypatch, good_steps: int) -> None:
     """Make the training loss NaN from training forward pass `good_steps` + 1 on (a divergence, for the NaN tests)."""
-    import tinystories.model as model_mod
+    import tinystories.model.transformer as model_mod
 
     original, calls = model_mod.Transformer.forward, {"n": 0}
 
@@ -85,7 +85,7 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 @pytest.fixture(scope="session")
 def tok4k(tmp_path_factory) -> Path:
     """A 4,096-token BPE trained on the real train head (directory holding tokenizer.json)."""
-    from tinystories.prepare import train_tokenizer
+    from tinystories.data.prepare import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok4k")
     train_tokenizer(TRAIN_HEAD, 4096, out, None)
@@ -97,10 +97,10 @@ def random_checkpoint(tmp_path_factory, tok4k) -> Path:
     """A checkpoint directory with a tiny randomly initialised model and the real 4K tokenizer."""
     import torch
 
-    from tinystories.checkpoint import write_checkpoint_dir
-    from tinystories.config import RunConfig
-    from tinystories.model import Transformer
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.core.config import RunConfig
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.model.checkpoint import write_checkpoint_dir
+    from tinystories.model.transformer import Transformer
 
     tok = load_tokenizer(tok4k)
     cfg = RunConfig.model_validate({"model": {"vocab_size": tok.vocab_size, "dim": 64, "n_layers": 2, "n_heads": 4,
@@ -115,7 +115,7 @@ def random_checkpoint(tmp_path_factory, tok4k) -> Path:
 @pytest.fixture(scope="session")
 def stories300(tmp_path_factory) -> Path:
     """The first 300 stories of the real train head, in the official format (a small raw-text source)."""
-    from tinystories.textdata import iter_documents
+    from tinystories.data.text import iter_documents
 
     docs = list(iter_documents([TRAIN_HEAD], 300))
     out = tmp_path_factory.mktemp("stories300") / "stories.txt"

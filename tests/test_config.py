@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO, one_line_error, run_cli
-from tinystories.config import load_config
-from tinystories.errors import UserError
-from tinystories.model import Transformer
+from tinystories.core.config import load_config
+from tinystories.core.errors import UserError
+from tinystories.model.transformer import Transformer
 
 
 def test_shipped_configs_load_and_seed_model_size():

@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
-from tinystories.errors import UserError
-from tinystories.textdata import iter_documents, list_text_files, split_files
+from tinystories.core.errors import UserError
+from tinystories.data.text import iter_documents, list_text_files, split_files
 
 
 def test_official_format_splits_at_endoftext():
@@ -109,8 +109,8 @@ def test_no_validation_split_is_said(tmp_path, tok4k, stories300):
     assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
 
     # what `train` and `quickstart` print (ensure_run_data): the config key, once
-    from tinystories.config import load_config
-    from tinystories.prepare import ensure_run_data
+    from tinystories.core.config import load_config
+    from tinystories.data.prepare import ensure_run_data
 
     logged: list[str] = []
     cfg = load_config(None, [f"data.source={stories300}", f"data.data_dir={tmp_path / 'd'}",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinystories.config import TrainConfig
-from tinystories.device import DeviceCaps, choose_policy, detect_caps
-from tinystories.errors import UserError
+from tinystories.core.config import TrainConfig
+from tinystories.core.errors import UserError
+from tinystories.model.device import DeviceCaps, choose_policy, detect_caps
 
 H100 = DeviceCaps("cuda", 0, "NVIDIA H100 80GB HBM3", (9, 0), cuda_bf16=True, platform="linux", triton=True)
 A100 = DeviceCaps("cuda", 0, "NVIDIA A100-SXM4-40GB", (8, 0), cuda_bf16=True, platform="linux", triton=True)

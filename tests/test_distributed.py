@@ -126,7 +126,7 @@ def test_ddp_resume_and_checkpoints_interchangeable(data, ddp8, single8):
     import torch
     from safetensors.torch import load_file
 
-    from tinystories.checkpoint import load_model
+    from tinystories.model.checkpoint import load_model
 
     # DDP: 4 steps, then --resume under torchrun to 8 steps
     run = data.root / "ddp4"

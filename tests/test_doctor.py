@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_HEAD, one_line_error, run_cli
-from tinystories.doctor import run_checks
-from tinystories.train import lr_at
+from tinystories.evaluation.doctor import run_checks
+from tinystories.training.loop import lr_at
 
 LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
 
@@ -25,8 +25,8 @@ def source(stories300) -> Path:
 
 @pytest.fixture(scope="module")
 def cache4k(tmp_path_factory, tok4k, source) -> Path:
-    from tinystories.cache import prepare
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.data.cache import prepare
+    from tinystories.data.tokenizer import load_tokenizer
 
     path, _ = prepare(load_tokenizer(tok4k), source, tmp_path_factory.mktemp("doccache"), val_fraction=0.1)
     return path
@@ -70,7 +70,7 @@ def make_run(root: Path, checkpoint: Path, cache: Path, val_losses, lr_of) -> Pa
 
 
 def _cosine(step: int) -> float:
-    from tinystories.config import RunConfig
+    from tinystories.core.config import RunConfig
 
     return lr_at(step, RunConfig.model_validate(_config(4096)), TOTAL)
 
@@ -86,11 +86,11 @@ def broken_run(tmp_path_factory, source, cache4k) -> Path:
     """A 260-entry BPE (" the" split), a cache built with another tokenizer, val loss turning up, constant lr."""
     import torch
 
-    from tinystories.checkpoint import write_checkpoint_dir
-    from tinystories.config import RunConfig
-    from tinystories.model import Transformer
-    from tinystories.textdata import iter_documents
-    from tinystories.tokenizer import load_tokenizer, train_bpe
+    from tinystories.core.config import RunConfig
+    from tinystories.data.text import iter_documents
+    from tinystories.data.tokenizer import load_tokenizer, train_bpe
+    from tinystories.model.checkpoint import write_checkpoint_dir
+    from tinystories.model.transformer import Transformer
 
     root = tmp_path_factory.mktemp("broken")
     tok = load_tokenizer(train_bpe(iter_documents([source]), 260, root / "tok260"))
@@ -150,8 +150,8 @@ def test_doctor_bad_input(tmp_path):
 
 
 def test_overfitting_fix_builds_on_the_runs_dropout():
-    from tinystories.config import RunConfig
-    from tinystories.doctor import check_val_loss
+    from tinystories.core.config import RunConfig
+    from tinystories.evaluation.doctor import check_val_loss
 
     rising = [{"kind": "val", "step": s, "val_loss": v} for s, v in ((100, 3.0), (200, 2.5), (300, 2.9))]
     plain = check_val_loss(rising, RunConfig.model_validate({"model": {"dropout": 0.0}}))
@@ -165,8 +165,8 @@ def test_overfitting_fix_builds_on_the_runs_dropout():
 
 @pytest.mark.slow
 def test_grammar_check_thresholds():
-    from tinystories.doctor import GRAMMAR_PASS_POINTS, GRAMMAR_WARN_POINTS, check_grammar
-    from tinystories.grammar import find_parser
+    from tinystories.evaluation.doctor import GRAMMAR_PASS_POINTS, GRAMMAR_WARN_POINTS, check_grammar
+    from tinystories.evaluation.grammar import find_parser
 
     if find_parser() is None:
         pytest.fail("link-parser is not installed: apt-get install link-grammar", pytrace=False)
@@ -200,7 +200,7 @@ def test_lr_check_follows_each_segment_of_a_resumed_run(tmp_path, tok4k, source)
     lr against its own segment's schedule (metrics.jsonl's segment rows), and still catches tampered rates. A
     half-written last line left by a killed run does not break the resumed run's metrics."""
     from conftest import REPO
-    from tinystories.schedule import Schedule
+    from tinystories.training.schedule import Schedule
 
     run = tmp_path / "run"
     args = ["train", "--config", REPO / "configs" / "cpu.yaml", "--out", run, "--data", source]
@@ -223,7 +223,7 @@ def test_lr_check_follows_each_segment_of_a_resumed_run(tmp_path, tok4k, source)
     # the optimizer runs at the rate it logs: the resumed run's groups carry the new base lr, not the saved one
     import torch
 
-    from tinystories.checkpoint import read_checkpoint
+    from tinystories.model.checkpoint import read_checkpoint
 
     ts = torch.load(read_checkpoint(run, prefer="latest").path / "trainer.pt", weights_only=True)
     groups = [g for o in ts["optimizer"].get("optimizers", [ts["optimizer"]]) for g in o["param_groups"]]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TRAIN_HEAD, VALID_HEAD, run_cli
-from tinystories.evaluate import chat_url, judge_stories, parse_judge_reply
+from tinystories.evaluation.evaluate import chat_url, judge_stories, parse_judge_reply
 
 GOOD = {"grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}
 
@@ -30,8 +30,8 @@ def small_text(stories300) -> Path:
 @pytest.fixture(scope="module")
 def run_checkpoint(tmp_path_factory, random_checkpoint, tok4k, small_text) -> Path:
     """random_checkpoint whose state.json points at a token cache of small_text (as a trained run's does)."""
-    from tinystories.cache import prepare
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.data.cache import prepare
+    from tinystories.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("evalrun")
     cache, _ = prepare(load_tokenizer(tok4k), small_text, root / "cache", val_fraction=0.1)
@@ -164,8 +164,8 @@ def _hand_bpb(ck: Path, text: Path) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from tinystories.checkpoint import load_model
-    from tinystories.textdata import iter_documents
+    from tinystories.data.text import iter_documents
+    from tinystories.model.checkpoint import load_model
 
     model, c = load_model(ck)
     tok = c.tokenizer
@@ -186,7 +186,7 @@ def _hand_bpb(ck: Path, text: Path) -> tuple[float, int]:
 
 
 def test_eval_text_bpb_matches_hand_computation(random_checkpoint, tmp_path, judge_server):
-    from tinystories.textdata import iter_documents
+    from tinystories.data.text import iter_documents
 
     text = tmp_path / "three.txt"
     text.write_text("".join(d + "\n<|endoftext|>\n" for d in iter_documents([TRAIN_HEAD], 3)), encoding="utf-8")
@@ -227,8 +227,8 @@ def test_eval_run_cache_and_reference(run_checkpoint, tmp_path):
 
 
 def test_eval_same_seed_same_samples(random_checkpoint, tmp_path):
-    from tinystories.evaluate import evaluate
-    from tinystories.sampling import SamplingParams
+    from tinystories.evaluation.evaluate import evaluate
+    from tinystories.inference.sampling import SamplingParams
 
     args = dict(text=str(VALID_HEAD), max_tokens=300, num_stories=2, reference=None, train_text=None,
                 sampling=SamplingParams(seed=7, max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.95),
@@ -282,8 +282,8 @@ EVAL_N = 3001  # validation tokens of short_run's evaluations: the cut ends insi
 def short_run(tmp_path_factory, tok4k, small_text) -> Path:
     """A real 3-step training run (tiny model) whose evaluations score EVAL_N validation tokens."""
     from conftest import REPO
-    from tinystories.config import load_config
-    from tinystories.train import train
+    from tinystories.core.config import load_config
+    from tinystories.training.loop import train
 
     root = tmp_path_factory.mktemp("short-run")
     cfg = load_config(REPO / "configs" / "cpu.yaml", [
@@ -319,11 +319,11 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
     bytes: the whole stories' from the index, plus the decoded part of the story the cut ends in."""
     import numpy as np
 
-    from tinystories.cache import TokenCache
-    from tinystories.checkpoint import read_checkpoint
-    from tinystories.evaluate import cut_stream
-    from tinystories.likelihood import cut_split
-    from tinystories.train import validation_subset
+    from tinystories.data.cache import TokenCache
+    from tinystories.evaluation.evaluate import cut_stream
+    from tinystories.model.checkpoint import read_checkpoint
+    from tinystories.model.likelihood import cut_split
+    from tinystories.training.loop import validation_subset
 
     ck = read_checkpoint(short_run, prefer="latest")
     tok, cache = ck.tokenizer, TokenCache.open(ck.state["cache_dir"])
@@ -361,9 +361,9 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
 
 @pytest.mark.slow
 def test_eval_held_out_prompts_and_grammar_rows(s260, tmp_path, judge_server):
-    from tinystories.evaluate import OPENINGS, held_out_prompts, judge_messages
-    from tinystories.grammar import find_parser
-    from tinystories.textdata import iter_documents
+    from tinystories.data.text import iter_documents
+    from tinystories.evaluation.evaluate import OPENINGS, held_out_prompts, judge_messages
+    from tinystories.evaluation.grammar import find_parser
 
     docs = list(iter_documents([TRAIN_HEAD], 12))
     text = tmp_path / "twelve.txt"

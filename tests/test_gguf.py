@@ -27,8 +27,8 @@ INSTALL = ("llama-cpp-python is not installed: .ci/llama_cpp.sh builds it portab
 gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install 'tinystories[gguf]'")
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason=INSTALL)
 
-from tinystories.checkpoint import load_model  # noqa: E402
-from tinystories.sampling import SamplingParams, prompt_ids, sample  # noqa: E402
+from tinystories.inference.sampling import SamplingParams, prompt_ids, sample  # noqa: E402
+from tinystories.model.checkpoint import load_model  # noqa: E402
 
 PROMPT = "Once upon a time"
 F32_LOGIT_TOL = 1e-3  # max |logit difference| (llama.cpp f32 vs PyTorch f32); measured ~1e-5 (see docs/interop.md)
@@ -222,10 +222,10 @@ def test_gguf_export_errors(s260, tmp_path):
 def test_llama2_tokenizer_in_llama_cpp(tmp_path):
     """Llama 2's 32K SentencePiece tokenizer as a `llama` vocabulary: llama.cpp encodes real text to our ids and
     computes our logits (a small random model carries it)."""
-    from tinystories.checkpoint import write_checkpoint_dir
-    from tinystories.config import RunConfig
-    from tinystories.model import Transformer
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.core.config import RunConfig
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.model.checkpoint import write_checkpoint_dir
+    from tinystories.model.transformer import Transformer
 
     tok = load_tokenizer(LLAMA2_TOKENIZER)
     cfg = RunConfig.model_validate({"model": {"vocab_size": tok.vocab_size, "dim": 32, "n_layers": 1, "n_heads": 2,

@@ -65,10 +65,10 @@ def _train(tmp_path, tok4k, compile_: bool):
 def test_gpu_train_half_reload_and_generate(tmp_path, tok4k, compile_):
     from safetensors.torch import load_file
 
-    from tinystories.checkpoint import load_model
-    from tinystories.model import KVCache
-    from tinystories.sampling import SamplingParams, generate_texts
-    from tinystories.train import peak_flops
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model
+    from tinystories.model.transformer import KVCache
+    from tinystories.training.loop import peak_flops
 
     run = _train(tmp_path, tok4k, compile_)
     pts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +149,7 @@ def test_seed_shape_bf16_steps(tmp_path, seed_data):
 def test_seed_shape_fp16_steps_scaler_and_cpu_export(tmp_path, seed_data):
     from transformers import LlamaForCausalLM
 
-    from tinystories.checkpoint import load_model
+    from tinystories.model.checkpoint import load_model
 
     run = tmp_path / "fp16"
     train = _train_seed(run, seed_data, "float16")
@@ -178,9 +178,9 @@ def test_seed_shape_fp16_steps_scaler_and_cpu_export(tmp_path, seed_data):
 def test_sdpa_runs_on_fused_kernels(dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from tinystories.config import ModelConfig, TrainConfig
-    from tinystories.device import choose_policy, detect_caps
-    from tinystories.model import Transformer
+    from tinystories.core.config import ModelConfig, TrainConfig
+    from tinystories.model.device import choose_policy, detect_caps
+    from tinystories.model.transformer import Transformer
 
     caps = detect_caps(torch.device("cuda", 0))
     if dtype == torch.bfloat16 and not caps.cuda_bf16:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_HEAD, run_cli
-from tinystories.grammar import (
+from tinystories.evaluation.grammar import (
     FAILED,
     NOT_MEASURED,
     PARSED,
@@ -23,7 +23,7 @@ from tinystories.grammar import (
     given_sentences,
     grammar_stats,
 )
-from tinystories.story_stats import sentences
+from tinystories.evaluation.story_stats import sentences
 
 if find_parser() is None:
     pytest.fail("link-parser is not installed: apt-get install link-grammar (or brew install link-grammar)",
@@ -139,7 +139,7 @@ def test_missing_parser_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", _path_without_parser(tmp_path))
     assert find_parser() is None
     assert grammar_stats(GOOD) == {"grammar_measured": False, "grammar_note": NOT_MEASURED}
-    from tinystories.doctor import check_grammar
+    from tinystories.evaluation.doctor import check_grammar
 
     c = check_grammar([{"prompt": "", "text": GOOD[0], "ended": True}], GOOD)
     assert c.status == "SKIP" and c.detail == NOT_MEASURED

@@ -183,7 +183,7 @@ def _card(path: Path) -> tuple[dict, str]:
 def test_model_card_of_a_trained_run(tiny_bpe_run, tmp_path):
     """The card of a trained run: Hub metadata, architecture, training figures from the run, the eval table of an
     `eval --json` report in the run directory, a sample story, how to load it."""
-    from tinystories.checkpoint import read_checkpoint
+    from tinystories.model.checkpoint import read_checkpoint
 
     report = tiny_bpe_run / "eval.json"
     r = run_cli("eval", "--checkpoint", tiny_bpe_run, "--num-stories", "2", "--max-new-tokens", "24",
@@ -311,7 +311,7 @@ _POINTS = "".join(json.dumps({"kind": "train", "step": s, "loss": 8.0 - s / 10, 
 
 
 def test_training_time_of_a_live_run_skips_a_half_written_last_line(random_checkpoint, tmp_path):
-    from tinystories.hub import training_time_s
+    from tinystories.export.hub import training_time_s
 
     run = _run_around(random_checkpoint, tmp_path, _POINTS + '{"kind": "train", "step": 11, "time": 1')
     assert training_time_s(run / "checkpoints" / "step-00000010", 10) == 15.0

@@ -28,14 +28,14 @@ def _offline():
             os.environ[k] = v
 
 
-from tinystories.checkpoint import load_model, write_checkpoint_dir  # noqa: E402
 from tinystories.cli import main  # noqa: E402
-from tinystories.config import RunConfig  # noqa: E402
-from tinystories.interop import import_llama2c, permute_from_hf, permute_to_hf, read_llama2c  # noqa: E402
-from tinystories.likelihood import encode_documents, likelihood  # noqa: E402
-from tinystories.model import Transformer  # noqa: E402
-from tinystories.sampling import SamplingParams, generate_texts, prompt_ids, sample  # noqa: E402
-from tinystories.tokenizer import load_tokenizer  # noqa: E402
+from tinystories.core.config import RunConfig  # noqa: E402
+from tinystories.data.tokenizer import load_tokenizer  # noqa: E402
+from tinystories.export.interop import import_llama2c, permute_from_hf, permute_to_hf, read_llama2c  # noqa: E402
+from tinystories.inference.sampling import SamplingParams, generate_texts, prompt_ids, sample  # noqa: E402
+from tinystories.model.checkpoint import load_model, write_checkpoint_dir  # noqa: E402
+from tinystories.model.likelihood import encode_documents, likelihood  # noqa: E402
+from tinystories.model.transformer import Transformer  # noqa: E402
 
 TOK512_BIN = STORIES260K.parent / "tok512.bin"
 

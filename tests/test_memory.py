@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from tinystories.config import ModelConfig, TrainConfig
-from tinystories.errors import UserError
-from tinystories.memory import GiB, estimate_memory, param_counts, pick_micro_batch
-from tinystories.model import Transformer
+from tinystories.core.config import ModelConfig, TrainConfig
+from tinystories.core.errors import UserError
+from tinystories.model.transformer import Transformer
+from tinystories.training.memory import GiB, estimate_memory, param_counts, pick_micro_batch
 
 
 def tiny(**kw) -> ModelConfig:
@@ -119,7 +119,7 @@ def _measured_cpu_peak(cfg: ModelConfig, B: int, dtype: torch.dtype, optimizer: 
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    from tinystories.optim import make_optimizer
+    from tinystories.training.optim import make_optimizer
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         torch.manual_seed(0)

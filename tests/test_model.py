@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from conftest import run_cli
-from tinystories.config import ModelConfig
-from tinystories.model import KVCache, Transformer
-from tinystories.sampling import SamplingParams, StreamDecoder, apply_repetition_penalty, generate_texts, sample
+from tinystories.core.config import ModelConfig
+from tinystories.inference.sampling import (
+    SamplingParams,
+    StreamDecoder,
+    apply_repetition_penalty,
+    generate_texts,
+    sample,
+)
+from tinystories.model.transformer import KVCache, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +67,14 @@ def test_repetition_penalty_sign_rule():
 
 
 def test_prompt_longer_than_context_is_an_error(model):
-    from tinystories.errors import UserError
+    from tinystories.core.errors import UserError
 
     with pytest.raises(UserError, match="longer than the model's context"):
         next(sample(model, [[1] * 60], SamplingParams(max_new_tokens=5)))
 
 
 def test_stream_decoder_never_splits_utf8(tok4k):
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok4k)
     text = "Lily said “héllo” — 🐶 ñ!"
@@ -81,7 +87,7 @@ def test_stream_decoder_never_splits_utf8(tok4k):
 
 
 def test_generate_texts_stops_at_end_of_story(random_checkpoint):
-    from tinystories.checkpoint import load_model
+    from tinystories.model.checkpoint import load_model
 
     model, ck = load_model(random_checkpoint)
     outs = generate_texts(model, ck.tokenizer, "Once upon a time", SamplingParams(max_new_tokens=30, seed=3), 2)

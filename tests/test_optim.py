@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from tinystories.config import ModelConfig, TrainConfig
-from tinystories.model import Transformer
-from tinystories.optim import (
+from tinystories.core.config import ModelConfig, TrainConfig
+from tinystories.model.transformer import Transformer
+from tinystories.training.optim import (
     Optimizers,
     apply_schedule,
     make_optimizer,
@@ -101,7 +101,7 @@ def test_zero_init_zeroes_only_residual_projections():
 def test_float32_muon_follows_torch_muon_and_shares_its_state():
     """Float32Muon (used where bf16 is emulated) is torch's Muon with the orthogonalisation in float32: the same
     updates up to bf16 rounding, and each class loads the other's state."""
-    from tinystories.optim import Float32Muon
+    from tinystories.training.optim import Float32Muon
 
     torch.manual_seed(0)
     w_ref = torch.nn.Parameter(torch.randn(48, 80))

@@ -12,7 +12,7 @@ from conftest import REPO, one_line_error, run_cli
 
 
 def test_wheel_ships_configs_and_static_files(tmp_path):
-    from tinystories.config import CONFIG_DIR
+    from tinystories.core.config import CONFIG_DIR
     from tinystories.quickstart import pick_config
 
     # build from the tracked files alone, as from a fresh clone (no build/ or *.egg-info left by earlier builds)
@@ -38,7 +38,7 @@ def test_wheel_ships_configs_and_static_files(tmp_path):
 
 
 def test_shipped_configs_load_by_name_outside_a_checkout(tmp_path):
-    from tinystories.config import load_config
+    from tinystories.core.config import load_config
 
     # run from a directory without configs/: `--config configs/cpu.yaml` and `--config cpu.yaml` find the shipped copy
     for name in ("configs/cpu.yaml", "cpu.yaml"):  # the file loaded: the bad --set is what fails

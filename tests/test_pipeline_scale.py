@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, TRAIN_HEAD, run_cli
-from tinystories.cache import TokenCache, prepare
-from tinystories.tokenizer import load_tokenizer
+from tinystories.data.cache import TokenCache, prepare
+from tinystories.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture()
 def many_shards(tmp_path, tok4k, monkeypatch):
-    import tinystories.textdata as textdata
+    import tinystories.data.text as textdata
 
     monkeypatch.setattr(textdata, "UNIT_BYTES", 150_000)  # the 2 MB head in ~14 units, 1 story in 10 held out
     path, _ = prepare(load_tokenizer(tok4k), TRAIN_HEAD, tmp_path / "cache", val_fraction=0.1, workers=1)
@@ -24,7 +24,7 @@ def many_shards(tmp_path, tok4k, monkeypatch):
 def test_training_reads_a_cache_of_many_shards(many_shards, tok4k):
     import torch
 
-    from tinystories.train import WindowSampler, validation_subset
+    from tinystories.training.loop import WindowSampler, validation_subset
 
     cache, tok = many_shards, load_tokenizer(tok4k)
     train = cache.split("train")
@@ -47,9 +47,9 @@ def test_training_reads_a_cache_of_many_shards(many_shards, tok4k):
 
 
 def test_a_part_of_the_cache_for_a_short_run(tmp_path, tok4k, monkeypatch):
-    import tinystories.textdata as textdata
-    from tinystories.config import RunConfig
-    from tinystories.prepare import ensure_run_data
+    import tinystories.data.text as textdata
+    from tinystories.core.config import RunConfig
+    from tinystories.data.prepare import ensure_run_data
 
     monkeypatch.setattr(textdata, "UNIT_BYTES", 150_000)
     cfg = RunConfig.model_validate({"data": {"source": str(DATA_DIR), "data_dir": str(tmp_path / "d"),
@@ -74,7 +74,7 @@ def test_a_part_of_the_cache_for_a_short_run(tmp_path, tok4k, monkeypatch):
 
 
 def test_tokenizer_sample_is_bounded_and_stated(tmp_path):
-    from tinystories.config import TokenizerConfig
+    from tinystories.core.config import TokenizerConfig
 
     assert TokenizerConfig().max_stories == 100_000  # the default sample (benchmarks/tokenizer_sample.py)
     r = run_cli("tokenizer", "train", "--from", TRAIN_HEAD, "--vocab-size", "300", "--max-stories", "200",
@@ -91,9 +91,9 @@ def test_tokenizer_sample_is_bounded_and_stated(tmp_path):
 
 
 def test_likelihood_reports_progress_and_eval_takes_all(random_checkpoint):
-    from tinystories.checkpoint import load_model
     from tinystories.cli import build_parser
-    from tinystories.likelihood import likelihood
+    from tinystories.model.checkpoint import load_model
+    from tinystories.model.likelihood import likelihood
 
     model, ck = load_model(random_checkpoint)
     stream = np.arange(3000, dtype=np.int64) % ck.tokenizer.vocab_size

@@ -25,10 +25,10 @@ import torch
 
 from conftest import REPO, TOK512, one_line_error, run_cli
 from procwatch import Lines
-from tinystories.checkpoint import load_model, read_checkpoint
-from tinystories.config import RunConfig, load_config
-from tinystories.errors import UserError
-from tinystories.train import MAX_SKIPPED_IN_A_ROW, lr_at, train
+from tinystories.core.config import RunConfig, load_config
+from tinystories.core.errors import UserError
+from tinystories.model.checkpoint import load_model, read_checkpoint
+from tinystories.training.loop import MAX_SKIPPED_IN_A_ROW, lr_at, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
         "model.dropout=0", "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",
@@ -227,7 +227,7 @@ def test_muon_trained_model_exports_exactly(tmp_path, data, capsys, monkeypatch)
     from test_interop import _check_hf  # the check test_interop runs on AdamW-trained and imported models
 
     from tinystories.cli import main
-    from tinystories.interop import import_llama2c
+    from tinystories.export.interop import import_llama2c
 
     run = tmp_path / "run"
     train(cfg_for(run, data, *MUON, "train.max_steps=40", "train.dtype=float32"))
@@ -291,7 +291,7 @@ def test_cooldown_frac_outside_zero_to_one_is_a_config_error():
 
 @pytest.mark.slow
 def test_short_wsd_run_passes_doctors_lr_check(tmp_path, data):
-    from tinystories.doctor import run_checks
+    from tinystories.evaluation.doctor import run_checks
 
     def lr_check():
         return next(c for c in run_checks(tmp_path / "run", samples=0)[0] if c.name == "lr schedule")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import DATA_DIR, REPO, TRAIN_HEAD, one_line_error, run_cli
-from tinystories.config import load_config, save_config
+from tinystories.core.config import load_config, save_config
 from tinystories.quickstart import _check_same_request
 
 

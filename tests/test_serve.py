@@ -99,10 +99,10 @@ def checkpoint(tmp_path_factory, tok4k) -> Path:
     """A random model with a 512-token context: slow enough on CPU (a few ms a token) to overlap requests."""
     import torch
 
-    from tinystories.checkpoint import write_checkpoint_dir
-    from tinystories.config import RunConfig
-    from tinystories.model import Transformer
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.core.config import RunConfig
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.model.checkpoint import write_checkpoint_dir
+    from tinystories.model.transformer import Transformer
 
     tok = load_tokenizer(tok4k)
     cfg = RunConfig.model_validate({"model": {"vocab_size": tok.vocab_size, "dim": 128, "n_layers": 4, "n_heads": 4,
@@ -161,7 +161,7 @@ def test_health_model_openapi_and_page(server, checkpoint):
     assert m["architecture"]["dim"] == 128 and m["architecture"]["n_layers"] == 4 and m["context"] == CONTEXT
     assert m["tokenizer"] == {"kind": "bpe", "vocab_size": 4096, "file": "tokenizer.json"}
     assert m["step"] == 1234 and m["val_bpb"] == 2.5
-    from tinystories.checkpoint import load_model
+    from tinystories.model.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
     assert m["parameters"] == model.num_params()
@@ -184,8 +184,8 @@ def test_health_model_openapi_and_page(server, checkpoint):
 
 
 def test_generate_json_matches_the_shared_sampler(server, checkpoint):
-    from tinystories.checkpoint import load_model
-    from tinystories.sampling import SamplingParams, generate_texts
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model
 
     body = {"prompt": "Once upon a time", "max_new_tokens": 20, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
             "seed": 7}
@@ -406,8 +406,8 @@ def test_queued_client_disconnect_leaves_the_queue(server):
 def test_compiled_server_serves_concurrent_requests_like_the_eager_sampler(checkpoint):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tinystories.checkpoint import load_model
-    from tinystories.sampling import SamplingParams, generate_texts
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model
 
     srv = Server(checkpoint, "--max-concurrent", "3")  # compiled decoding is the default
     try:
@@ -456,8 +456,8 @@ def test_twenty_simultaneous_clients_are_all_served(batch_server, checkpoint):
     # the issue's case: 20 readers ask for a 64-token story at the same moment; 8 rows, the rest wait their turn
     from concurrent.futures import ThreadPoolExecutor
 
-    from tinystories.checkpoint import load_model
-    from tinystories.sampling import SamplingParams, generate_texts
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model
 
     before = batch_server.health()
     bodies = [{"prompt": ["Once upon a time", "Tom had a red ball", "A cat sat"][i % 3], "max_new_tokens": 64,

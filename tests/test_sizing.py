@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tinystories.device as device_mod
-from tinystories.config import CONFIG_DIR, load_config
-from tinystories.sizing import CPU_SHAPES, auto_config, choose_cpu_shape
+import tinystories.model.device as device_mod
+from tinystories.core.config import CONFIG_DIR, load_config
+from tinystories.training.sizing import CPU_SHAPES, auto_config, choose_cpu_shape
 
 
 @pytest.fixture

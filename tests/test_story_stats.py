@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinystories.story_stats import (
+from tinystories.evaluation.story_stats import (
     agreement_errors,
     distinct_n,
     doubled_words,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, LLAMA2_TOKENIZER, TOK512, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
-from tinystories.cache import TokenCache, prepare
-from tinystories.errors import UserError
-from tinystories.textdata import iter_documents
-from tinystories.tokenizer import load_tokenizer, report, train_bpe
+from tinystories.core.errors import UserError
+from tinystories.data.cache import TokenCache, prepare
+from tinystories.data.text import iter_documents
+from tinystories.data.tokenizer import load_tokenizer, report, train_bpe
 
 
 def test_bpe_roundtrip_and_articles_are_single_tokens(tok4k):
@@ -141,8 +141,8 @@ def _shards(path):
 
 
 def test_interrupted_prepare_resumes_without_redoing_finished_units(tmp_path, tok4k, monkeypatch):
-    import tinystories.cache as cache_mod
-    import tinystories.textdata as textdata
+    import tinystories.data.cache as cache_mod
+    import tinystories.data.text as textdata
 
     monkeypatch.setattr(textdata, "UNIT_BYTES", 200_000)  # the 2 MB head in ~10 units
     tok = load_tokenizer(tok4k)
@@ -176,8 +176,8 @@ def test_interrupted_prepare_resumes_without_redoing_finished_units(tmp_path, to
 
 
 def test_part_of_the_cache_is_extended_not_rebuilt(tmp_path, tok4k, monkeypatch):
-    import tinystories.cache as cache_mod
-    import tinystories.textdata as textdata
+    import tinystories.data.cache as cache_mod
+    import tinystories.data.text as textdata
 
     monkeypatch.setattr(textdata, "UNIT_BYTES", 200_000)
     tok = load_tokenizer(tok4k)
@@ -203,7 +203,7 @@ def test_part_of_the_cache_is_extended_not_rebuilt(tmp_path, tok4k, monkeypatch)
 
 
 def test_worker_processes_build_the_same_cache(tmp_path, tok4k, monkeypatch):
-    import tinystories.textdata as textdata
+    import tinystories.data.text as textdata
 
     monkeypatch.setattr(textdata, "UNIT_BYTES", 300_000)
     tok = load_tokenizer(tok4k)
@@ -227,7 +227,7 @@ def test_worker_processes_build_the_same_cache(tmp_path, tok4k, monkeypatch):
 
 
 def test_file_units_end_at_story_boundaries(tmp_path):
-    from tinystories.textdata import file_units, unit_documents
+    from tinystories.data.text import file_units, unit_documents
 
     for unit in (1_000, 50_000, 10**9):
         units = file_units(TRAIN_HEAD, unit)

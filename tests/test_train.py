@@ -26,10 +26,10 @@ from conftest import (
     run_cli,
 )
 from procwatch import Lines
-from tinystories.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
-from tinystories.config import load_config
-from tinystories.errors import UserError
-from tinystories.train import lr_at, train
+from tinystories.core.config import load_config
+from tinystories.core.errors import UserError
+from tinystories.model.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
+from tinystories.training.loop import lr_at, train
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0.1",
         "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",
@@ -82,7 +82,7 @@ def lr_points(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_short_extended_and_budgeted_runs_pass_doctors_lr_check(tmp_path, tok4k):
-    from tinystories.doctor import run_checks
+    from tinystories.evaluation.doctor import run_checks
 
     def lr_check(run_dir):
         return next(c for c in run_checks(run_dir, samples=0)[0] if c.name == "lr schedule")
@@ -134,9 +134,9 @@ def test_loss_falls_on_real_data(tmp_path, tok4k):
     model, ck = load_model(tmp_path / "run")
     assert model.cfg.vocab_size == 4096
     # the evaluation inside the training loop saw the weights that were saved (no stale inference state)
-    from tinystories.cache import TokenCache
-    from tinystories.likelihood import likelihood
-    from tinystories.train import validation_subset
+    from tinystories.data.cache import TokenCache
+    from tinystories.model.likelihood import likelihood
+    from tinystories.training.loop import validation_subset
 
     stream, n_bytes = validation_subset(TokenCache.open(ck.state["cache_dir"]), ck.tokenizer, cfg.train.eval_tokens)
     again = likelihood(model, stream, n_bytes, cfg.model.max_seq_len)
@@ -179,7 +179,7 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, tok4k, monkeypatch):
     train(cfg)
     run = tmp_path / "run"
     model, ck = load_model(run, prefer="latest")
-    import tinystories.checkpoint as ckmod
+    import tinystories.model.checkpoint as ckmod
 
     def crash(dest, *a, **k):
         dest.mkdir(parents=True)
@@ -342,7 +342,7 @@ def test_bad_micro_batch_is_a_one_line_error(tmp_path):
 def test_early_stop_evaluates_and_saves_its_step_once(tmp_path, tok4k, monkeypatch):
     """An early stop ends the run at the evaluation that decided it: that step is evaluated once, has one
     validation row in metrics.jsonl and is saved once (the final evaluation after the loop repeated it before)."""
-    import tinystories.train as train_mod
+    import tinystories.training.loop as train_mod
 
     saved: list[int] = []
     real_save = train_mod.save_checkpoint
@@ -371,9 +371,9 @@ def test_first_step_error_without_compile_is_not_a_compile_failure(tmp_path, tok
     (e.g. out of memory) is that error, not "torch.compile failed" followed by a retry."""
     import dataclasses
 
-    import tinystories.model as model_mod
-    import tinystories.train as train_mod
-    from tinystories.device import detect_caps
+    import tinystories.model.transformer as model_mod
+    import tinystories.training.loop as train_mod
+    from tinystories.model.device import detect_caps
 
     monkeypatch.setattr(train_mod, "detect_caps",
                         lambda device: dataclasses.replace(detect_caps(device), platform="win32"))

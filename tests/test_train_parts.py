@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from tinystories.atomic import atomic_dir, atomic_file, replace_symlink, write_text_atomic
-from tinystories.config import load_config
-from tinystories.device import DeviceCaps, pick_device, pick_dtype
-from tinystories.errors import UserError
-from tinystories.train import (
+from tinystories.core.atomic import atomic_dir, atomic_file, replace_symlink, write_text_atomic
+from tinystories.core.config import load_config
+from tinystories.core.errors import UserError
+from tinystories.model.device import DeviceCaps, pick_device, pick_dtype
+from tinystories.training.loop import (
     BUDGET_MEASURE_STEPS,
     PROVISIONAL_TOTAL,
     RunLength,
@@ -196,8 +196,8 @@ def test_one_compatibility_rule_for_resume_and_init_from(random_checkpoint):
     """check_compatible: the same architecture and tokenizer, with a message for a resumed and a fine-tuning run
     (uses the real 4K tokenizer of the `random_checkpoint` fixture, and llama2.c's tok512.model)."""
     from conftest import TOK512
-    from tinystories.checkpoint import check_compatible, read_checkpoint
-    from tinystories.tokenizer import load_tokenizer
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.model.checkpoint import check_compatible, read_checkpoint
 
     ck = read_checkpoint(random_checkpoint)
     same = ck.cfg.model_copy(deep=True)
@@ -240,7 +240,7 @@ def test_one_compatibility_rule_for_resume_and_init_from(random_checkpoint):
 def test_scaler_skips_counts_on_the_device_and_survives_a_resume():
     """float16's skipped updates are counted from the gradient norm without a host sync per step; a long run of
     skips is reported (at the step where it reached the limit) and the run-in-a-row survives a save/load."""
-    from tinystories.train import MAX_SKIPPED_IN_A_ROW, ScalerGaveUp, ScalerSkips
+    from tinystories.training.loop import MAX_SKIPPED_IN_A_ROW, ScalerGaveUp, ScalerSkips
 
     skips = ScalerSkips(torch.device("cpu"))
     for step, norm in enumerate([1.0, float("inf"), float("nan"), 2.0, float("inf")]):
@@ -262,8 +262,8 @@ def test_each_rank_restores_its_own_rng_state_and_older_checkpoints_load():
     still loads: rank 0 restores it, another rank keeps its own seeded state instead of taking rank 0's."""
     from types import SimpleNamespace
 
-    from tinystories.device import Dist
-    from tinystories.train import Run
+    from tinystories.model.device import Dist
+    from tinystories.training.loop import Run
 
     def fake_run(rank: int, world: int):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -2,8 +2,8 @@
 
 This file declares every command, flag, default and help text; each command's handler (`_cmd_*`, in its stage
 module) is named as "module:function" and imported only when the command runs. So `--help` and an argument error
-answer at once: nothing here imports torch, numpy or pydantic (the defaults shown come from tinystories.defaults
-and tinystories.sampling_params; tests/test_cli_startup.py checks it). A `UserError` becomes one line on stderr
+answer at once: nothing here imports torch, numpy or pydantic (the defaults shown come from tinystories.core.defaults
+and tinystories.inference.params; tests/test_cli_startup.py checks it). A `UserError` becomes one line on stderr
 and exit status 2.
 """
 
@@ -14,11 +14,10 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from tinystories import __version__
-from tinystories.defaults import (
+from tinystories.core.args import OutOfRange, at_least, check_report_path, ranged, write_json_report  # noqa: F401
+from tinystories.core.defaults import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_STORIES,
@@ -27,35 +26,12 @@ from tinystories.defaults import (
     SAMPLE_STORIES,
     TOKENIZER_MAX_STORIES,
 )
-from tinystories.errors import UserError
-from tinystories.sampling_params import add_sampling_args
+from tinystories.core.errors import UserError
+from tinystories.inference.params import add_sampling_args
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
-
-
-class OutOfRange(argparse.ArgumentTypeError):
-    """A value of the right type outside its range (raised by a `ranged` type)."""
-
-
-def ranged(kind: Callable[[str], Any], ok: Callable[[Any], bool], says: str) -> Callable[[str], Any]:
-    """An argparse `type=` for a number that must satisfy `ok`, e.g. `ranged(int, lambda v: v >= 1, "must be at
-    least 1")`: a value outside is the parser's one-line error `--flag VALUE: must be at least 1`, before any
-    work starts; text that is not a number stays argparse's `invalid int value: 'abc'`."""
-
-    def parse(text: str):
-        value = kind(text)  # a ValueError: argparse's own "invalid <kind> value"
-        if not ok(value):
-            raise OutOfRange(says)
-        return value
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-def at_least(n: int) -> Callable[[str], int]:
-    return ranged(int, lambda v: v >= n, f"must be at least {n}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,39 +130,6 @@ def add_command(sub, name: str, help: str, examples: str, func: str) -> argparse
     return p
 
 
-def check_report_path(path: str | os.PathLike, flag: str = "--json") -> None:
-    """A report may replace an earlier JSON file, never anything else: a typo such as `--json README.md` must not
-    destroy a file that is not a report. Commands call this before their (slow) work, and again on writing."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory; give a file name such as report.json")
-    if path.exists():
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            raise UserError(f"{flag} {path}: exists and is not a JSON report; refusing to overwrite it "
-                            f"(choose another file name, or delete it first)") from None
-
-
-def write_json_report(path: str | os.PathLike, obj, flag: str = "--json") -> None:
-    """Write a command's JSON report atomically (see check_report_path)."""
-    import json
-    from pathlib import Path
-
-    from tinystories.atomic import write_text_atomic
-
-    check_report_path(path, flag)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None
-
-
 # --------------------------------------------------------------------------------------------------------- the commands
 
 
@@ -207,7 +150,7 @@ def _add_data_and_tokenizer(sub) -> None:
                     "  tinystories data fetch                     # TinyStoriesV2-GPT4 train+valid into data/raw\n"
                     "  tinystories data fetch --version v1\n"
                     "  tinystories data fetch --from ../shared/data/tinystories   # offline: local files\n",
-                    "tinystories.prepare:_cmd_fetch")
+                    "tinystories.data.prepare:_cmd_fetch")
     p.add_argument("--version", default="v2", choices=["v1", "v2"],
                    help="v2 = TinyStoriesV2-GPT4 (default), v1 = TinyStories")
     p.add_argument("--from", dest="source", help="local file or directory (.txt, .json, .jsonl) instead of downloading")
@@ -217,7 +160,7 @@ def _add_data_and_tokenizer(sub) -> None:
                     "  tinystories data prepare --tokenizer data/tokenizer --from ../shared/data/tinystories\n"
                     "  tinystories data prepare --tokenizer ../shared/models/llama2-tokenizer/tokenizer.model "
                     "--from stories.jsonl\n",
-                    "tinystories.prepare:_cmd_prepare")
+                    "tinystories.data.prepare:_cmd_prepare")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, SentencePiece .model, or a directory with one")
     p.add_argument("--from", dest="source", help="raw text file or directory (default: what `data fetch` downloaded)")
     p.add_argument("--data-dir", default="data", help="data directory; the cache goes to DATA_DIR/cache")
@@ -239,7 +182,7 @@ def _add_data_and_tokenizer(sub) -> None:
                     "  tinystories tokenizer train --vocab-size 10000 --from ../shared/data/tinystories "
                     "--out data/tokenizer\n"
                     "  tinystories tokenizer train --vocab-size 4096 --max-stories 100000 --out data/tok4k\n",
-                    "tinystories.prepare:_cmd_tokenizer_train")
+                    "tinystories.data.prepare:_cmd_tokenizer_train")
     p.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size (default 10000)")
     p.add_argument("--max-stories", type=_stories_arg, default=TOKENIZER_MAX_STORIES,
                    help=f"train on the first N stories only, or 'all' (default {TOKENIZER_MAX_STORIES:,}: "
@@ -253,7 +196,7 @@ def _add_data_and_tokenizer(sub) -> None:
                     "  tinystories tokenizer report --tokenizer data/tokenizer --from ../shared/data/tinystories\n"
                     "  tinystories tokenizer report --tokenizer ../shared/models/llama2-tokenizer/tokenizer.model \\\n"
                     "      --tokenizer data/tokenizer --from ../shared/data/tinystories   # side by side\n",
-                    "tinystories.prepare:_cmd_tokenizer_report")
+                    "tinystories.data.prepare:_cmd_tokenizer_report")
     p.add_argument("--tokenizer", action="append", required=True, help="tokenizer to report on (repeatable)")
     p.add_argument("--from", dest="source", help="text to measure on (its validation file, else its last stories)")
     p.add_argument("--data-dir", default="data")
@@ -272,7 +215,7 @@ def _add_train(sub) -> None:
         "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
         "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
         "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
-        "tinystories.train:_cmd_train")
+        "tinystories.training.loop:_cmd_train")
     p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml, or auto: the GPU config on a GPU, on "
                                     "a CPU cpu.yaml sized to this machine and train.max_minutes (optional with "
                                     "--init-from: train.* and data.* only; not with --resume)")
@@ -292,7 +235,7 @@ def _add_train(sub) -> None:
 def _add_plot(sub) -> None:
     p = add_command(sub, "plot", "plot train/val loss, bits per byte and lr against tokens (PNG)",
                     "  tinystories plot runs/cpu                 # writes runs/cpu/loss.png\n"
-                    "  tinystories plot runs/cpu --out cpu.png\n", "tinystories.plot:_cmd_plot")
+                    "  tinystories plot runs/cpu --out cpu.png\n", "tinystories.evaluation.plot:_cmd_plot")
     p.add_argument("run_dir", help="run directory with metrics.jsonl")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png); missing parent directories are created")
 
@@ -304,7 +247,7 @@ def _add_generate(sub) -> None:
         "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
         "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
         "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
-        "tinystories.generate:_cmd_generate")
+        "tinystories.inference.generate:_cmd_generate")
     p.add_argument("--checkpoint", required=True,
                    help="run directory (uses its best checkpoint) or checkpoint directory")
     p.add_argument("--prompt", default=None,
@@ -333,7 +276,7 @@ def _add_eval(sub) -> None:
         "  tinystories eval --checkpoint runs/tiny --num-stories 0     # likelihood only\n"
         "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n"
         "  tinystories eval --checkpoint runs/tiny --prompts held-out --show-grammar-errors 5   # real story starts\n",
-        "tinystories.evaluate:_cmd_eval")
+        "tinystories.evaluation.evaluate:_cmd_eval")
     p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
     p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
     p.add_argument("--max-tokens", type=_tokens_or_all, default=None,
@@ -370,7 +313,7 @@ def _add_doctor(sub) -> None:
         "  tinystories doctor runs/tiny --samples 0        # skip generating samples\n"
         "  tinystories doctor runs/imported/checkpoint "
         "--reference ../shared/data/tinystories/TinyStories-valid-head.txt\n",
-        "tinystories.doctor:_cmd_doctor")
+        "tinystories.evaluation.doctor:_cmd_doctor")
     p.add_argument("run_dir", help="run directory (or a checkpoint directory)")
     p.add_argument("--samples", type=int, default=SAMPLE_STORIES,
                    help=f"stories to sample for the article and grammar checks (default {SAMPLE_STORIES}; 0 = skip)")
@@ -385,7 +328,7 @@ def _add_import_export(sub) -> None:
         sub, "import", "Import a model from another project into a checkpoint directory.",
         "  tinystories import llama2c ../shared/models/llama2c-stories260K/stories260K.bin \\\n"
         "      --tokenizer ../shared/models/llama2c-stories260K/tok512.model --out runs/stories260K\n",
-        "tinystories.interop:_cmd_import",
+        "tinystories.export.interop:_cmd_import",
     )
     formats = p.add_subparsers(dest="import_format", metavar="FORMAT")
     q = formats.add_parser(
@@ -397,7 +340,7 @@ def _add_import_export(sub) -> None:
     q.add_argument("--tokenizer", required=True, help="its tokenizer: SentencePiece .model (or a tokenizer.json)")
     q.add_argument("--out", required=True, help="checkpoint directory to create")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
-    q.set_defaults(func="tinystories.interop:_cmd_import_llama2c")
+    q.set_defaults(func="tinystories.export.interop:_cmd_import_llama2c")
 
     e = add_command(
         sub, "export", "Export a checkpoint to Hugging Face transformers, GGUF (llama.cpp, Ollama) or llama2.c.",
@@ -405,7 +348,7 @@ def _add_import_export(sub) -> None:
         "  tinystories export --format hf --checkpoint runs/quickstart --out exports/qs-hf --push-to-hub NAME/qs\n"
         "  tinystories export --format gguf --checkpoint runs/stories260K --out exports/s260K.gguf [--dtype q8_0]\n"
         "  tinystories export --format llama2c --checkpoint runs/stories260K --out exports/model.bin\n",
-        "tinystories.interop:_cmd_export",
+        "tinystories.export.interop:_cmd_export",
     )
     e.add_argument("--format", required=True, choices=["hf", "gguf", "llama2c"],
                    help="hf: a LlamaForCausalLM directory with a model card; gguf: one file for llama.cpp/Ollama; "
@@ -438,7 +381,7 @@ def _add_serve(sub) -> None:
         "  tinystories serve --checkpoint ck/ --cors-origin http://localhost:3000\n"
         "  curl -N -X POST localhost:8000/v1/generate -H 'content-type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'\n",
-        "tinystories.serve:_cmd_serve",
+        "tinystories.inference.server:_cmd_serve",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

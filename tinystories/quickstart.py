@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from tinystories.config import CONFIG_DIR
-from tinystories.errors import UserError
+from tinystories.core.errors import UserError
+from tinystories.training.sizing import pick_config
 
 CLASSIC_OPENINGS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog"]
 EVAL_TOKENS = 262_144  # validation tokens the report scores (all of a small validation text; bounded for 22 MB)
@@ -39,7 +39,7 @@ def _fmt_s(secs: float) -> str:
 
 
 def find_data(data: str | None, data_dir: Path, log=print) -> Path:
-    from tinystories.textdata import fetch, list_text_files
+    from tinystories.data.text import fetch, list_text_files
 
     for source, what in ((data, "--data"), (os.environ.get("TINYSTORIES_DATA"), "$TINYSTORIES_DATA")):
         if source:
@@ -60,7 +60,7 @@ def find_data(data: str | None, data_dir: Path, log=print) -> Path:
 
 def vocab_for(source: Path) -> int:
     """A vocabulary sized for the text: small data cannot fill a large vocabulary (it starves articles)."""
-    from tinystories.textdata import list_text_files, split_files
+    from tinystories.data.text import list_text_files, split_files
 
     train, val = split_files(list_text_files(source))
     size = sum(f.stat().st_size for f in (train or val))
@@ -69,14 +69,10 @@ def vocab_for(source: Path) -> int:
     return 10000
 
 
-def pick_config(on_gpu: bool) -> Path:
-    return CONFIG_DIR / ("tinystories-23M.yaml" if on_gpu else "cpu.yaml")
-
-
 def _check_same_request(out: Path, cfg) -> None:
     """A run already in --out is reused (or resumed) only when it was made from the same data, vocabulary and
     time budget: `quickstart --minutes 10` after a 1-minute run must not hand back the 1-minute model."""
-    from tinystories.config import load_config
+    from tinystories.core.config import load_config
 
     if not (out / "config.yaml").is_file():
         raise UserError(f"{out} holds checkpoints but no config.yaml, so it cannot be checked against this request; "
@@ -100,13 +96,13 @@ def _check_same_request(out: Path, cfg) -> None:
 def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
     import torch
 
-    from tinystories.checkpoint import load_model, read_checkpoint
-    from tinystories.config import load_config
-    from tinystories.evaluate import evaluate, format_result
-    from tinystories.plot import plot_run
-    from tinystories.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
-    from tinystories.sampling import SamplingParams, generate_texts
-    from tinystories.train import train
+    from tinystories.core.config import load_config
+    from tinystories.data.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
+    from tinystories.evaluation.evaluate import evaluate, format_result
+    from tinystories.evaluation.plot import plot_run
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model, read_checkpoint
+    from tinystories.training.loop import train
 
     t_start = time.time()
     stages: list[tuple[str, float]] = []
@@ -123,7 +119,7 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     if on_gpu:
         cfg = load_config(cfg_path, overrides)
     else:  # the CPU model is sized to this machine and the budget (sizing.py, from the recipe study)
-        from tinystories.sizing import sized_cpu_config
+        from tinystories.training.sizing import sized_cpu_config
 
         cfg, sized = sized_cpu_config(cfg_path, overrides, minutes, vocab)
     cfg.out_dir = str(out)
@@ -192,9 +188,9 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
     """What the quickstart will do, with rough times for this machine, before it does it."""
     import json
 
-    from tinystories.cache import PART_VAL_BYTES, default_workers
-    from tinystories.prepare import cache_root, full_cache_command, run_tokenizer_dir
-    from tinystories.textdata import list_text_files, split_files
+    from tinystories.data.cache import PART_VAL_BYTES, default_workers
+    from tinystories.data.prepare import cache_root, full_cache_command, run_tokenizer_dir
+    from tinystories.data.text import list_text_files, split_files
 
     files = list_text_files(source)
     train, val = split_files(files)

@@ -1,0 +1,424 @@
+"""The token cache: every story tokenized once into flat, memory-mappable uint16/uint32 shards.
+
+Layout of a cache directory `<cache_root>/<fingerprint>/`:
+    manifest.json              format version, fingerprint, tokenizer, sources, per-split token and byte counts,
+                               the shards in use, and `part` (null for the whole text, else the units it covers)
+    train-00000.bin ...        one shard per unit of work: <doc_start> story <doc_start> story ... (no padding)
+    train-00000.docs.npy       int64 (n_docs, 2) of that shard: token offset of each story's doc_start, UTF-8 bytes
+    unit-00000.json            written last for each unit: the unit is finished (what makes a build resumable)
+    train.docs.npy             the shards' story index concatenated, offsets global across the shards in use
+    val-00000.bin, val-00000.docs.npy, val.docs.npy
+
+The text is cut into units of about 32 MiB that end at story boundaries (`textdata.file_units`); each unit is
+tokenized by a worker process into its own shard, written under a temporary name and renamed, then marked
+finished. An interrupted build keeps its finished units and a rerun does only the rest; manifest.json is
+written (atomically) only when the requested units are all there, so an interrupted prepare never looks
+complete. The fingerprint hashes the tokenizer file, the source files, the format version and the options, so
+a tokenizer change can never silently reuse a stale cache and a repeated prepare with the same inputs is a hit.
+
+A *part* of the cache (`train_tokens=N`: the first units of the train text holding at least N tokens, the whole
+validation split) is what a short run needs; its manifest says so (`part`). It lives in the same directory as
+the whole cache would: a later request for more tokens, or for all of them, builds only the missing units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from tinystories.core.errors import UserError
+from tinystories.data.text import file_mode, file_units, list_text_files, split_files, unit_documents
+from tinystories.data.tokenizer import TextTokenizer
+
+FORMAT_VERSION = 2
+BATCH_DOCS = 2048
+VAL_UNIT_BYTES = 4 << 20  # a validation file is cut in units of 4 MiB (~1M tokens)
+PART_VAL_BYTES = 4 << 20  # a part of the cache holds the validation units that start within the first 4 MiB
+
+
+def _file_signature(path: Path) -> dict:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return {"path": str(path.resolve()), "size": st.st_size, "sample_sha256": h.hexdigest()}
+
+
+def fingerprint(tok: TextTokenizer, files: list[Path], val_fraction: float, max_stories: int | None) -> str:
+    h = hashlib.sha256()
+    h.update(f"format={FORMAT_VERSION};val_fraction={val_fraction};max_stories={max_stories}".encode())
+    h.update(tok.sha256.encode())
+    for f in files:
+        h.update(json.dumps(_file_signature(f), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A byte range of one source file, tokenized into one shard per split it feeds."""
+
+    index: int  # shard number within its role
+    role: str  # "train" (train file), "val" (validation file), "mixed" (train file, every k-th story held out)
+    path: str
+    start: int
+    end: int
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{'val' if self.role == 'val' else 'unit'}-{self.index:05d}"
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_units(files: list[Path], holdout: bool) -> list[Unit]:
+    """Every unit of work, validation files first (small, and a part of the cache always has all of them)."""
+    train_files, val_files = split_files(files)
+    units: list[Unit] = []
+    for role, group in (("val", val_files if train_files else []),
+                        ("mixed" if holdout else "train", train_files or val_files)):
+        n = 0
+        for f in group:
+            mode = file_mode(f)
+            # validation files in smaller units: a part of the cache takes only the first ones
+            for start, end in file_units(f, VAL_UNIT_BYTES if role == "val" else None):
+                units.append(Unit(n, role, str(f), start, end, mode))
+                n += 1
+    return units
+
+
+_WORKER_TOKENIZERS: dict[str, TextTokenizer] = {}
+
+
+def _init_worker() -> None:
+    import signal
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core does the parallelism
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the workers
+    try:  # Linux: a worker ends with the main process, even when that is killed
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _atomic_save(path: Path, write) -> None:
+    from tinystories.core.atomic import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        write(f)
+
+
+def build_unit(tok_path: str, cache_dir: str, unit: Unit, k: int, limit: int | None, dtype: str) -> dict:
+    """Tokenize one unit into its shard(s) and mark it finished. Runs in a worker process."""
+    from tinystories.data.tokenizer import load_tokenizer
+
+    tok = _WORKER_TOKENIZERS.get(tok_path) or _WORKER_TOKENIZERS.setdefault(tok_path, load_tokenizer(tok_path))
+    docs = unit_documents(Path(unit.path), unit.start, unit.end, unit.mode)
+    if limit is not None:
+        docs = docs[:limit]
+    by_split: dict[str, list[str]] = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        held = unit.role == "val" or (unit.role == "mixed" and k and i % k == k - 1)
+        by_split["val" if held else "train"].append(d)
+    out = Path(cache_dir)
+    meta: dict = {"unit": unit.name, "source": [unit.path, unit.start, unit.end], "bytes_read": unit.size,
+                  "documents_read": len(docs), "splits": {}}
+    for split, split_docs in by_split.items():
+        if not split_docs and not (unit.role == "val" and split == "val"):
+            continue
+        parts, offsets, nbytes, n = [], [], [], 0
+        for b in range(0, len(split_docs), BATCH_DOCS):
+            batch = split_docs[b: b + BATCH_DOCS]
+            ids = tok.encode_batch(batch)
+            lengths = np.fromiter((len(t) + 1 for t in ids), dtype=np.int64, count=len(ids))
+            offsets.append(n + np.concatenate(([0], np.cumsum(lengths)[:-1])))
+            nbytes.append(np.fromiter((len(d.encode("utf-8")) for d in batch), dtype=np.int64, count=len(batch)))
+            flat = np.fromiter(chain.from_iterable(chain((tok.doc_start_id,), t) for t in ids), dtype=dtype,
+                               count=int(lengths.sum()))
+            parts.append(flat)
+            n += len(flat)
+        stem = f"{split}-{unit.index:05d}"
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        index = (np.stack([np.concatenate(offsets), np.concatenate(nbytes)], axis=1) if offsets
+                 else np.zeros((0, 2), dtype=np.int64))
+        _atomic_save(out / f"{stem}.bin", stream.tofile)
+        _atomic_save(out / f"{stem}.docs.npy", lambda f: np.save(f, index))
+        meta["splits"][split] = {"file": f"{stem}.bin", "tokens": int(n), "bytes": int(index[:, 1].sum()),
+                                 "documents": int(len(index))}
+    _atomic_save(out / f"{unit.name}.json", lambda f: f.write(json.dumps(meta).encode()))
+    return meta
+
+
+def _read_meta(cache_dir: Path, unit: Unit) -> dict | None:
+    f = cache_dir / f"{unit.name}.json"
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("source") != [unit.path, unit.start, unit.end]:  # another cut of the text: not this unit
+        return None
+    if all((cache_dir / s["file"]).is_file() for s in meta["splits"].values()):
+        return meta
+    return None
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare(
+    tok: TextTokenizer,
+    source: str | Path,
+    cache_root: str | Path,
+    val_fraction: float = 0.01,
+    max_stories: int | None = None,
+    progress=None,
+    train_tokens: int | None = None,
+    workers: int | None = None,
+) -> tuple[Path, bool]:
+    """Build (or find) the cache for (tokenizer, source). Returns (cache directory, was it a cache hit).
+
+    `train_tokens`: build only a part, the first units holding at least this many train tokens (None: all).
+    `progress(done_bytes, total_bytes)` is called as units finish. Finished units of an earlier, interrupted
+    or smaller build are reused."""
+    files = list_text_files(source)
+    fp = fingerprint(tok, files, val_fraction, max_stories)
+    cache_dir = Path(cache_root) / fp
+    mf = cache_dir / "manifest.json"
+    if mf.is_file():
+        old = json.loads(mf.read_text())
+        if old.get("part") is None or (train_tokens is not None
+                                       and old["splits"]["train"]["tokens"] >= train_tokens):
+            return cache_dir, True
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{cache_dir.parent}: cannot create the cache directory ({e.strerror})") from None
+    for stale in cache_dir.glob(".*.tmp-*"):  # half-written files of an interrupted build
+        stale.unlink(missing_ok=True)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
+    train_files, val_files = split_files(files)
+    holdout = not (val_files and train_files)
+    k = max(2, round(1 / val_fraction)) if holdout and val_fraction > 0 else 0
+    units = plan_units(files, holdout)
+    metas = _build(tok, cache_dir, units, k, dtype, max_stories, train_tokens, workers or default_workers(),
+                   progress)
+    used = [u for u in units if u.name in metas]
+    train_units = [u for u in units if u.role != "val"]
+    part = None
+    if len(used) < len(units):
+        part = {"units": len([u for u in used if u.role != "val"]), "of": len(train_units),
+                "val_units": len([u for u in used if u.role == "val"]),
+                "val_of": len([u for u in units if u.role == "val"]), "train_tokens_wanted": train_tokens}
+    splits = {}
+    for split in ("train", "val"):
+        shards, docs, tokens, nbytes, ndocs = [], [], 0, 0, 0
+        for u in used:
+            s = metas[u.name]["splits"].get(split)
+            if not s:
+                continue
+            if s["tokens"]:
+                shards.append({"file": s["file"], "tokens": s["tokens"]})
+                docs.append(np.load(cache_dir / f"{split}-{u.index:05d}.docs.npy") + np.array([tokens, 0]))
+            tokens += s["tokens"]
+            nbytes += s["bytes"]
+            ndocs += s["documents"]
+        index = np.concatenate(docs) if docs else np.zeros((0, 2), dtype=np.int64)
+        _atomic_save(cache_dir / f"{split}.docs.npy", lambda f, a=index: np.save(f, a))
+        splits[split] = {"tokens": tokens, "bytes": nbytes, "documents": ndocs, "shards": shards}
+    if splits["train"]["tokens"] == 0:
+        raise UserError(f"{source}: no stories found to build the cache from")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp + ("" if part is None else f"-part{part['units']}of{part['of']}"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "dtype": dtype,
+        "tokenizer": tok.describe() | {"path": str(tok.path.resolve())},
+        "sources": [_file_signature(f) | {"split": "val" if f in val_files and train_files else "train"}
+                    for f in files],
+        "val_fraction": val_fraction,
+        "max_stories": max_stories,
+        "part": part,
+        "splits": splits,
+    }
+    _atomic_save(mf, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    return cache_dir, False
+
+
+def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stories: int | None,
+           train_tokens: int | None, workers: int, progress) -> dict[str, dict]:
+    """Finished-unit metadata for the units in use: reused from disk or built, in order, `workers` at a time."""
+    metas: dict[str, dict] = {}
+    done_bytes = 0
+    if train_tokens is not None:  # a part: the first validation units only
+        val_units = [u for u in units if u.role == "val"]
+        late = {u.name for i, u in enumerate(val_units) if sum(v.size for v in val_units[:i]) >= PART_VAL_BYTES}
+        units = [u for u in units if u.name not in late]
+    total = sum(u.size for u in units)
+    if train_tokens is not None:  # a first guess of the bytes needed (4 bytes/token), refined as units finish
+        total = min(total, sum(u.size for u in units if u.role == "val") + train_tokens * 4)
+    have_train, left = 0, max_stories
+
+    def enough() -> bool:
+        return (train_tokens is not None and have_train >= train_tokens) or (left is not None and left <= 0)
+
+    def take(u: Unit, meta: dict, reused: bool) -> None:
+        """Count a finished unit; progress counts only the text tokenized now (not units reused from disk)."""
+        nonlocal have_train, left, done_bytes, total
+        metas[u.name] = meta
+        have_train += meta["splits"].get("train", {}).get("tokens", 0)
+        if u.role != "val" and left is not None:
+            left -= meta["documents_read"]
+        if reused:
+            total -= u.size
+            return
+        done_bytes += u.size
+        if progress:
+            progress(done_bytes, max(total, done_bytes))
+
+    tok_path = str(tok.path.resolve())
+    pending = [u for u in units]
+    if workers <= 1 or max_stories is not None or len(units) == 1:
+        for u in pending:
+            if u.role != "val" and enough():
+                break
+            meta = _read_meta(cache_dir, u)
+            reused = meta is not None and not (u.role != "val" and left is not None and meta["documents_read"] > left)
+            if not reused:
+                meta = build_unit(tok_path, str(cache_dir), u, k, left if u.role != "val" else None, dtype)
+            take(u, meta, reused)
+        return metas
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    futures: dict[str, object] = {}
+    queue = list(pending)
+    try:
+        for u in units:
+            if u.role != "val" and enough():
+                break
+            # keep `workers` units in flight ahead of the one taken next
+            while queue and len(futures) < workers + 1:
+                q = queue.pop(0)
+                meta = _read_meta(cache_dir, q)
+                futures[q.name] = meta if meta is not None else pool.submit(
+                    build_unit, tok_path, str(cache_dir), q, k, None, dtype)
+            f = futures.pop(u.name)
+            take(u, f if isinstance(f, dict) else f.result(), isinstance(f, dict))
+    finally:
+        # done, enough, Ctrl-C or an error: stop the workers now; a unit they were on is left as temporary
+        # files, removed by the next build (finished units stay)
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join()
+    return metas
+
+
+@dataclass
+class Split:
+    """A split of the cache, memory-mapped."""
+
+    shards: list[np.memmap]
+    docs: np.ndarray  # (n_docs, 2): token offset, bytes
+    tokens: int
+    bytes: int
+
+    def stream(self) -> "np.ndarray | ShardStream":
+        """The whole split as one token sequence: the memory map itself for one shard, else a view over the
+        shards that reads only the slices asked for (a split of 470M tokens is never loaded whole)."""
+        return self.shards[0] if len(self.shards) == 1 else ShardStream(self.shards)
+
+
+class ShardStream:
+    """Shards seen as one sequence: len(), s[i] and s[a:b] (a contiguous slice, read from the shards it spans)."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.concatenate(([0], np.cumsum([len(s) for s in shards])))
+        self.dtype = shards[0].dtype if shards else np.dtype(np.uint16)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, step = key.indices(len(self))
+            if step != 1:
+                return self[a:b][::step]
+            if b <= a:
+                return np.zeros(0, dtype=self.dtype)
+            first = int(np.searchsorted(self.starts, a, side="right")) - 1
+            last = int(np.searchsorted(self.starts, b, side="left")) - 1
+            parts = [np.asarray(self.shards[i][max(a - self.starts[i], 0): b - self.starts[i]])
+                     for i in range(first, last + 1)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        i = int(key) + (len(self) if int(key) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(key)
+        j = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.shards[j][i - self.starts[j]]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.concatenate(self.shards) if self.shards else np.zeros(0, dtype=self.dtype)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+@dataclass
+class TokenCache:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TokenCache":
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise UserError(f"{path}: not a token cache (no manifest.json); build one with `tinystories data prepare`")
+        manifest = json.loads(mf.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path}: cache format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                            "rebuild it with `tinystories data prepare`")
+        return cls(path, manifest)
+
+    def split(self, name: str) -> Split:
+        info = self.manifest["splits"][name]
+        dtype = np.dtype(self.manifest["dtype"])
+        shards = [np.memmap(self.path / s["file"], dtype=dtype, mode="r") for s in info["shards"] if s["tokens"]]
+        docs = np.load(self.path / f"{name}.docs.npy", mmap_mode="r")  # 2.7M stories: 43 MB, read on demand
+        return Split(shards, docs, info["tokens"], info["bytes"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    def check_tokenizer(self, tok: TextTokenizer) -> None:
+        if tok.sha256 != self.tokenizer_sha256:
+            raise UserError(
+                f"{self.path}: this cache was built with tokenizer {self.manifest['tokenizer']['path']}, "
+                f"not {tok.path}; "
+                f"run `tinystories data prepare --tokenizer {tok.path}` to build a matching cache"
+            )

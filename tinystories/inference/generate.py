@@ -1,0 +1,91 @@
+"""`tinystories generate`: write stories with a trained or imported model, streamed as they are produced."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from tinystories.inference.sampling import (
+    SamplingParams,
+    StreamDecoder,
+    compile_decoding_now,
+    generate_texts,
+    prompt_ids,
+    sample,
+    sampling_params,
+)
+
+
+def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout) -> dict:
+    """Print one story token by token (UTF-8 safe). Returns counts and speed."""
+    ids = prompt_ids(tok, prompt)
+    dec = StreamDecoder(tok, ids)
+    out.write(prompt)
+    out.flush()
+    n, ended = 0, False
+    t0 = time.perf_counter()
+    for step in sample(model, [ids], params, tok.stop_ids):
+        t = int(step.tokens[0])
+        if t in tok.stop_ids:
+            ended = True
+            break
+        n += 1
+        piece = dec.push(t)
+        if piece:
+            out.write(piece)
+            out.flush()
+    secs = time.perf_counter() - t0
+    out.write("\n")
+    return {"tokens": n, "seconds": secs, "ended": ended}
+
+
+def _cmd_generate(args) -> int:
+    from tinystories.core.errors import UserError
+    from tinystories.model.checkpoint import load_model
+
+    params = sampling_params(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from tinystories.model.device import pick_device
+
+    model, ck = load_model(args.checkpoint, pick_device(args.device))
+    tok = ck.tokenizer
+    info = sys.stderr
+    if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed
+        compile_decoding_now(model, tok.doc_start_id, lambda line: print(line, file=info, flush=True))
+
+    def one(prompt: str) -> None:
+        n_prompt = len(prompt_ids(tok, prompt))
+        if n_prompt >= model.cfg.max_seq_len:
+            raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} "
+                            f"tokens")
+        if args.num_samples == 1:
+            r = stream_story(model, tok, prompt, params)
+            speed = r["tokens"] / max(r["seconds"], 1e-9)
+            print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {speed:.0f} tokens/s"
+                  f"{', end of story' if r['ended'] else ''}]", file=info)
+            return
+        t0 = time.perf_counter()
+        stories = generate_texts(model, tok, prompt, params, args.num_samples)
+        secs = time.perf_counter() - t0
+        for i, s in enumerate(stories, 1):
+            print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
+        total = sum(s["tokens"] for s in stories)
+        print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
+              file=info)
+
+    if args.prompt is not None:
+        one(args.prompt)
+        return 0
+    print(f"{ck.path} ({model.num_params() / 1e6:.2f}M parameters). Type a story opening; an empty line starts "
+          f"from nothing; Ctrl-D quits.", file=info)
+    while True:
+        try:
+            prompt = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return 0
+        one(prompt.rstrip("\n"))
+        if params.seed is not None:
+            params.seed += 1  # a new story for the same opening next time

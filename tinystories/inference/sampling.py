@@ -1,0 +1,217 @@
+"""One sampling function for the CLI, evaluation and the web server: incremental decoding with a KV cache.
+
+`sample()` yields one `Step` per generated position for a batch of equal-length prompts. Greedy when
+temperature is 0; top-k, top-p and a repetition penalty that divides positive logits and multiplies negative
+ones (the seed project divided both, which *raises* a repeated token with a negative logit). A sequence that
+outgrows the context keeps going: the cache is rebuilt from the most recent tokens (sliding window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tinystories.core.errors import UserError
+from tinystories.data.tokenizer import TextTokenizer
+from tinystories.inference.params import (  # noqa: F401 (SamplingParams and the flags: imported from here too)
+    SAMPLING_LIMITS,
+    SamplingParams,
+    add_sampling_args,
+    sampling_params,
+)
+from tinystories.model.transformer import KVCache, Transformer
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (B,) the token chosen at this position (only meaningful where not finished)
+    finished: torch.Tensor  # (B,) bool: this sequence had already stopped before this step
+    top_ids: torch.Tensor | None = None  # (B, k) most likely alternatives, when asked for
+    top_probs: torch.Tensor | None = None  # (B, k) their probabilities (after temperature)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool. Positive logits of seen tokens are divided, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | list[torch.Generator],
+    seen: torch.Tensor,
+    top_alternatives: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The next token of each row from its logits (B, V): repetition penalty, temperature, top-k, top-p, then a
+    draw from `generator` (one for the batch, as `sample` does, or one per row: the server's requests each
+    keep their own seed). Returns (tokens (B,), top_ids, top_probs) with the alternatives when asked."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    top_ids = top_probs = None
+    if params.temperature == 0:
+        nxt = logits.argmax(dim=-1)
+        scaled = logits
+    else:
+        scaled = logits / params.temperature
+        probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+        if isinstance(generator, torch.Generator):
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:  # one generator per row: the draw torch.multinomial(probs[b:b+1], 1, generator=g) makes (for one
+            # sample it divides by exponential noise and takes the argmax), with only the noise drawn row by row
+            noise = torch.empty_like(probs)
+            for b, g in enumerate(generator):
+                noise[b].exponential_(1, generator=g)
+            nxt = (probs / noise).argmax(dim=-1)
+    if top_alternatives:
+        top_probs, top_ids = torch.softmax(scaled, dim=-1).topk(top_alternatives, dim=-1)
+    return nxt, top_ids, top_probs
+
+
+@torch.inference_mode()
+def sample(
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids: frozenset[int] | set[int] = frozenset(),
+    use_cache: bool = True,
+    top_alternatives: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Step]:
+    """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length)."""
+    cfg = model.cfg
+    device = model.rope.device
+    if len({len(p) for p in prompts}) != 1 or not prompts[0]:
+        raise ValueError("prompts must be non-empty and of equal length")
+    ctx = cfg.max_seq_len
+    seq = torch.tensor(prompts, dtype=torch.long, device=device)
+    if seq.size(1) > ctx:
+        raise UserError(f"the prompt is {seq.size(1)} tokens, longer than the model's context of {ctx} tokens")
+    B = seq.size(0)
+    gen = torch.Generator(device=device)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    dtype = next(model.parameters()).dtype
+    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+    if params.repetition_penalty != 1.0:
+        seen.scatter_(1, seq, True)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
+    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+
+    # one spare slot: the filled part of the cache is then never the whole buffer, a case torch.compile would
+    # specialise (and recompile) for when a story reaches the end of the context
+    cache = KVCache.empty(cfg, B, device, dtype, max_len=ctx + 1) if use_cache else None
+    logits = model.decode(seq, cache) if use_cache else model(seq)[0]
+    logits = logits[:, -1, :]
+    for _ in range(params.max_new_tokens):
+        if should_stop is not None and should_stop():
+            return
+        nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives)
+        yield Step(nxt, finished.clone(), top_ids, top_probs)
+        if stop is not None:
+            finished |= torch.isin(nxt, stop)
+        if bool(finished.all()):
+            return
+        if params.repetition_penalty != 1.0:
+            seen.scatter_(1, nxt[:, None], True)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if not use_cache:
+            logits, _ = model(seq[:, -ctx:])
+        elif cache.length + 1 > ctx:  # slide: rebuild the cache from the last `keep` tokens
+            cache.length = 0
+            logits = model.decode(seq[:, -keep:], cache)
+        else:
+            logits = model.decode(nxt[:, None], cache)
+        logits = logits[:, -1, :]
+
+
+def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str], None]) -> None:
+    """model.compile_decoding(), then compile it at once with a 2-token greedy sample, so that the seconds of
+    compiling are spent (and reported) up front instead of inside the first story or request."""
+    import time
+
+    t0 = time.perf_counter()
+    log("compiling the decoding step (torch.compile)...")
+    model.compile_decoding()
+    for _ in sample(model, [[start_id]], SamplingParams(max_new_tokens=2, temperature=0.0)):
+        pass
+    if model.decoding_is_compiled:  # else decode() printed why and stays eager
+        log(f"compiled in {time.perf_counter() - t0:.1f}s")
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte UTF-8 character.
+
+    Each push decodes only a short window (the few tokens before the text not yet emitted, as Hugging Face
+    TGI does), so a long story costs the same per token as a short one; the pieces join to the decoding of
+    the whole continuation (SentencePiece's leading space included, since the window starts in the prefix)."""
+
+    WINDOW = 6  # tokens of already-emitted context decoded with the new ones
+
+    def __init__(self, tok: TextTokenizer, prefix_ids: list[int] | None = None):
+        self.tok = tok
+        self.all = list(prefix_ids or [])
+        self.read = len(self.all)  # tokens before this index are emitted
+        self.start = max(0, self.read - self.WINDOW)  # the window's context starts here
+
+    def push(self, token: int) -> str:
+        self.all.append(token)
+        before = self.tok.decode(self.all[self.start : self.read])
+        text = self.tok.decode(self.all[self.start :])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
+            return ""
+        self.read = len(self.all)
+        self.start = max(0, self.read - self.WINDOW)
+        return text[len(before):]
+
+
+def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
+    """A prompt as the model saw stories in training: the start-of-story token, then the text."""
+    return [tok.doc_start_id] + (tok.encode(prompt) if prompt else [])
+
+
+def generate_texts(
+    model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1
+) -> list[dict]:
+    """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended."""
+    ids = prompt_ids(tok, prompt)
+    outs: list[list[int]] = [[] for _ in range(num_samples)]
+    ended = [False] * num_samples
+    for step in sample(model, [ids] * num_samples, params, tok.stop_ids):
+        for b in range(num_samples):
+            if step.finished[b]:
+                continue
+            t = int(step.tokens[b])
+            if t in tok.stop_ids:
+                ended[b] = True
+            else:
+                outs[b].append(t)
+    return [
+        {"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e}
+        for o, e in zip(outs, ended)
+    ]
+
+
+def decode_continuation(tok: TextTokenizer, prefix: list[int], ids: list[int]) -> str:
+    """Decode `ids` as the continuation of `prefix` (keeps SentencePiece's leading spaces right)."""
+    prefix_text = tok.decode(prefix)
+    return tok.decode(prefix + ids)[len(prefix_text):]

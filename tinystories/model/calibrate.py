@@ -1,0 +1,72 @@
+"""This CPU's matmul peak, measured once and cached, so MFU on a CPU means something.
+
+A CPU has no datasheet figure we can look up: its FLOP rate depends on the cores torch may use, the vector units
+(AVX2, AVX-512, AMX) and the dtype (bf16 is fast only with AMX / AVX512-BF16). `cpu_matmul_peak(dtype)` times square
+matmuls for about a second and keeps the best rate; the result is cached per machine (CPU model, threads, torch
+version, dtype, the instruction set torch may use) in ~/.cache/tinystories/ (or $TINYSTORIES_CACHE), so later runs
+pay nothing; a figure measured while the machine was busy (load average above half the cores) is not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tinystories.core.atomic import write_text_atomic
+
+CALIBRATION_SIZE = 2048  # a 2048^3 matmul: large enough to reach the kernels' steady rate, ~0.1 s on 2 cores
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file(dtype: torch.dtype) -> Path:
+    key = (f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{dtype}|"
+           f"{torch.backends.cpu.get_cpu_capability()}|{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
+    root = Path(os.environ.get("TINYSTORIES_CACHE", Path.home() / ".cache" / "tinystories"))
+    return root / f"cpu-peak-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, n: int = CALIBRATION_SIZE) -> float:
+    """Best FLOP/s of n x n x n matmuls in `dtype` on the CPU over about `seconds`."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm up (oneDNN primitive creation)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_matmul_peak(dtype: torch.dtype) -> float:
+    """This machine's measured matmul FLOP/s in `dtype` (cached after the first call)."""
+    path = _cache_file(dtype)
+    try:
+        return float(json.loads(path.read_text())["flops"])
+    except (OSError, ValueError, KeyError):
+        pass
+    flops = measure_matmul_flops(dtype)
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        return flops  # other work shares the CPU: this figure is too low to keep; measure again next time
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"flops": flops, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                                            "torch": torch.__version__, "dtype": str(dtype)}))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return flops
