@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from tinystories.core.atomic import write_text_atomic
-from tinystories.core.defaults import TOKENIZER_MAX_STORIES
+from tinystories.core.defaults import SAMPLE_PROMPT, TOKENIZER_MAX_STORIES
 from tinystories.core.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the wheel; the repo's configs/ links here
@@ -150,7 +150,7 @@ class TrainConfig(_Strict):
     log_interval: int = 10
     checkpoint_interval: int = 500
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
-    sample_prompt: str = "Once upon a time"
+    sample_prompt: str = SAMPLE_PROMPT
     sample_tokens: int = 64
     tensorboard: bool = False
     wandb: bool = False
