@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from tinystories.core.errors import UserError
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory's entries (a rename inside it) to disk, where the platform allows it."""
@@ -113,3 +115,16 @@ def replace_symlink(link: Path, target: str) -> None:
     os.symlink(target, tmp)
     os.replace(tmp, link)
     fsync_dir(link.parent)
+
+
+def ensure_writable_dir(path: str | Path, what: str, flag: str = "--out") -> Path:
+    """Create `path` (and its parents) or say in one line why not: the one "mkdir or a clear error" check."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the {what} directory ({e.strerror}); "
+                        f"pick another with {flag}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path}: the {what} directory is not writable; pick another with {flag}")
+    return path

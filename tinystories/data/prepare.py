@@ -34,7 +34,8 @@ def held_out_docs(source: Path, n: int) -> list[str]:
 
 
 def train_tokenizer(source: Path, vocab_size: int, out_dir: Path, max_stories: int | None) -> Path:
-    from tinystories.data.text import ensure_writable_dir, iter_documents, list_text_files, split_files
+    from tinystories.core.atomic import ensure_writable_dir
+    from tinystories.data.text import iter_documents, list_text_files, split_files
     from tinystories.data.tokenizer import train_bpe
 
     files = list_text_files(source)

@@ -388,13 +388,3 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def ensure_writable_dir(path: Path, what: str) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot create the {what} directory ({e.strerror}); pick another with --out") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{path}: the {what} directory is not writable; pick another with --out")
-    return path
