@@ -1,5 +1,5 @@
 """How long the CLI takes to answer without doing any work: `tinystories --help`, every `tinystories CMD --help`
-and an argument error (the target in issue 17: under 0.5 s each on 2 cores).
+and an argument error (the target: under 0.5 s each on 2 cores).
 
     python benchmarks/cli_startup.py [--repeat 3]
 

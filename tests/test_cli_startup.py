@@ -1,4 +1,4 @@
-"""The CLI answers at once (issue 17): `tinystories --help`, every `CMD --help` and an argument error import none of
+"""The CLI answers at once: `tinystories --help`, every `CMD --help` and an argument error import none of
 the heavy libraries (torch alone is seconds on 2 cores). The import list is the test, not a time, so it cannot flake
 on a slow machine; benchmarks/cli_startup.py prints the times."""
 

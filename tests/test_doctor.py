@@ -160,7 +160,7 @@ def test_overfitting_fix_builds_on_the_runs_dropout():
     assert "raise model.dropout (now 0.1) to 0.2" in regularised.fix and "add model.dropout" not in regularised.fix
 
 
-# --- issue 15: the grammar check (the real link-parser) ------------------------------------------------------------
+# --- the grammar check (the real link-parser) -----------------------------------------------------------------------
 
 
 @pytest.mark.slow

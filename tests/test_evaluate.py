@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TRAIN_HEAD, VALID_HEAD, run_cli
-from tinystories.evaluation.evaluate import chat_url, judge_stories, parse_judge_reply
+from tinystories.evaluation.judge import chat_url, judge_stories, parse_judge_reply
 
 GOOD = {"grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}
 
@@ -354,16 +354,18 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
         assert np.array_equal(other[0], whole[: EVAL_N + 1]) and other[1] == cut_split(split, tok, EVAL_N)[1]
 
 
-# --- issue 15: held-out prompts and the grammar rows ---------------------------------------------------------------
+# ------------------------------------------------------------------------------------ held-out prompts and grammar rows
 
 
 
 
 @pytest.mark.slow
 def test_eval_held_out_prompts_and_grammar_rows(s260, tmp_path, judge_server):
+    from tinystories.core.defaults import OPENINGS
     from tinystories.data.text import iter_documents
-    from tinystories.evaluation.evaluate import OPENINGS, held_out_prompts, judge_messages
     from tinystories.evaluation.grammar import find_parser
+    from tinystories.evaluation.judge import judge_messages
+    from tinystories.evaluation.stories import held_out_prompts
 
     docs = list(iter_documents([TRAIN_HEAD], 12))
     text = tmp_path / "twelve.txt"

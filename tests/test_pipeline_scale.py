@@ -1,4 +1,4 @@
-"""Issue 13: every stage sized to the run. Small real stand-ins for the full-size behaviour: a cache of many
+"""Every stage sized to the run. Small real stand-ins for the full-size behaviour: a cache of many
 shards read without loading it whole, a budget-sized part of the cache, the tokenizer's bounded sample stated,
 eval with --max-tokens all and progress. (Full-size figures: benchmarks/full_scale.py, not CI.)"""
 

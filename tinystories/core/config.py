@@ -130,7 +130,7 @@ class TrainConfig(_Strict):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    # optimizer (tinystories/optim.py): adamw for every weight, or muon for the blocks' matrices + adamw for the rest
+    # optimizer (training/optim.py): adamw for every weight, or muon for the blocks' matrices + adamw for the rest
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95

@@ -22,12 +22,12 @@ def held_out_docs(source: Path, n: int) -> list[str]:
     """Stories for the tokenizer report: the official validation file when present, else the last train ones.
 
     A file with one paragraph per line (no story markers) is read one line per story here."""
-    from tinystories.data.text import iter_documents, list_text_files, split_files
+    from tinystories.data.text import is_line_per_story, iter_documents, list_text_files, split_files
 
     train, val = split_files(list_text_files(source))
     docs: list[str] = []
     for d in iter_documents(val or train):
-        docs.extend([line for line in d.splitlines() if line.strip()] if "\n" in d and len(d) > 20000 else [d])
+        docs.extend([line for line in d.splitlines() if line.strip()] if is_line_per_story(d) else [d])
         if len(docs) >= 4 * n and val:
             break
     return docs[:n] if val else docs[-n:]

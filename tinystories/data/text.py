@@ -239,6 +239,15 @@ def iter_documents(files: list[Path], max_docs: int | None = None) -> Iterator[s
                 return
 
 
+LINE_PER_STORY_CHARS = 20_000  # a "document" longer than this with several lines is a one-paragraph-per-line file
+
+
+def is_line_per_story(doc: str) -> bool:
+    """Whether a document is really a file of one paragraph per line (no blank lines, no story markers), read as
+    one huge document: its lines are then the stories."""
+    return len(doc) > LINE_PER_STORY_CHARS and "\n" in doc
+
+
 def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """(train files, official validation files) by file name."""
     val = [f for f in files if is_validation_file(f)]

@@ -15,6 +15,7 @@ import yaml
 from tinystories.core.defaults import SAMPLE_STORIES
 from tinystories.core.errors import UserError
 from tinystories.core.metrics import read_metrics
+from tinystories.core.runs import run_dir_of
 from tinystories.training.schedule import PROVISIONAL_TOTAL, Schedule
 
 ARTICLE_PIECES = ("the", "a", "an")
@@ -208,7 +209,7 @@ def check_vocab_size(tok, cache, counts: np.ndarray | None) -> Check:
 
 
 def sample_stories(model, tok, n: int) -> list[dict]:
-    from tinystories.evaluation.evaluate import generate_stories
+    from tinystories.evaluation.stories import generate_stories
     from tinystories.inference.sampling import SamplingParams
 
     return generate_stories(model, tok, n, SamplingParams(max_new_tokens=128, seed=1234))
@@ -236,7 +237,7 @@ def check_samples(model, tok, reference: list[str], n: int, samples: list[dict] 
     return Check(name, "PASS", detail)
 
 
-# --- grammar check (issue 15) ------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------ grammar
 GRAMMAR_PASS_POINTS = 5.0  # PASS within this many percentage points of real text's grammatical-sentence rate
 GRAMMAR_WARN_POINTS = 15.0  # WARN within this many; FAIL below
 GRAMMAR_REFERENCE_STORIES = 100  # real stories parsed for the comparison (~400 sentences, a few seconds)
@@ -270,7 +271,6 @@ def check_grammar(samples: list[dict] | None, reference: list[str]) -> Check:
     if gap <= GRAMMAR_WARN_POINTS:
         return Check(name, "WARN", f"{gap:.1f} points below real text: {detail}", fix)
     return Check(name, "FAIL", f"{gap:.1f} points below real text: {detail}", fix)
-# --- end of grammar check ----------------------------------------------------------------------------------------
 
 
 def token_counts(cache, vocab_size: int) -> np.ndarray:
@@ -299,9 +299,7 @@ def run_checks(run_dir: str | Path, samples: int = SAMPLE_STORIES, reference: st
                                    str(run / "config.yaml"))
         except (UserError, yaml.YAMLError):
             pass
-    metrics = read_metrics(run)
-    if metrics is None and run.resolve().parent.name == "checkpoints":  # a checkpoint inside a run directory
-        metrics = read_metrics(run.resolve().parent.parent)
+    metrics = read_metrics(run_dir_of(run) or run)  # a checkpoint inside a run directory: the run's metrics
     checks: list[Check] = []
     cache_check, cache = check_cache(tok, state)
     counts = None
@@ -312,13 +310,10 @@ def run_checks(run_dir: str | Path, samples: int = SAMPLE_STORIES, reference: st
     checks.append(check_val_loss(metrics, cfg))
     checks.append(check_lr(metrics, cfg, state))
     if samples > 0:
-        from tinystories.evaluation.evaluate import read_documents, reference_stories, split_long_documents
+        from tinystories.evaluation.stories import reference_stories
 
         model, _ = load_model(ck.path, device)
-        if reference:
-            ref = split_long_documents(read_documents(reference, "--reference"))[:300]
-        else:
-            ref, _ = reference_stories(tok, cache if cache_check.status != "FAIL" else None, None, None)
+        ref, _ = reference_stories(tok, cache if cache_check.status != "FAIL" else None, reference, None)
         stories = sample_stories(model, tok, samples)
         checks.append(check_samples(model, tok, ref, samples, stories))
         checks.append(check_grammar(stories, ref))
