@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tinystories {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_data_and_tokenizer, _add_train, _add_plot, _add_generate, _add_eval, _add_doctor,
+    for add in (_add_data, _add_tokenizer, _add_train, _add_plot, _add_generate, _add_eval, _add_doctor,
                 _add_import_export, _add_serve, _add_quickstart):  # in the order of the pipeline
         add(sub)
     return parser
@@ -142,7 +142,7 @@ def _stories_arg(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of stories or 'all', not {value!r}") from None
 
 
-def _add_data_and_tokenizer(sub) -> None:
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="get TinyStories and build the token cache",
                           description="Get TinyStories text and turn it into a token cache.")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -174,6 +174,8 @@ def _add_data_and_tokenizer(sub) -> None:
                         "run with a larger N, or without --tokens, adds only what is missing)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
 
+
+def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer and report on its vocabulary",
                          description="Train a byte-level BPE tokenizer, "
                                      "and show whether articles are single, frequent tokens.")
@@ -215,7 +217,7 @@ def _add_train(sub) -> None:
         "  tinystories train --init-from runs/stories260K --data ../shared/data/tinystories --out runs/ft \\\n"
         "      --set train.max_steps=200    # fine-tune: architecture and tokenizer from the checkpoint\n"
         "  torchrun --nproc_per_node=8 -m tinystories train --config configs/tinystories-23M.yaml\n",
-        "tinystories.training.loop:_cmd_train")
+        "tinystories.training.command:_cmd_train")
     p.add_argument("--config", help="run config (YAML), e.g. configs/cpu.yaml, or auto: the GPU config on a GPU, on "
                                     "a CPU cpu.yaml sized to this machine and train.max_minutes (optional with "
                                     "--init-from: train.* and data.* only; not with --resume)")
@@ -262,7 +264,7 @@ def _add_generate(sub) -> None:
 
 
 def _tokens_or_all(value: str) -> int | None:
-    """--max-tokens N or all (issue 13)"""
+    """--max-tokens N, or all (every token of the text)."""
     return None if value.strip().lower() == "all" else int(value)
 
 
@@ -293,7 +295,6 @@ def _add_eval(sub) -> None:
     p.add_argument("--judge-model", help="model name to send to the judge")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
     p.add_argument("--json", help="write every figure and the samples to this JSON file")
-    # --- issue 15: prompts and grammar ---
     p.add_argument("--prompts", choices=PROMPT_KINDS, default="openings",
                    help="openings: the fixed story openings (default); held-out: the first sentence or two of real "
                         "held-out stories (the reference), as in the TinyStories paper (the judge sees the same)")
@@ -301,7 +302,6 @@ def _add_eval(sub) -> None:
                    help="print N generated sentences the grammar parser (link-parser) rejects, with their stories")
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="skip the grammar parser (Link Grammar's link-parser) rows")
-    # --- end of issue 15 ---
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
 
 
@@ -328,7 +328,7 @@ def _add_import_export(sub) -> None:
         sub, "import", "Import a model from another project into a checkpoint directory.",
         "  tinystories import llama2c ../shared/models/llama2c-stories260K/stories260K.bin \\\n"
         "      --tokenizer ../shared/models/llama2c-stories260K/tok512.model --out runs/stories260K\n",
-        "tinystories.export.interop:_cmd_import",
+        "tinystories.export.commands:_cmd_import",
     )
     formats = p.add_subparsers(dest="import_format", metavar="FORMAT")
     q = formats.add_parser(
@@ -340,7 +340,7 @@ def _add_import_export(sub) -> None:
     q.add_argument("--tokenizer", required=True, help="its tokenizer: SentencePiece .model (or a tokenizer.json)")
     q.add_argument("--out", required=True, help="checkpoint directory to create")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
-    q.set_defaults(func="tinystories.export.interop:_cmd_import_llama2c")
+    q.set_defaults(func="tinystories.export.commands:_cmd_import_llama2c")
 
     e = add_command(
         sub, "export", "Export a checkpoint to Hugging Face transformers, GGUF (llama.cpp, Ollama) or llama2.c.",
@@ -348,7 +348,7 @@ def _add_import_export(sub) -> None:
         "  tinystories export --format hf --checkpoint runs/quickstart --out exports/qs-hf --push-to-hub NAME/qs\n"
         "  tinystories export --format gguf --checkpoint runs/stories260K --out exports/s260K.gguf [--dtype q8_0]\n"
         "  tinystories export --format llama2c --checkpoint runs/stories260K --out exports/model.bin\n",
-        "tinystories.export.interop:_cmd_export",
+        "tinystories.export.commands:_cmd_export",
     )
     e.add_argument("--format", required=True, choices=["hf", "gguf", "llama2c"],
                    help="hf: a LlamaForCausalLM directory with a model card; gguf: one file for llama.cpp/Ollama; "

@@ -12,10 +12,12 @@ import os
 import time
 from pathlib import Path
 
+from tinystories.core.defaults import QUICKSTART_OPENINGS
 from tinystories.core.errors import UserError
+from tinystories.core.fmt import fmt_approx
+from tinystories.core.runs import checkpoints_dir
 from tinystories.training.sizing import pick_config
 
-CLASSIC_OPENINGS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog"]
 EVAL_TOKENS = 262_144  # validation tokens the report scores (all of a small validation text; bounded for 22 MB)
 EVAL_STORIES = 12  # generated for the story statistics
 # rough speeds for the plan, per CPU core, measured on a shared 2-core AMD EPYC (benchmarks/full_scale.py)
@@ -32,10 +34,6 @@ def cache_tokens_for(minutes: float, on_gpu: bool) -> int | None:
     if on_gpu:
         return None
     return int(CACHE_PASSES * CPU_TOKENS_PER_S * 60 * minutes)
-
-
-def _fmt_s(secs: float) -> str:
-    return f"{secs:.0f}s" if secs < 90 else f"{secs / 60:.1f} min"
 
 
 def find_data(data: str | None, data_dir: Path, log=print) -> Path:
@@ -96,38 +94,15 @@ def _check_same_request(out: Path, cfg) -> None:
 def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
     import torch
 
-    from tinystories.core.config import load_config
     from tinystories.data.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
-    from tinystories.evaluation.evaluate import evaluate, format_result
-    from tinystories.evaluation.plot import plot_run
-    from tinystories.inference.sampling import SamplingParams, generate_texts
-    from tinystories.model.checkpoint import load_model, read_checkpoint
-    from tinystories.training.loop import train
 
     t_start = time.time()
     stages: list[tuple[str, float]] = []
     source = find_data(data, data_dir)
     stages.append(("data", time.time() - t_start))
     on_gpu = torch.cuda.is_available()
-    cfg_path = pick_config(on_gpu)
-    vocab = vocab_for(source)
-    cache_tokens = cache_tokens_for(minutes, on_gpu)
-    overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
-                 f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
-                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
-    sized = ""
-    if on_gpu:
-        cfg = load_config(cfg_path, overrides)
-    else:  # the CPU model is sized to this machine and the budget (sizing.py, from the recipe study)
-        from tinystories.training.sizing import sized_cpu_config
-
-        cfg, sized = sized_cpu_config(cfg_path, overrides, minutes, vocab)
-    cfg.out_dir = str(out)
-    print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
-          f"of training -> {out}")
-    if sized:
-        print(f"model size: {sized}")
-    latest = out / "checkpoints" / "latest"
+    cfg = quickstart_config(source, minutes, out, data_dir, on_gpu)
+    latest = checkpoints_dir(out) / "latest"
     if latest.exists():
         _check_same_request(out, cfg)  # before any tokenizer or cache is built
     print_plan(cfg, source, minutes, on_gpu, out)
@@ -141,38 +116,13 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     if not cfg.tokenizer.path:
         cfg.tokenizer.path = str(run_tokenizer_dir(cfg))  # train finds both ready (one "cache hit" line)
     t0 = time.time()
-
-    if latest.exists():
-        state = read_checkpoint(out, prefer="latest").state
-        done = state.get("total_steps") and state["step"] >= state["total_steps"]
-        if done:
-            print(f"training: reusing the finished run in {out} (step {state['step']}); delete it to train again")
-        else:
-            print(f"training: resuming the unfinished run in {out} from step {state['step']}")
-            if train(load_config(out / "config.yaml"), resume=True)["status"]:
-                return _interrupted(out)
-    else:
-        if train(cfg)["status"]:
-            return _interrupted(out)
-
+    if _train_or_reuse(cfg, out, latest.exists()):
+        return _interrupted(out)
     stages.append(("training", time.time() - t0))
     t0 = time.time()
-    model, ck = load_model(out)
-    tok = ck.tokenizer
-    print("\n" + "=" * 30 + " three stories " + "=" * 30)
-    params = SamplingParams(max_new_tokens=200, seed=42)  # the other settings: the sampling defaults
-    for opening in CLASSIC_OPENINGS[:stories]:
-        text = generate_texts(model, tok, opening, params)[0]["text"]
-        print(f"\n{text}\n")
-    print("=" * 30 + " evaluation " + "=" * 33)
-    result = evaluate(out, num_stories=EVAL_STORIES, sampling=SamplingParams(max_new_tokens=200),
-                      max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", prompts="held-out",
-                      log=lambda *a, **k: None)
-    print(format_result(result, show_grammar_errors=3))
-    plot = plot_run(out)
-    print(f"\nloss plot: {plot}")
+    ck = print_report(out, stories, on_gpu)
     stages.append(("stories + report", time.time() - t0))
-    print("time per stage: " + ", ".join(f"{name} {_fmt_s(secs)}" for name, secs in stages))
+    print("time per stage: " + ", ".join(f"{name} {fmt_approx(secs)}" for name, secs in stages))
     print(f"total time: {(time.time() - t_start) / 60:.1f} min")
     print("\ncontinue with:")
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
@@ -182,6 +132,73 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
           "# train 3x longer (the cosine is stretched)")
     print(f"  tinystories doctor {out}")
     return 0
+
+
+def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool):
+    """The run's config: the GPU config, or on a CPU cpu.yaml sized to this machine and the budget (sizing.py, from
+    the recipe study); a tokenizer sized for the data, a time budget, a cache part the budget can use. Printed."""
+    from tinystories.core.config import load_config
+
+    cfg_path = pick_config(on_gpu)
+    vocab = vocab_for(source)
+    cache_tokens = cache_tokens_for(minutes, on_gpu)
+    overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
+                 f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
+                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
+    sized = ""
+    if on_gpu:
+        cfg = load_config(cfg_path, overrides)
+    else:
+        from tinystories.training.sizing import sized_cpu_config
+
+        cfg, sized = sized_cpu_config(cfg_path, overrides, minutes, vocab)
+    cfg.out_dir = str(out)
+    print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
+          f"of training -> {out}")
+    if sized:
+        print(f"model size: {sized}")
+    return cfg
+
+
+def _train_or_reuse(cfg, out: Path, has_run: bool) -> int:
+    """Train the run, resume an unfinished one in `out`, or reuse a finished one. Returns train's status (0: done,
+    else interrupted)."""
+    from tinystories.core.config import load_config
+    from tinystories.model.checkpoint import read_checkpoint
+    from tinystories.training.loop import train
+
+    if not has_run:
+        return train(cfg)["status"]
+    state = read_checkpoint(out, prefer="latest").state
+    if state.get("total_steps") and state["step"] >= state["total_steps"]:
+        print(f"training: reusing the finished run in {out} (step {state['step']}); delete it to train again")
+        return 0
+    print(f"training: resuming the unfinished run in {out} from step {state['step']}")
+    return train(load_config(out / "config.yaml"), resume=True)["status"]
+
+
+def print_report(out: Path, stories: int, on_gpu: bool):
+    """Three stories from the classic openings, the evaluation table (held-out prompts, grammar errors) and the loss
+    plot. Returns the checkpoint."""
+    from tinystories.evaluation.evaluate import evaluate, format_result
+    from tinystories.evaluation.plot import plot_run
+    from tinystories.inference.sampling import SamplingParams, generate_texts
+    from tinystories.model.checkpoint import load_model
+
+    model, ck = load_model(out)
+    print("\n" + "=" * 30 + " three stories " + "=" * 30)
+    params = SamplingParams(max_new_tokens=200, seed=42)  # the other settings: the sampling defaults
+    for opening in QUICKSTART_OPENINGS[:stories]:
+        text = generate_texts(model, ck.tokenizer, opening, params)[0]["text"]
+        print(f"\n{text}\n")
+    print("=" * 30 + " evaluation " + "=" * 33)
+    result = evaluate(out, num_stories=EVAL_STORIES, sampling=SamplingParams(max_new_tokens=200),
+                      max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", prompts="held-out",
+                      log=lambda *a, **k: None)
+    print(format_result(result, show_grammar_errors=3))
+    plot = plot_run(out)
+    print(f"\nloss plot: {plot}")
+    return ck
 
 
 def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> None:
@@ -206,7 +223,7 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
         what = ("every story" if n is None else f"all stories (at most {n:,}: tokenizer.max_stories)"
                 if sample_b >= train_b else f"the first {n:,} stories (tokenizer.max_stories)")
         tok_line = f"train a {cfg.tokenizer.vocab_size}-token BPE on {what}, ~{sample_b / 1e6:,.0f} MB, " \
-                   f"~{_fmt_s(sample_b / 1e6 / BPE_TRAIN_MB_S)}"
+                   f"~{fmt_approx(sample_b / 1e6 / BPE_TRAIN_MB_S)}"
     want = cfg.data.cache_tokens
     part_b = train_b if want is None else min(train_b, want * 4)  # ~4 bytes of text per token
     caches = [json.loads(m.read_text()) for m in cache_root(cfg.data.data_dir).glob("*/manifest.json")]
@@ -221,7 +238,7 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
         cache_line = (f"tokenize a part: the first ~{part_b / 1e6:,.0f} MB of the {train_b / 1e6:,.0f} MB train text "
                       f"(>= {want:,} tokens, {CACHE_PASSES}x what {minutes:g} min can use) + the first "
                       f"{val_part / 1e6:,.1f} MB of the {val_b / 1e6:,.1f} MB validation text")
-    cache_line = "reuse the token cache" if reuse else f"{cache_line}, {cores} worker(s), ~{_fmt_s(secs)}"
+    cache_line = "reuse the token cache" if reuse else f"{cache_line}, {cores} worker(s), ~{fmt_approx(secs)}"
     print("plan (rough times for this machine):")
     print(f"  data       {source}: {(train_b + val_b) / 1e6:,.1f} MB in {len(files)} file(s)")
     print(f"  tokenizer  {tok_line}")
@@ -232,7 +249,7 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
     print(f"  training   {minutes:g} min (time budget; {cfg.train.eval_tokens:,} validation tokens at each eval) "
           f"-> {out}")
     print(f"  report     3 stories, {EVAL_STORIES} more for statistics, loss on {EVAL_TOKENS:,} validation tokens"
-          + ("" if on_gpu else f", ~{_fmt_s(REPORT_S_CPU)}"))
+          + ("" if on_gpu else f", ~{fmt_approx(REPORT_S_CPU)}"))
 
 
 def _interrupted(out: Path) -> int:

@@ -57,12 +57,12 @@ def write_json_report(path: str | os.PathLike, obj, flag: str = "--json") -> Non
     import json
     from pathlib import Path
 
-    from tinystories.core.atomic import write_text_atomic
+    from tinystories.core.atomic import ensure_writable_dir, write_text_atomic
 
     check_report_path(path, flag)
     path = Path(path)
+    ensure_writable_dir(path.parent, "report", flag)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None

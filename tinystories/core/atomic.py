@@ -123,8 +123,8 @@ def ensure_writable_dir(path: str | Path, what: str, flag: str = "--out") -> Pat
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{path}: cannot create the {what} directory ({e.strerror}); "
-                        f"pick another with {flag}") from None
+        why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+        raise UserError(f"{path}: cannot create the {what} directory ({why}); pick another with {flag}") from None
     if not os.access(path, os.W_OK):
         raise UserError(f"{path}: the {what} directory is not writable; pick another with {flag}")
     return path

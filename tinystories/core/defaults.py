@@ -29,6 +29,6 @@ PROMPT_KINDS = ("openings", "held-out")
 # doctor (doctor.py)
 SAMPLE_STORIES = 8  # stories sampled for the article and grammar checks
 
-# serve (serve.py)
+# serve (inference/server.py)
 DEFAULT_MAX_BATCH = 16  # benchmarks/serve_load.py: see docs/playground.md
 DEFAULT_MAX_QUEUE = 256

@@ -9,7 +9,7 @@ Layout of a cache directory `<cache_root>/<fingerprint>/`:
     train.docs.npy             the shards' story index concatenated, offsets global across the shards in use
     val-00000.bin, val-00000.docs.npy, val.docs.npy
 
-The text is cut into units of about 32 MiB that end at story boundaries (`textdata.file_units`); each unit is
+The text is cut into units of about 32 MiB that end at story boundaries (`text.file_units`); each unit is
 tokenized by a worker process into its own shard, written under a temporary name and renamed, then marked
 finished. An interrupted build keeps its finished units and a rerun does only the rest; manifest.json is
 written (atomically) only when the requested units are all there, so an interrupted prepare never looks
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinystories.core.atomic import atomic_file, ensure_writable_dir
 from tinystories.core.errors import UserError
 from tinystories.data.text import file_mode, file_units, list_text_files, split_files, unit_documents
 from tinystories.data.tokenizer import TextTokenizer
@@ -116,8 +117,6 @@ def _init_worker() -> None:
 
 
 def _atomic_save(path: Path, write) -> None:
-    from tinystories.core.atomic import atomic_file
-
     with atomic_file(path, "wb") as f:
         write(f)
 
@@ -185,6 +184,9 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+CACHE_DIR_FLAGS = "--cache-dir, --data-dir or data.data_dir"  # where a cache root is chosen, for errors
+
+
 def prepare(
     tok: TextTokenizer,
     source: str | Path,
@@ -209,10 +211,8 @@ def prepare(
         if old.get("part") is None or (train_tokens is not None
                                        and old["splits"]["train"]["tokens"] >= train_tokens):
             return cache_dir, True
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{cache_dir.parent}: cannot create the cache directory ({e.strerror})") from None
+    ensure_writable_dir(cache_dir.parent, "cache", CACHE_DIR_FLAGS)
+    cache_dir.mkdir(exist_ok=True)
     for stale in cache_dir.glob(".*.tmp-*"):  # half-written files of an interrupted build
         stale.unlink(missing_ok=True)
     dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
@@ -223,28 +223,8 @@ def prepare(
     metas = _build(tok, cache_dir, units, k, dtype, max_stories, train_tokens, workers or default_workers(),
                    progress)
     used = [u for u in units if u.name in metas]
-    train_units = [u for u in units if u.role != "val"]
-    part = None
-    if len(used) < len(units):
-        part = {"units": len([u for u in used if u.role != "val"]), "of": len(train_units),
-                "val_units": len([u for u in used if u.role == "val"]),
-                "val_of": len([u for u in units if u.role == "val"]), "train_tokens_wanted": train_tokens}
-    splits = {}
-    for split in ("train", "val"):
-        shards, docs, tokens, nbytes, ndocs = [], [], 0, 0, 0
-        for u in used:
-            s = metas[u.name]["splits"].get(split)
-            if not s:
-                continue
-            if s["tokens"]:
-                shards.append({"file": s["file"], "tokens": s["tokens"]})
-                docs.append(np.load(cache_dir / f"{split}-{u.index:05d}.docs.npy") + np.array([tokens, 0]))
-            tokens += s["tokens"]
-            nbytes += s["bytes"]
-            ndocs += s["documents"]
-        index = np.concatenate(docs) if docs else np.zeros((0, 2), dtype=np.int64)
-        _atomic_save(cache_dir / f"{split}.docs.npy", lambda f, a=index: np.save(f, a))
-        splits[split] = {"tokens": tokens, "bytes": nbytes, "documents": ndocs, "shards": shards}
+    part = _part(units, used, train_tokens)
+    splits = {split: _join_split(cache_dir, split, used, metas) for split in ("train", "val")}
     if splits["train"]["tokens"] == 0:
         raise UserError(f"{source}: no stories found to build the cache from")
     manifest = {
@@ -264,11 +244,62 @@ def prepare(
     return cache_dir, False
 
 
+def _part(units: list[Unit], used: list[Unit], train_tokens: int | None) -> dict | None:
+    """The manifest's `part`: which units a part of the cache holds (None: all of them, the whole cache)."""
+    if len(used) == len(units):
+        return None
+    return {"units": len([u for u in used if u.role != "val"]), "of": len([u for u in units if u.role != "val"]),
+            "val_units": len([u for u in used if u.role == "val"]),
+            "val_of": len([u for u in units if u.role == "val"]), "train_tokens_wanted": train_tokens}
+
+
+def _join_split(cache_dir: Path, split: str, used: list[Unit], metas: dict[str, dict]) -> dict:
+    """A split's shards in use, in order, and their story index joined into SPLIT.docs.npy (offsets made global)."""
+    shards, docs, tokens, nbytes, ndocs = [], [], 0, 0, 0
+    for u in used:
+        s = metas[u.name]["splits"].get(split)
+        if not s:
+            continue
+        if s["tokens"]:
+            shards.append({"file": s["file"], "tokens": s["tokens"]})
+            docs.append(np.load(cache_dir / f"{split}-{u.index:05d}.docs.npy") + np.array([tokens, 0]))
+        tokens += s["tokens"]
+        nbytes += s["bytes"]
+        ndocs += s["documents"]
+    index = np.concatenate(docs) if docs else np.zeros((0, 2), dtype=np.int64)
+    _atomic_save(cache_dir / f"{split}.docs.npy", lambda f: np.save(f, index))
+    return {"tokens": tokens, "bytes": nbytes, "documents": ndocs, "shards": shards}
+
+
+class _Taken:
+    """The finished units taken so far, in order: their metadata, the train tokens and stories they hold (to stop
+    when there are enough), and the progress of the text tokenized now (units reused from disk are not counted)."""
+
+    def __init__(self, total: int, train_tokens: int | None, max_stories: int | None, progress):
+        self.metas: dict[str, dict] = {}
+        self.total, self.done_bytes, self.progress = total, 0, progress
+        self.have_train, self.train_tokens, self.left = 0, train_tokens, max_stories
+
+    def enough(self) -> bool:
+        return ((self.train_tokens is not None and self.have_train >= self.train_tokens)
+                or (self.left is not None and self.left <= 0))
+
+    def take(self, u: Unit, meta: dict, reused: bool) -> None:
+        self.metas[u.name] = meta
+        self.have_train += meta["splits"].get("train", {}).get("tokens", 0)
+        if u.role != "val" and self.left is not None:
+            self.left -= meta["documents_read"]
+        if reused:
+            self.total -= u.size
+            return
+        self.done_bytes += u.size
+        if self.progress:
+            self.progress(self.done_bytes, max(self.total, self.done_bytes))
+
+
 def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stories: int | None,
            train_tokens: int | None, workers: int, progress) -> dict[str, dict]:
     """Finished-unit metadata for the units in use: reused from disk or built, in order, `workers` at a time."""
-    metas: dict[str, dict] = {}
-    done_bytes = 0
     if train_tokens is not None:  # a part: the first validation units only
         val_units = [u for u in units if u.role == "val"]
         late = {u.name for i, u in enumerate(val_units) if sum(v.size for v in val_units[:i]) >= PART_VAL_BYTES}
@@ -276,46 +307,40 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
     total = sum(u.size for u in units)
     if train_tokens is not None:  # a first guess of the bytes needed (4 bytes/token), refined as units finish
         total = min(total, sum(u.size for u in units if u.role == "val") + train_tokens * 4)
-    have_train, left = 0, max_stories
-
-    def enough() -> bool:
-        return (train_tokens is not None and have_train >= train_tokens) or (left is not None and left <= 0)
-
-    def take(u: Unit, meta: dict, reused: bool) -> None:
-        """Count a finished unit; progress counts only the text tokenized now (not units reused from disk)."""
-        nonlocal have_train, left, done_bytes, total
-        metas[u.name] = meta
-        have_train += meta["splits"].get("train", {}).get("tokens", 0)
-        if u.role != "val" and left is not None:
-            left -= meta["documents_read"]
-        if reused:
-            total -= u.size
-            return
-        done_bytes += u.size
-        if progress:
-            progress(done_bytes, max(total, done_bytes))
-
+    taken = _Taken(total, train_tokens, max_stories, progress)
     tok_path = str(tok.path.resolve())
-    pending = [u for u in units]
     if workers <= 1 or max_stories is not None or len(units) == 1:
-        for u in pending:
-            if u.role != "val" and enough():
-                break
-            meta = _read_meta(cache_dir, u)
-            reused = meta is not None and not (u.role != "val" and left is not None and meta["documents_read"] > left)
-            if not reused:
-                meta = build_unit(tok_path, str(cache_dir), u, k, left if u.role != "val" else None, dtype)
-            take(u, meta, reused)
-        return metas
+        _build_here(tok_path, cache_dir, units, k, dtype, taken)
+    else:
+        _build_in_workers(tok_path, cache_dir, units, k, dtype, workers, taken)
+    return taken.metas
+
+
+def _build_here(tok_path: str, cache_dir: Path, units: list[Unit], k: int, dtype: str, taken: _Taken) -> None:
+    """One unit after another in this process (one worker, or --max-stories: a unit may be cut short)."""
+    for u in units:
+        if u.role != "val" and taken.enough():
+            break
+        meta = _read_meta(cache_dir, u)
+        left = taken.left
+        reused = meta is not None and not (u.role != "val" and left is not None and meta["documents_read"] > left)
+        if not reused:
+            meta = build_unit(tok_path, str(cache_dir), u, k, left if u.role != "val" else None, dtype)
+        taken.take(u, meta, reused)
+
+
+def _build_in_workers(tok_path: str, cache_dir: Path, units: list[Unit], k: int, dtype: str, workers: int,
+                      taken: _Taken) -> None:
+    """Units built by `workers` processes, taken in order; the workers stop as soon as there is enough."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
     futures: dict[str, object] = {}
-    queue = list(pending)
+    queue = list(units)
     try:
         for u in units:
-            if u.role != "val" and enough():
+            if u.role != "val" and taken.enough():
                 break
             # keep `workers` units in flight ahead of the one taken next
             while queue and len(futures) < workers + 1:
@@ -324,7 +349,7 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
                 futures[q.name] = meta if meta is not None else pool.submit(
                     build_unit, tok_path, str(cache_dir), q, k, None, dtype)
             f = futures.pop(u.name)
-            take(u, f if isinstance(f, dict) else f.result(), isinstance(f, dict))
+            taken.take(u, f if isinstance(f, dict) else f.result(), isinstance(f, dict))
     finally:
         # done, enough, Ctrl-C or an error: stop the workers now; a unit they were on is left as temporary
         # files, removed by the next build (finished units stay)
@@ -335,7 +360,6 @@ def _build(tok, cache_dir: Path, units: list[Unit], k: int, dtype: str, max_stor
                 p.terminate()
         for p in processes:
             p.join()
-    return metas
 
 
 @dataclass

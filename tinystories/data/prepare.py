@@ -10,6 +10,7 @@ from pathlib import Path
 from tinystories.core.config import RunConfig
 from tinystories.core.defaults import REPORT_STORIES
 from tinystories.core.errors import UserError
+from tinystories.core.fmt import fmt_clock
 
 DEFAULT_TOKENIZER_DIR = "tokenizer"  # under the data directory
 
@@ -76,7 +77,7 @@ class Progress:
         eta = (total - done) / rate if rate > 0 else 0
         u, k = self.unit, self.scale
         line = (f"  {self.label}: {done / k:,.0f}/{total / k:,.0f} {u} ({frac:.0%}), "
-                f"{rate / k:,.{1 if k > 1 else 0}f} {u}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+                f"{rate / k:,.{1 if k > 1 else 0}f} {u}/s, ETA {fmt_clock(eta)}")
         if self.tty:
             print(f"\r{line}\033[K", end="", file=self.stream, flush=True)
             self.drawn = True
@@ -158,7 +159,7 @@ def ensure_cache(cfg: RunConfig, tok, source: Path, log=print):
 
 
 def empty_val_note(manifest: dict, source: Path, setting: str) -> str | None:
-    """One line when a cache has no held-out text: training then validates on its train split (train.py's
+    """One line when a cache has no held-out text: training then validates on its train split (the loop's
     validation_subset), so "val loss" is a train loss. `setting` names the knob: "data.val_fraction=" or
     "--val-fraction "."""
     if manifest["splits"]["val"]["tokens"] >= 2:

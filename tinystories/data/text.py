@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from tinystories.core.atomic import write_text_atomic
+from tinystories.core.atomic import ensure_writable_dir, write_text_atomic
 from tinystories.core.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -259,11 +259,7 @@ def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: str | None = None, log=print) -> Path:
     """Put raw TinyStories text in data_dir/raw: download from the Hub, or link local files with `source`."""
-    raw_dir = Path(data_dir) / "raw"
-    try:
-        raw_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{raw_dir}: cannot create the data directory ({e.strerror})") from None
+    raw_dir = ensure_writable_dir(Path(data_dir) / "raw", "data", "--data-dir")
     if source is not None:
         files = list_text_files(source)
         for f in files:  # validate before touching the data directory

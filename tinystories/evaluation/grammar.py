@@ -180,27 +180,38 @@ class LinkParser:
             pos += self._run(todo[pos:], out)
         return out  # type: ignore[return-value]
 
-    def _run(self, items: list[tuple[int, str]], out: list, first_wait: float | None = None) -> int:
-        """Send `items` and SYNC; fill `out`. Returns how many items got a verdict (all of them, unless the
-        process had to be killed or died: then the item it was on is TIMED_OUT or FAILED and counted)."""
+    def _feed(self, lines: list[str]) -> None:
+        """Write `lines` to the parser from a thread, while the caller reads the verdicts."""
         proc = self.proc
-        expected = [line for _, line in items] + [" " + SYNC]
 
         def write():
             try:
-                for k in range(0, len(expected), 64):
-                    proc.stdin.write("".join(line + "\n" for line in expected[k : k + 64]))
+                for k in range(0, len(lines), 64):
+                    proc.stdin.write("".join(line + "\n" for line in lines[k : k + 64]))
                     proc.stdin.flush()
             except (OSError, ValueError):  # the process was killed or died: the reader sees it
                 pass
 
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
+        threading.Thread(target=write, daemon=True).start()
+
+    def _give_up(self, items: list[tuple[int, str]], out: list, stuck: int, verdict: str) -> int:
+        """Kill the process; the item it was on (`stuck`, the next one without a verdict) gets `verdict`. Returns
+        how many items are done."""
+        self._kill()
+        self.restarts += 1
+        if stuck < len(items):
+            out[items[stuck][0]] = verdict
+        return min(stuck + 1, len(items))
+
+    def _run(self, items: list[tuple[int, str]], out: list, first_wait: float | None = None) -> int:
+        """Send `items` and SYNC; fill `out`. Returns how many items got a verdict (all of them, unless the
+        process had to be killed or died: then the item it was on is TIMED_OUT or FAILED and counted)."""
+        expected = [line for _, line in items] + [" " + SYNC]
+        self._feed(expected)
         k = 0  # the next echo expected
         current = None  # the item whose echo came last and that has no verdict yet
         timer = False
-        wait = first_wait or self.watchdog
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (first_wait or self.watchdog)
         n = len(items)
 
         def verdict(v: str) -> None:
@@ -210,22 +221,13 @@ class LinkParser:
             current = None
             deadline = time.monotonic() + self.watchdog
 
-        def give_up(v: str) -> int:
-            """Kill the process; the item being parsed (the next one without a verdict) gets `v`."""
-            stuck = current if current is not None else k
-            self._kill()
-            self.restarts += 1
-            if stuck < n:
-                out[items[stuck][0]] = v
-            return min(stuck + 1, n)
-
         while True:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:  # no answer in time
-                return give_up(TIMED_OUT)
+                return self._give_up(items, out, current if current is not None else k, TIMED_OUT)
             if line is None:  # the process died (or closed its output)
-                return give_up(FAILED)
+                return self._give_up(items, out, current if current is not None else k, FAILED)
             if line.startswith(" "):  # an echo
                 if k >= len(expected) or line != expected[k]:
                     self._kill()
@@ -237,14 +239,9 @@ class LinkParser:
                 k += 1
             elif line.startswith("Timer is expired"):
                 timer = True
-            elif line.startswith("Found ") and current is not None:
+            elif line.startswith(("Found ", "+++++ error")) and current is not None:
                 done = current
-                verdict(PARSED)
-                if done == n:
-                    return n
-            elif line.startswith("+++++ error") and current is not None:
-                done = current
-                verdict(TIMED_OUT if timer else FAILED)
+                verdict(PARSED if line.startswith("Found ") else TIMED_OUT if timer else FAILED)
                 if done == n:
                     return n
             # anything else (start-up notes, "... set to ..." lines) is not a verdict

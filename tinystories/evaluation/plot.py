@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tinystories.core import metrics
-from tinystories.core.atomic import atomic_file
+from tinystories.core.atomic import atomic_file, ensure_writable_dir
 from tinystories.core.errors import UserError
 
 
@@ -33,16 +33,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
                         f"{', '.join('.' + t for t in sorted(fig_types))})")
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name, e.g. --out {out / 'loss.png'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
-        raise UserError(f"--out {out}: cannot create the directory {out.parent} ({why}); pick another --out") from None
+    ensure_writable_dir(out.parent, "plot", "--out")
     # a resumed run appends again from its checkpoint's step: keep the last value logged for each step
     train = {p["step"]: p for p in points if p.get("kind") == "train"}
     val = {p["step"]: p for p in points if p.get("kind") == "val"}
     if not train and not val:
-        raise UserError(f"{run_dir}/metrics.jsonl has no points yet")
+        raise UserError(f"{metrics.metrics_path(run_dir)} has no points yet")
     train_pts = [train[s] for s in sorted(train)]
     val_pts = [val[s] for s in sorted(val)]
     fig, (ax_loss, ax_bpb, ax_lr) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
