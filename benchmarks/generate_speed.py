@@ -111,7 +111,7 @@ def vs_transformers(args) -> float:
     from transformers import AutoModelForCausalLM
 
     from tinystories.data.tokenizer import load_tokenizer
-    from tinystories.export.interop import export_hf
+    from tinystories.export.hf import export_hf
 
     model = build(SEED_CONFIG)
     plen, new = lengths(model, args.prompt_tokens, args.new_tokens)

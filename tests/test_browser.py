@@ -29,7 +29,7 @@ from test_serve import Server  # noqa: E402
 def story_checkpoint(tmp_path_factory, random_checkpoint) -> Path:
     """The llama2.c stories260K model when it can be imported (coherent stories), else the random model."""
     try:
-        from tinystories.export.interop import import_llama2c
+        from tinystories.export.llama2c import import_llama2c
     except ImportError:
         return random_checkpoint
     if not STORIES260K.is_file():

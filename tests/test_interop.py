@@ -31,7 +31,8 @@ def _offline():
 from tinystories.cli import main  # noqa: E402
 from tinystories.core.config import RunConfig  # noqa: E402
 from tinystories.data.tokenizer import load_tokenizer  # noqa: E402
-from tinystories.export.interop import import_llama2c, permute_from_hf, permute_to_hf, read_llama2c  # noqa: E402
+from tinystories.export.hf import permute_from_hf, permute_to_hf  # noqa: E402
+from tinystories.export.llama2c import import_llama2c, read_llama2c  # noqa: E402
 from tinystories.inference.sampling import SamplingParams, generate_texts, prompt_ids, sample  # noqa: E402
 from tinystories.model.checkpoint import load_model, write_checkpoint_dir  # noqa: E402
 from tinystories.model.likelihood import encode_documents, likelihood  # noqa: E402

@@ -227,7 +227,7 @@ def test_muon_trained_model_exports_exactly(tmp_path, data, capsys, monkeypatch)
     from test_interop import _check_hf  # the check test_interop runs on AdamW-trained and imported models
 
     from tinystories.cli import main
-    from tinystories.export.interop import import_llama2c
+    from tinystories.export.llama2c import import_llama2c
 
     run = tmp_path / "run"
     train(cfg_for(run, data, *MUON, "train.max_steps=40", "train.dtype=float32"))

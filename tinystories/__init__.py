@@ -25,7 +25,7 @@ MOVED = {
     "sizing": "training.sizing", "memory": "training.memory",
     "evaluate": "evaluation.evaluate", "grammar": "evaluation.grammar", "story_stats": "evaluation.story_stats",
     "doctor": "evaluation.doctor", "plot": "evaluation.plot",
-    "interop": "export.interop", "gguf_export": "export.gguf", "hub": "export.hub",
+    "interop": "export.commands", "gguf_export": "export.gguf", "hub": "export.hub",
 }
 
 

@@ -147,6 +147,16 @@ class SentencePieceTokenizer(TextTokenizer):
         return self.sp.id_to_piece(i)
 
 
+def sentencepiece_proto(path: str | Path):
+    """The SentencePiece model file at `path` parsed as its protobuf (`ModelProto`): the piece types and the
+    trainer and normalizer settings that the exports need and `SentencePieceProcessor` does not expose."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    return proto
+
+
 def find_tokenizer_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tinystories.core.atomic import fsync_dir, temp_name, write_text_atomic
+from tinystories.core.atomic import ensure_writable_dir, fsync_dir, temp_name, write_text_atomic
+from tinystories.core.defaults import SAMPLE_PROMPT
 from tinystories.core.errors import UserError
+from tinystories.data.tokenizer import sentencepiece_proto
+from tinystories.export.outputs import check_replaceable_file
 
 DTYPES = ("f32", "f16", "q8_0")
 INSTALL = "pip install 'tinystories[gguf]'  (or: pip install gguf)"
@@ -87,10 +90,7 @@ def bpe_vocab(tok) -> dict:
 
 def sentencepiece_vocab(tok) -> dict:
     """A SentencePiece model as a llama.cpp `llama` vocabulary: pieces, scores, token types."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(Path(tok.path).read_bytes())
+    proto = sentencepiece_proto(tok.path)
     norm, spec = proto.normalizer_spec, proto.trainer_spec
     if norm.precompiled_charsmap:
         raise UserError(f"{tok.path}: SentencePiece models with a normalization charsmap (e.g. nfkc) have no llama.cpp "
@@ -155,6 +155,54 @@ def _encode_tensor(gguf, arr: np.ndarray, dtype: str):
 # ------------------------------------------------------------------------------------------------ files
 
 
+def _add_model(w, gguf, cfg, file_type, name: str) -> None:
+    """The `llama` architecture's hyperparameters."""
+    w.add_name(name)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_vocab(w, vocab: dict) -> None:
+    """The embedded tokenizer (gguf_vocab); llama.cpp adds BOS before a prompt, never EOS."""
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab["merges"] is not None:
+        w.add_token_merges(vocab["merges"])
+    if vocab["add_space_prefix"] is not None:
+        w.add_add_space_prefix(vocab["add_space_prefix"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    if "unk" in vocab:
+        w.add_unk_token_id(vocab["unk"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+def _add_tensors(w, gguf, model, dtype: str) -> dict[str, int]:
+    """Every weight, encoded as `dtype`; returns how many tensors of each stored type."""
+    counts: dict[str, int] = {}
+    for tname, arr in gguf_tensors(model):
+        data, raw = _encode_tensor(gguf, arr, dtype)
+        kind = raw.name if raw is not None else str(data.dtype).replace("float", "F")
+        counts[kind] = counts.get(kind, 0) + 1
+        w.add_tensor(tname, data, raw_dtype=raw)
+    return counts
+
+
 def write_gguf(model, tok, out: Path, dtype: str = "f32", name: str = "tinystories") -> dict:
     """Write `model` with its tokenizer as a GGUF file (atomically). Returns a summary."""
     gguf = _gguf()
@@ -169,41 +217,9 @@ def write_gguf(model, tok, out: Path, dtype: str = "f32", name: str = "tinystori
     tmp = temp_name(out)
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(name)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(float(cfg.rope_theta))
-        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model(vocab["model"])
-        w.add_tokenizer_pre(vocab["pre"])
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        if vocab["scores"] is not None:
-            w.add_token_scores(vocab["scores"])
-        if vocab["merges"] is not None:
-            w.add_token_merges(vocab["merges"])
-        if vocab["add_space_prefix"] is not None:
-            w.add_add_space_prefix(vocab["add_space_prefix"])
-        w.add_bos_token_id(vocab["bos"])
-        w.add_eos_token_id(vocab["eos"])
-        if "unk" in vocab:
-            w.add_unk_token_id(vocab["unk"])
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        counts: dict[str, int] = {}
-        for tname, arr in gguf_tensors(model):
-            data, raw = _encode_tensor(gguf, arr, dtype)
-            kind = raw.name if raw is not None else str(data.dtype).replace("float", "F")
-            counts[kind] = counts.get(kind, 0) + 1
-            w.add_tensor(tname, data, raw_dtype=raw)
+        _add_model(w, gguf, cfg, file_type, name)
+        _add_vocab(w, vocab)
+        counts = _add_tensors(w, gguf, model, dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -224,7 +240,7 @@ def modelfile_text(gguf_name: str, tok, max_seq_len: int) -> str:
     p = SamplingParams()
     stops = sorted({tok.id_to_piece(i) for i in tok.stop_ids})
     stem = Path(gguf_name).stem
-    lines = [f"# Ollama: ollama create NAME -f {stem}.Modelfile && ollama run NAME \"Once upon a time\"",
+    lines = [f"# Ollama: ollama create NAME -f {stem}.Modelfile && ollama run NAME \"{SAMPLE_PROMPT}\"",
              f"FROM ./{gguf_name}",
              'TEMPLATE """{{ .Prompt }}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
@@ -243,6 +259,10 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def is_our_modelfile(path: Path) -> bool:
+    return path.read_text(errors="replace").lstrip().startswith("# Ollama")
+
+
 def export_gguf(model, tok, out: Path, dtype: str, force: bool, name: str) -> dict:
     """FILE.gguf and FILE.Modelfile beside it. An existing file is replaced only with --force, and only a GGUF."""
     if out.suffix != ".gguf":
@@ -250,15 +270,9 @@ def export_gguf(model, tok, out: Path, dtype: str, force: bool, name: str) -> di
     if out.is_dir():
         raise UserError(f"{out} is a directory; --format gguf writes one file, e.g. --out {out / 'model.gguf'}")
     mf = modelfile_path(out)
-    for target, looks_right, what in ((out, is_gguf_file, "GGUF file"),
-                                      (mf, lambda p: p.read_text(errors="replace").lstrip().startswith("# Ollama"),
-                                       "Modelfile written by this export")):
-        if target.exists():
-            if not force:
-                raise UserError(f"{target} already exists; pass --force to replace it")
-            if not target.is_file() or not looks_right(target):
-                raise UserError(f"{target} exists and is not a {what}; refusing to replace it even with --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable_file(out, force, is_gguf_file, "GGUF file")
+    check_replaceable_file(mf, force, is_our_modelfile, "Modelfile written by this export")
+    ensure_writable_dir(out.parent, "output")
     info = write_gguf(model, tok, out, dtype, name)
     write_text_atomic(mf, modelfile_text(out.name, tok, model.cfg.max_seq_len))
     info["modelfile"] = mf

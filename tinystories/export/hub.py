@@ -19,26 +19,26 @@ from pathlib import Path
 
 import yaml
 
+from tinystories.core.defaults import SAMPLE_PROMPT
 from tinystories.core.errors import UserError
+from tinystories.core.runs import run_dir_of
 
 DATASET = "roneneldan/TinyStories"
-SAMPLE_PROMPT = "Once upon a time"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LIMITATIONS = ["## Limitations", "",
+               "A tiny model trained on simple synthetic stories: it writes short stories with a small vocabulary, "
+               "makes grammatical and logical slips, and knows nothing else. Not for factual questions or any use "
+               "where mistakes matter.", ""]
 
 
 # ------------------------------------------------------------------------------------------------ model card
-
-
-def _run_dir(ck_path: Path) -> Path | None:
-    """The run directory of a checkpoint inside one (RUN/checkpoints/step-N), else None."""
-    return ck_path.parent.parent if ck_path.parent.name == "checkpoints" else None
 
 
 def training_time_s(ck_path: Path, step: int) -> float | None:
     """Seconds of training up to `step`, from the run's metrics.jsonl (the last record at or before it)."""
     from tinystories.core.metrics import read_metrics
 
-    run = _run_dir(ck_path)
+    run = run_dir_of(ck_path)
     records = read_metrics(run) if run else None
     t = None
     for rec in records or []:
@@ -61,7 +61,7 @@ def find_eval_report(ck_path: Path, explicit: str | None = None) -> tuple[dict, 
             raise UserError(f"--eval-json {p}: not a `tinystories eval --json` report (no bits_per_byte)")
         return rep, p
     found = []
-    for d in filter(None, (_run_dir(ck_path), ck_path)):
+    for d in filter(None, (run_dir_of(ck_path), ck_path)):
         for p in d.glob("*.json"):
             try:
                 rep = json.loads(p.read_text(encoding="utf-8"))
@@ -112,17 +112,8 @@ def _sample_story(model, tok) -> tuple[str, str]:
     return text, how
 
 
-def model_card(model, ck, *, fmt: str = "hf", repo_id: str | None = None, gguf_name: str | None = None,
-               eval_json: str | None = None) -> str:
-    """README.md for an export of checkpoint `ck` (fmt "hf": a transformers folder; "gguf": GGUF file `gguf_name`)."""
-    from tinystories.data.tokenizer import tokenizer_file_name
-
-    m, tok, state = model.cfg, ck.tokenizer, ck.state
-    n_params = model.num_params()
-    source = state.get("source") or {}
-    imported = source.get("format") == "llama2c"
-    name = repo_id or (_run_dir(ck.path) or ck.path).name
-    where = repo_id or "PATH/TO/EXPORT"
+def _metadata(name: str, n_params: int, fmt: str, imported: bool) -> list[str]:
+    """The YAML block the Hub reads (license, datasets, tags, ...), the title and what the model is."""
     meta = {
         "license": "mit" if imported else "cdla-sharing-1.0",
         "datasets": [DATASET],
@@ -132,83 +123,126 @@ def model_card(model, ck, *, fmt: str = "hf", repo_id: str | None = None, gguf_n
         "tags": ["tinystories", "llama", "text-generation", "story-generation", "small-language-model"]
         + (["gguf", "llama.cpp"] if fmt == "gguf" else []) + (["llama2.c"] if imported else []),
     }
+    return ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
+            f"A {n_params / 1e6:.2f}M-parameter Llama-style language model that writes short children's stories "
+            f"in the style of [TinyStories](https://huggingface.co/datasets/{DATASET}) (Eldan & Li, 2023), "
+            f"exported by the tinystories toolkit.", ""]
+
+
+def _model_section(m, n_params: int, tok, fmt: str, gguf_name: str | None) -> list[str]:
+    """## Model: the architecture's sizes and the tokenizer (and the GGUF file)."""
+    from tinystories.data.tokenizer import tokenizer_file_name
+
     tok_desc = (f"byte-level BPE (GPT-2 style) with {tok.vocab_size:,} tokens; `{tok.id_to_piece(tok.doc_start_id)}` "
                 f"starts every story" if tok.kind == "bpe" else
                 f"SentencePiece ({tok.vocab_size:,} tokens); BOS `{tok.id_to_piece(tok.doc_start_id)}` starts "
                 f"every story")
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"A {n_params / 1e6:.2f}M-parameter Llama-style language model that writes short children's stories "
-             f"in the style of [TinyStories](https://huggingface.co/datasets/{DATASET}) (Eldan & Li, 2023), "
-             f"exported by the tinystories toolkit.", ""]
-    lines += ["## Model", "", "| | |", "| --- | --- |",
-              "| architecture | Llama (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) |",
-              f"| parameters | {n_params:,} |",
-              f"| layers / width / FFN width | {m.n_layers} / {m.dim} / {m.ffn_dim} |",
-              f"| attention heads / key-value heads | {m.n_heads} / {m.kv_heads} (head size {m.head_dim}) |",
-              f"| context | {m.max_seq_len} tokens |",
-              f"| RoPE theta / RMSNorm eps | {m.rope_theta:g} / {m.norm_eps:g} |",
-              f"| tied input/output embeddings | {'yes' if m.tie_embeddings else 'no'} |",
-              f"| tokenizer | {tok_desc} (`{tokenizer_file_name(tok)}`) |"]
+    lines = ["## Model", "", "| | |", "| --- | --- |",
+             "| architecture | Llama (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention) |",
+             f"| parameters | {n_params:,} |",
+             f"| layers / width / FFN width | {m.n_layers} / {m.dim} / {m.ffn_dim} |",
+             f"| attention heads / key-value heads | {m.n_heads} / {m.kv_heads} (head size {m.head_dim}) |",
+             f"| context | {m.max_seq_len} tokens |",
+             f"| RoPE theta / RMSNorm eps | {m.rope_theta:g} / {m.norm_eps:g} |",
+             f"| tied input/output embeddings | {'yes' if m.tie_embeddings else 'no'} |",
+             f"| tokenizer | {tok_desc} (`{tokenizer_file_name(tok)}`) |"]
     if fmt == "gguf":
         lines.append(f"| file | `{gguf_name}` (GGUF, llama.cpp architecture `llama`, tokenizer embedded) |")
-    lines.append("")
-    lines += ["## Training", ""]
+    return lines + [""]
+
+
+def _training_section(ck, source: dict, imported: bool) -> list[str]:
+    """## Training: where an imported model came from, or the run's steps, tokens, time and final losses."""
+    lines = ["## Training", ""]
     if imported:
         src_file = Path(source.get("file", "?")).name
-        lines += [f"Imported from a [llama2.c](https://github.com/karpathy/llama2.c) checkpoint (`{src_file}`, "
-                  f"version {source.get('version')}), trained by its author on TinyStories; no training here.", ""]
-    else:
-        metrics = state.get("metrics") or {}
-        secs = training_time_s(ck.path, ck.step)
-        data = ck.cfg.data.source or f"`tinystories data fetch` ({DATASET})"
-        lines += ["| | |", "| --- | --- |",
-                  f"| data | {data} |",
-                  f"| steps | {ck.step:,} |",
-                  f"| tokens seen | {int(state.get('tokens') or 0):,} |",
-                  f"| training time | {_fmt(secs / 60 if secs is not None else None, '{:.1f} min')} |",
-                  f"| final validation loss | {_fmt(metrics.get('val_loss'))} per token |",
-                  f"| final validation bits per byte | {_fmt(metrics.get('val_bpb'))} |",
-                  f"| optimizer / peak lr / batch | AdamW / {ck.cfg.train.lr:g} / "
-                  f"{state.get('global_batch', '-')} sequences |",
-                  ""]
+        return lines + [f"Imported from a [llama2.c](https://github.com/karpathy/llama2.c) checkpoint (`{src_file}`, "
+                        f"version {source.get('version')}), trained by its author on TinyStories; no training here.",
+                        ""]
+    state = ck.state
+    metrics = state.get("metrics") or {}
+    secs = training_time_s(ck.path, ck.step)
+    data = ck.cfg.data.source or f"`tinystories data fetch` ({DATASET})"
+    return lines + ["| | |", "| --- | --- |",
+                    f"| data | {data} |",
+                    f"| steps | {ck.step:,} |",
+                    f"| tokens seen | {int(state.get('tokens') or 0):,} |",
+                    f"| training time | {_fmt(secs / 60 if secs is not None else None, '{:.1f} min')} |",
+                    f"| final validation loss | {_fmt(metrics.get('val_loss'))} per token |",
+                    f"| final validation bits per byte | {_fmt(metrics.get('val_bpb'))} |",
+                    f"| optimizer / peak lr / batch | AdamW / {ck.cfg.train.lr:g} / "
+                    f"{state.get('global_batch', '-')} sequences |",
+                    ""]
+
+
+def _eval_section(ck, eval_json: str | None) -> list[str]:
+    """## Evaluation, when an `eval --json` report for this checkpoint exists."""
     rep, rep_path = find_eval_report(ck.path, eval_json)
-    if rep:
-        lines += ["## Evaluation", "", f"`tinystories eval` report ({rep_path.name}, step {rep.get('step', '-')}):", ""]
-        lines += _eval_table(rep) + [""]
+    if not rep:
+        return []
+    return (["## Evaluation", "", f"`tinystories eval` report ({rep_path.name}, step {rep.get('step', '-')}):", ""]
+            + _eval_table(rep) + [""])
+
+
+def _sample_section(model, tok) -> list[str]:
     story, how = _sample_story(model, tok)
     quoted = [f"> {line}" if line else ">" for line in story.splitlines()]
-    lines += ["## Sample", "", f"Prompt `{SAMPLE_PROMPT}`, {how}:", "", *quoted, ""]
-    lines += ["## Use it", ""]
-    if fmt == "hf":
-        lines += ["transformers:", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"tok = AutoTokenizer.from_pretrained({where!r})",
-                  f"model = AutoModelForCausalLM.from_pretrained({where!r})",
-                  f"ids = tok({SAMPLE_PROMPT!r}, return_tensors=\"pt\").input_ids  # start-of-story token first",
-                  "out = model.generate(ids, max_new_tokens=200, do_sample=True, temperature=0.8, top_k=50,",
-                  "                     top_p=0.95)",
-                  "print(tok.decode(out[0], skip_special_tokens=True))", "```", "",
-                  "llama.cpp / Ollama / LM Studio: export a GGUF with this toolkit (below), or convert this folder "
-                  "with "
-                  "llama.cpp's `convert_hf_to_gguf.py`.", ""]
-    else:
-        hub = f"\n# or straight from the Hub:\nllama-cli -hf {repo_id} -p \"{SAMPLE_PROMPT}\"" if repo_id else ""
-        lines += ["llama.cpp:", "", "```sh", f"llama-cli -m {gguf_name} -p \"{SAMPLE_PROMPT}\" -n 256" + hub,
-                  "```", "", "Ollama (the Modelfile is in this repository):", "", "```sh",
-                  f"ollama create {Path(gguf_name).stem} -f {Path(gguf_name).stem}.Modelfile",
-                  f"ollama run {Path(gguf_name).stem} \"{SAMPLE_PROMPT}\"", "```", "",
-                  "Python (llama-cpp-python):", "", "```python", "from llama_cpp import Llama",
-                  f"llm = Llama({gguf_name!r})",
-                  f"print(llm({SAMPLE_PROMPT!r}, max_tokens=200)[\"choices\"][0][\"text\"])", "```", ""]
-    lines += ["With the tinystories toolkit, from the checkpoint this was exported from:", "", "```sh",
-              f"tinystories generate --checkpoint RUN --prompt \"{SAMPLE_PROMPT}\"",
-              "tinystories export --format gguf --checkpoint RUN --out model.gguf      # llama.cpp, Ollama",
-              "tinystories export --format hf --checkpoint RUN --out model-hf          # transformers", "```", ""]
-    lines += ["## Limitations", "",
-              "A tiny model trained on simple synthetic stories: it writes short stories with a small vocabulary, "
-              "makes grammatical and logical slips, and knows nothing else. Not for factual questions or any use "
-              "where mistakes matter.", ""]
-    return "\n".join(lines)
+    return ["## Sample", "", f"Prompt `{SAMPLE_PROMPT}`, {how}:", "", *quoted, ""]
+
+
+def _use_hf(where: str) -> list[str]:
+    return ["transformers:", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"tok = AutoTokenizer.from_pretrained({where!r})",
+            f"model = AutoModelForCausalLM.from_pretrained({where!r})",
+            f"ids = tok({SAMPLE_PROMPT!r}, return_tensors=\"pt\").input_ids  # start-of-story token first",
+            "out = model.generate(ids, max_new_tokens=200, do_sample=True, temperature=0.8, top_k=50,",
+            "                     top_p=0.95)",
+            "print(tok.decode(out[0], skip_special_tokens=True))", "```", "",
+            "llama.cpp / Ollama / LM Studio: export a GGUF with this toolkit (below), or convert this folder with "
+            "llama.cpp's `convert_hf_to_gguf.py`.", ""]
+
+
+def _use_gguf(gguf_name: str, repo_id: str | None) -> list[str]:
+    hub = f"\n# or straight from the Hub:\nllama-cli -hf {repo_id} -p \"{SAMPLE_PROMPT}\"" if repo_id else ""
+    stem = Path(gguf_name).stem
+    return ["llama.cpp:", "", "```sh", f"llama-cli -m {gguf_name} -p \"{SAMPLE_PROMPT}\" -n 256" + hub,
+            "```", "", "Ollama (the Modelfile is in this repository):", "", "```sh",
+            f"ollama create {stem} -f {stem}.Modelfile",
+            f"ollama run {stem} \"{SAMPLE_PROMPT}\"", "```", "",
+            "Python (llama-cpp-python):", "", "```python", "from llama_cpp import Llama",
+            f"llm = Llama({gguf_name!r})",
+            f"print(llm({SAMPLE_PROMPT!r}, max_tokens=200)[\"choices\"][0][\"text\"])", "```", ""]
+
+
+def _use_section(fmt: str, where: str, repo_id: str | None, gguf_name: str | None) -> list[str]:
+    """## Use it: transformers or llama.cpp/Ollama/Python code, then the toolkit's own commands."""
+    lines = ["## Use it", ""] + (_use_hf(where) if fmt == "hf" else _use_gguf(gguf_name, repo_id))
+    return lines + ["With the tinystories toolkit, from the checkpoint this was exported from:", "", "```sh",
+                    f"tinystories generate --checkpoint RUN --prompt \"{SAMPLE_PROMPT}\"",
+                    "tinystories export --format gguf --checkpoint RUN --out model.gguf      # llama.cpp, Ollama",
+                    "tinystories export --format hf --checkpoint RUN --out model-hf          # transformers", "```",
+                    ""]
+
+
+def export_name(ck_path: Path) -> str:
+    """The name an export gets when no Hub repository names it: its run's, else the checkpoint directory's."""
+    return (run_dir_of(ck_path) or ck_path).name
+
+
+def model_card(model, ck, *, fmt: str = "hf", repo_id: str | None = None, gguf_name: str | None = None,
+               eval_json: str | None = None) -> str:
+    """README.md for an export of checkpoint `ck` (fmt "hf": a transformers folder; "gguf": GGUF file `gguf_name`)."""
+    n_params = model.num_params()
+    source = ck.state.get("source") or {}
+    imported = source.get("format") == "llama2c"
+    lines = _metadata(repo_id or export_name(ck.path), n_params, fmt, imported)
+    lines += _model_section(model.cfg, n_params, ck.tokenizer, fmt, gguf_name)
+    lines += _training_section(ck, source, imported)
+    lines += _eval_section(ck, eval_json)
+    lines += _sample_section(model, ck.tokenizer)
+    lines += _use_section(fmt, repo_id or "PATH/TO/EXPORT", repo_id, gguf_name)
+    return "\n".join(lines + LIMITATIONS)
 
 
 # ------------------------------------------------------------------------------------------------ push
