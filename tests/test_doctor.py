@@ -13,7 +13,7 @@ import pytest
 
 from conftest import VALID_HEAD, one_line_error, run_cli
 from tinystories.evaluation.doctor import run_checks
-from tinystories.training.loop import lr_at
+from tinystories.training.schedule import lr_at
 
 LR, MIN_LR, WARMUP, TOTAL = 1e-3, 1e-4, 10, 100
 

@@ -323,7 +323,7 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
     from tinystories.evaluation.evaluate import cut_stream
     from tinystories.model.checkpoint import read_checkpoint
     from tinystories.model.likelihood import cut_split
-    from tinystories.training.loop import validation_subset
+    from tinystories.training.batches import validation_subset
 
     ck = read_checkpoint(short_run, prefer="latest")
     tok, cache = ck.tokenizer, TokenCache.open(ck.state["cache_dir"])

@@ -67,8 +67,8 @@ def test_gpu_train_half_reload_and_generate(tmp_path, tok4k, compile_):
 
     from tinystories.inference.sampling import SamplingParams, generate_texts
     from tinystories.model.checkpoint import load_model
+    from tinystories.model.device import peak_flops
     from tinystories.model.transformer import KVCache
-    from tinystories.training.loop import peak_flops
 
     run = _train(tmp_path, tok4k, compile_)
     pts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

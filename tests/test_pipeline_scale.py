@@ -24,7 +24,7 @@ def many_shards(tmp_path, tok4k, monkeypatch):
 def test_training_reads_a_cache_of_many_shards(many_shards, tok4k):
     import torch
 
-    from tinystories.training.loop import WindowSampler, validation_subset
+    from tinystories.training.batches import WindowSampler, validation_subset
 
     cache, tok = many_shards, load_tokenizer(tok4k)
     train = cache.split("train")

@@ -28,7 +28,9 @@ from procwatch import Lines
 from tinystories.core.config import RunConfig, load_config
 from tinystories.core.errors import UserError
 from tinystories.model.checkpoint import load_model, read_checkpoint
-from tinystories.training.loop import MAX_SKIPPED_IN_A_ROW, lr_at, train
+from tinystories.training.loop import train
+from tinystories.training.meters import MAX_SKIPPED_IN_A_ROW
+from tinystories.training.schedule import lr_at
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
         "model.dropout=0", "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",

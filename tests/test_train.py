@@ -29,7 +29,8 @@ from procwatch import Lines
 from tinystories.core.config import load_config
 from tinystories.core.errors import UserError
 from tinystories.model.checkpoint import architecture, load_model, read_checkpoint, save_checkpoint
-from tinystories.training.loop import lr_at, train
+from tinystories.training.loop import train
+from tinystories.training.schedule import lr_at
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.dropout=0.1",
         "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-3", "train.max_minutes=null",
@@ -136,7 +137,7 @@ def test_loss_falls_on_real_data(tmp_path, tok4k):
     # the evaluation inside the training loop saw the weights that were saved (no stale inference state)
     from tinystories.data.cache import TokenCache
     from tinystories.model.likelihood import likelihood
-    from tinystories.training.loop import validation_subset
+    from tinystories.training.batches import validation_subset
 
     stream, n_bytes = validation_subset(TokenCache.open(ck.state["cache_dir"]), ck.tokenizer, cfg.train.eval_tokens)
     again = likelihood(model, stream, n_bytes, cfg.model.max_seq_len)

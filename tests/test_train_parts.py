@@ -14,14 +14,9 @@ from tinystories.core.atomic import atomic_dir, atomic_file, replace_symlink, wr
 from tinystories.core.config import load_config
 from tinystories.core.errors import UserError
 from tinystories.model.device import DeviceCaps, pick_device, pick_dtype
-from tinystories.training.loop import (
-    BUDGET_MEASURE_STEPS,
-    PROVISIONAL_TOTAL,
-    RunLength,
-    TrainState,
-    effective_warmup,
-    lr_at,
-)
+from tinystories.training.length import BUDGET_MEASURE_STEPS, RunLength
+from tinystories.training.schedule import PROVISIONAL_TOTAL, effective_warmup, lr_at
+from tinystories.training.state import TrainState
 
 
 def cfg_with(*sets: str):
@@ -240,7 +235,7 @@ def test_one_compatibility_rule_for_resume_and_init_from(random_checkpoint):
 def test_scaler_skips_counts_on_the_device_and_survives_a_resume():
     """float16's skipped updates are counted from the gradient norm without a host sync per step; a long run of
     skips is reported (at the step where it reached the limit) and the run-in-a-row survives a save/load."""
-    from tinystories.training.loop import MAX_SKIPPED_IN_A_ROW, ScalerGaveUp, ScalerSkips
+    from tinystories.training.meters import MAX_SKIPPED_IN_A_ROW, ScalerGaveUp, ScalerSkips
 
     skips = ScalerSkips(torch.device("cpu"))
     for step, norm in enumerate([1.0, float("inf"), float("nan"), 2.0, float("inf")]):
@@ -263,7 +258,7 @@ def test_each_rank_restores_its_own_rng_state_and_older_checkpoints_load():
     from types import SimpleNamespace
 
     from tinystories.model.device import Dist
-    from tinystories.training.loop import Run
+    from tinystories.training.run import Run
 
     def fake_run(rank: int, world: int):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -1,0 +1,161 @@
+"""What feeds the training steps: the run's data, its batch geometry, the train windows and the validation subset.
+
+Packed windows of context+1 tokens are drawn at random offsets from the memory-mapped cache (no padding); the
+offsets of step s, micro-step m on rank r come from a generator seeded with (seed, s, m, r), so a resumed run draws
+exactly the windows the uninterrupted run would have. The batch geometry (micro-batch x accumulation x processes)
+is fixed once by set_batch_geometry; `Batch` then says how many sequences and tokens each optimizer step trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tinystories.core.config import RunConfig
+from tinystories.core.errors import UserError
+from tinystories.data.cache import TokenCache
+from tinystories.data.tokenizer import TextTokenizer
+from tinystories.model.device import Dist
+
+
+def load_run_data(cfg: RunConfig, d: Dist, log: Callable[..., None]) -> tuple[TextTokenizer, TokenCache]:
+    """The run's tokenizer and token cache: rank 0 builds what is missing, the others wait and then find it cached.
+    Fills model.vocab_size from the tokenizer (0 = follow it)."""
+    from tinystories.data.prepare import ensure_run_data
+
+    if d.main:
+        tok, cache = ensure_run_data(cfg, log)
+    if d.enabled:
+        dist.barrier()
+    if not d.main:
+        tok, cache = ensure_run_data(cfg, log)
+    cache.check_tokenizer(tok)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size != tok.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer {tok.path} has {tok.vocab_size} "
+                        f"tokens (set 0 to follow the tokenizer)")
+    return tok, cache
+
+
+# ------------------------------------------------------------------------------------------- batch geometry
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One optimizer step's batch: `micro` sequences x `accum` micro-steps x `world` processes, `seq_len` tokens
+    each."""
+
+    micro: int
+    accum: int
+    world: int
+    seq_len: int
+
+    @property
+    def sequences(self) -> int:
+        """The global batch: sequences per optimizer step over every process."""
+        return self.micro * self.accum * self.world
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per optimizer step over every process."""
+        return self.sequences * self.seq_len
+
+    def describe(self) -> str:
+        return (f"{self.micro} x {self.accum} accumulation x {self.world} process(es) = {self.sequences} sequences = "
+                f"{self.tokens:,} tokens per step")
+
+
+def find_micro_batch(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype, per_process: int) -> int:
+    """The largest micro-batch whose estimated peak memory (memory.py) fits on this GPU and divides the
+    `per_process` sequences each process trains per step, so that accumulation keeps the global batch; the
+    configured one elsewhere."""
+    from tinystories.training.memory import cuda_budget, pick_micro_batch
+
+    t = cfg.train
+    if device.type != "cuda":
+        return t.batch_size
+    b, _ = pick_micro_batch(cfg.model, per_process, cuda_budget(device), dtype, optimizer=t.optimizer,
+                            ddp=d.enabled)
+    return b
+
+
+def set_batch_geometry(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype, micro_batch: str | None,
+                       log: Callable[..., None]) -> Batch:
+    """train.batch_size (the micro-batch: --micro-batch N, or auto: the largest that fits) and train.grad_accum
+    (from train.global_batch when it is set); returns the batch they make."""
+    t = cfg.train
+    if micro_batch is None and device.type == "cuda":
+        micro_batch = "auto"  # on a GPU the micro-batch follows its memory; the global batch stays the config's
+    if micro_batch == "auto" and device.type == "cuda":
+        wanted = t.global_batch or t.batch_size * t.grad_accum * d.world  # the config's global batch
+        t.batch_size = find_micro_batch(cfg, d, device, dtype, wanted // d.world)
+        if not t.global_batch:
+            t.global_batch = wanted
+        log(f"--micro-batch auto: {t.batch_size} sequences fit (memory estimate), accumulation keeps "
+            f"{wanted} sequences per step")
+    elif micro_batch:
+        t.batch_size = int(micro_batch)
+    if t.global_batch:
+        per = t.batch_size * d.world
+        if t.global_batch % per and micro_batch == "auto":
+            while t.batch_size > 1 and t.global_batch % (t.batch_size * d.world):
+                t.batch_size //= 2
+            per = t.batch_size * d.world
+        if t.global_batch % per:
+            raise UserError(f"train.global_batch={t.global_batch} is not a multiple of micro-batch x processes = {per}")
+        t.grad_accum = t.global_batch // per
+    return Batch(t.batch_size, t.grad_accum, d.world, cfg.model.max_seq_len)
+
+
+# ------------------------------------------------------------------------------------------------ windows
+
+
+class WindowSampler:
+    """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
+
+    def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
+                 world: int = 1):
+        split = cache.split("train")
+        self.shards = [s for s in split.shards if len(s) > seq_len + 1]
+        if not self.shards:
+            raise UserError(f"{cache.path}: the training split has fewer than {seq_len + 2} tokens; use more text or "
+                            f"a shorter context")
+        sizes = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
+        self.shard_p = sizes / sizes.sum()
+        self.seq_len, self.batch, self.seed, self.rank, self.device = seq_len, batch, seed, rank, device
+        self.world = world
+        self.pin = device.type == "cuda"
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # seeded by the global micro-batch index micro * world + rank: rank r's micro-step m under DDP draws the
+        # windows of micro-step m * world + r of a single process with world x the accumulation (same data;
+        # a single process draws exactly what it drew before, (seed, step, micro, 0))
+        rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
+        shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
+                     else np.zeros(self.batch, int))
+        rows = []
+        for si in shard_idx:
+            shard = self.shards[si]
+            o = int(rng.integers(0, len(shard) - self.seq_len - 1))
+            rows.append(shard[o : o + self.seq_len + 1])
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if self.pin:
+            buf = buf.pin_memory()
+        buf = buf.to(self.device, non_blocking=True)
+        return buf[:, :-1], buf[:, 1:]
+
+
+def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:
+    """The fixed validation subset (train.eval_tokens): the first max_tokens predicted tokens of the validation
+    split and their exact UTF-8 byte count, cut by likelihood.cut_split, as `eval --max-tokens` cuts it."""
+    from tinystories.model.likelihood import cut_split
+
+    split = cache.split("val")
+    if split.tokens < 2:
+        split = cache.split("train")  # no held-out text at all: measure on the train split (said in the log)
+    return cut_split(split, tok, max_tokens)
