@@ -6,6 +6,9 @@
         tokenizer.json | tokenizer.model   a copy of the tokenizer
         state.json          step, tokens seen, metrics, schedule length
         trainer.pt          optimizer and RNG states (tensors and plain containers only: weights_only=True)
+        checksums.json      the SHA-256 of every file above, written last: weights, tokenizer or trainer state
+                            that changed after they were written (a flipped bit, a truncated copy) are an error
+                            when loaded (config.yaml and state.json are text a user may edit; they are parsed)
 
 A run directory keeps `checkpoints/step-XXXXXXXX/` directories and two symlinks, `latest` and `best`, swapped
 with an atomic rename: a crash at any point leaves the previous checkpoint loadable.
@@ -13,9 +16,11 @@ with an atomic rename: a crash at any point leaves the previous checkpoint loada
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from tinystories.data.tokenizer import TextTokenizer, copy_tokenizer, load_token
 from tinystories.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
+CHECKSUMS = "checksums.json"
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +72,38 @@ def write_checkpoint_dir(
     (dest / "state.json").write_text(json.dumps(state, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, dest / "trainer.pt")
+    write_checksums(dest)
     fsync_tree_files(dest)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(dest: Path) -> None:
+    """Record the SHA-256 of every file in checkpoint directory `dest` (written last, before the fsync)."""
+    sums = {f.name: sha256_file(f) for f in sorted(dest.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    (dest / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2))
+
+
+def verify_file(ck_path: Path, name: str) -> None:
+    """Check one file of a checkpoint against its recorded SHA-256. Checkpoints written before checksums were
+    recorded (no checksums.json) and files it does not list pass unchecked."""
+    record = ck_path / CHECKSUMS
+    if not record.is_file():
+        return
+    try:
+        sums = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{record}: unreadable checksum record (truncated or edited); restore the checkpoint from "
+                        f"a copy you trust, or use another one in its run's checkpoints/") from None
+    if name in sums and (ck_path / name).is_file() and sha256_file(ck_path / name) != sums[name]:
+        raise UserError(f"{ck_path / name}: checksum mismatch: the file changed after it was written (a corrupt or "
+                        f"edited copy); restore it, or use another checkpoint in its run's checkpoints/")
 
 
 def save_checkpoint(
@@ -130,6 +167,8 @@ def read_checkpoint(path: str | Path, prefer: str = "best") -> Checkpoint:
     cfg_file = ck / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{ck}: checkpoint has no config.yaml")
+    for name in ("tokenizer.json", "tokenizer.model"):  # the weights when loaded; config and state stay editable
+        verify_file(ck, name)
     try:
         raw = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
@@ -224,6 +263,7 @@ def check_compatible(ck: Checkpoint, cfg: RunConfig, tok: TextTokenizer | None, 
 
 
 def load_weights(model: Transformer, ck_path: Path) -> None:
+    verify_file(ck_path, WEIGHTS)
     try:
         sd = load_file(str(ck_path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -257,4 +297,11 @@ def load_trainer_state(ck_path: Path) -> dict:
     if not f.is_file():
         raise UserError(f"{ck_path}: checkpoint has no trainer.pt (optimizer state), so it cannot be resumed; use "
                         f"--init-from to fine-tune from it")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    verify_file(ck_path, "trainer.pt")
+    try:  # weights_only: tensors and plain containers, never code, whatever the file holds
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, a truncated zip, ...: one line, not torch's advice to file a bug
+        raise UserError(f"{f}: not a trainer state this toolkit wrote, refused to load it ({type(e).__name__}); "
+                        f"resume from a run you trust, or fine-tune from its weights with --init-from") from None
