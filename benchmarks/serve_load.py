@@ -368,7 +368,7 @@ def engine_only(args) -> int:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from tinystories.inference.engine import Engine
+    from tinystories.inference.frontend import Engine
     from tinystories.inference.sampling import SamplingParams, prompt_ids
     from tinystories.model.checkpoint import load_model
 

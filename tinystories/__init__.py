@@ -20,7 +20,7 @@ MOVED = {
     "checkpoint": "model.checkpoint", "device": "model.device", "calibrate": "model.calibrate",
     "likelihood": "model.likelihood",
     "sampling_params": "inference.params", "sampling": "inference.sampling", "generate": "inference.generate",
-    "engine": "inference.engine", "serve": "inference.server",
+    "engine": "inference.frontend", "serve": "inference.server",
     "train": "training.loop", "schedule": "training.schedule", "optim": "training.optim",
     "sizing": "training.sizing", "memory": "training.memory",
     "evaluate": "evaluation.evaluate", "grammar": "evaluation.grammar", "story_stats": "evaluation.story_stats",
