@@ -109,7 +109,7 @@ class Request:
     # the core's state of the request, set by submit()
     decoder: StreamDecoder | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
-    stops: StopStrings = field(default_factory=lambda: StopStrings([]), repr=False)
+    stop_strings: StopStrings = field(default_factory=lambda: StopStrings([]), repr=False)
     top: tuple[list[int], list[float]] | None = field(default=None, repr=False)
 
     @property
@@ -125,6 +125,8 @@ class Request:
         return self.cancel_at is not None
 
     def timing(self, now: float | None = None) -> dict:
+        """Seconds in all, to the first token and in the queue, and tokens/s; `now` (the core's clock, default
+        time.perf_counter) only matters before the request ends."""
         end = self.ended_at if self.ended_at is not None else time.perf_counter() if now is None else now
         total = end - self.submitted
         n = len(self.token_ids)
@@ -190,8 +192,7 @@ class EngineCore:
 
     def submit(self, req: Request) -> Request:
         """Queue a request. QueueFull when the queue is full and every row busy; EngineClosed after close()."""
-        req.stop = [s for s in req.stop if s]
-        req.stops = StopStrings(req.stop)
+        req.stop_strings = StopStrings(req.stop)
         req.decoder = StreamDecoder(self.tok, req.ids)
         req.generator = torch.Generator(device=self.device)
         if req.params.seed is not None:
@@ -414,7 +415,7 @@ class EngineCore:
         if req.top_alternatives:
             ids, probs = req.top
             event["top"] = [{"id": a, "token": self.token_text(a), "prob": round(p, 5)} for a, p in zip(ids, probs)]
-        piece, hit = req.stops.push(req.decoder.push(t))
+        piece, hit = req.stop_strings.push(req.decoder.push(t))
         req.text += piece
         event["text"] = piece
         out.append(Event(req, "token", event))
@@ -431,7 +432,7 @@ class EngineCore:
     def _finish(self, req: Request, reason: str, out: list[Event]) -> None:
         """End a request that left the queue; text held back for a stop string that never came goes out."""
         req.finish_reason = reason
-        held = req.stops.release()
+        held = req.stop_strings.release()
         if held:
             req.text += held
             out.append(Event(req, "token", {"type": "token", "id": None, "token": "", "text": held}))

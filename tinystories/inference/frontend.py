@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tinystories.data.tokenizer import TextTokenizer
-from tinystories.inference.engine import (  # noqa: F401 (the errors and the message: imported from here too)
+from tinystories.inference.engine import (  # noqa: F401 (QueueFull, SHUTTING_DOWN: `tinystories.engine` is this module)
     SHUTTING_DOWN,
     EngineClosed,
     EngineCore,

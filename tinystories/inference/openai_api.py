@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from tinystories.inference.frontend import SHUTTING_DOWN
+from tinystories.inference.engine import SHUTTING_DOWN
 from tinystories.inference.routes import ERROR_RESPONSES, Api, error, event_stream, invalid, sse
 from tinystories.inference.sampling import SamplingParams
 from tinystories.inference.schemas import MAX_PROMPT_CHARS, MAX_STOPS, CompletionRequest

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tinystories.inference.frontend import Engine, EngineClosed, QueueFull, QueueTimeout
+from tinystories.inference.engine import EngineClosed, QueueFull, QueueTimeout
+from tinystories.inference.frontend import Engine
 from tinystories.inference.sampling import SamplingParams, prompt_ids
 from tinystories.inference.schemas import GenerateRequest
 
