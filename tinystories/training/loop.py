@@ -1,29 +1,29 @@
 """The training loop: `tinystories train`. Start reading here.
 
 One optimizer step (train_step), on every process:
-    1. apply_schedule: the step's learning rate (warmup, then a cosine, linear or warmup-stable-decay decay to
-       min_lr; RunLength knows the run's length) and Muon's momentum warmup, set on the optimizer's groups.
-    2. grad_accum times (forward_backward): the micro-batch of windows the sampler draws for (step, micro-step,
-       rank) (batches.py), the forward pass under the device policy's autocast, the loss scaled (float16's
-       GradScaler; a pass-through elsewhere) and divided by grad_accum, backward. Under DDP gradients are
-       all-reduced on the last micro-step only. Each loss is added to the LossMeter on the device (meters.py).
-    3. optimizer_step: gradients unscaled (float16) and clipped to train.grad_clip, then AdamW, or Muon for the
+    1. apply_schedule (optim.py): the step's learning rate (RunLength.lr: linear warmup, then a cosine, linear or
+       warmup-stable-decay decay to min_lr at the run's length) on every parameter group, and Muon's momentum.
+    2. grad_accum micro-steps (forward_backward): the windows the sampler draws for (step, micro-step, rank)
+       (batches.py), the forward pass under the device policy's autocast, the loss divided by grad_accum (and
+       scaled by float16's GradScaler; a pass-through elsewhere), backward. Under DDP the gradients are all-reduced
+       on the last micro-step only. Each loss is summed on the device by the LossMeter (meters.py).
+    3. optimizer_step: the gradients unscaled (float16) and clipped to train.grad_clip, then AdamW, or Muon for the
        blocks' matrices (optim.py); a float16 step whose gradients overflowed is skipped and counted.
-Nothing waits on the device within a step: the loss (and a NaN) is read at log intervals.
+The loss is read back only at log intervals (a NaN there stops the run with its step).
 
 Around the steps, Trainer.fit evaluates every train.eval_interval steps (validation loss, a sample story, a
 checkpoint, early stopping), logs every train.log_interval steps (report.py), checkpoints, fixes a time budget's
 length once the step time is measured (length.py), and ends with a final evaluation. A resumed run continues
-bit-identically: the checkpoint brings back the weights, the optimizer, the loss scaler, every rank's RNG and the
-TrainState (state.py), and the windows depend on the step only.
+exactly where it stopped: the checkpoint brings back the weights, the optimizer, the loss scaler, every rank's RNG
+(run.py) and the TrainState (state.py), and the windows depend on the step alone.
 
 The parts, in the order a run uses them:
     setup()          -> Run         device policy, data, model, batch geometry, optimizer, compile/DDP (run.py)
-    Trainer                         RunLength, Reporter and LossMeter over the Run, from a TrainState
+    Trainer                         the RunLength, Reporter and LossMeter of a Run, from a TrainState
     train_step()                    micro-batches, accumulation, clipping, the optimizer step
     Trainer.evaluate_and_save()     every evaluation (the last one too): log, sample, checkpoint, early stop
     Trainer.fit()                   the loop
-    train()                         all of it, under torchrun too; the `train` command is command.py
+    train()                         all of it, under torchrun too (the `train` command: command.py)
 """
 
 from __future__ import annotations
