@@ -21,6 +21,7 @@ import yaml
 
 from tinystories.core.defaults import SAMPLE_PROMPT
 from tinystories.core.errors import UserError
+from tinystories.core.metrics import read_metrics
 from tinystories.core.runs import run_dir_of
 
 DATASET = "roneneldan/TinyStories"
@@ -36,8 +37,6 @@ LIMITATIONS = ["## Limitations", "",
 
 def training_time_s(ck_path: Path, step: int) -> float | None:
     """Seconds of training up to `step`, from the run's metrics.jsonl (the last record at or before it)."""
-    from tinystories.core.metrics import read_metrics
-
     run = run_dir_of(ck_path)
     records = read_metrics(run) if run else None
     t = None
