@@ -292,7 +292,7 @@ def test_cooldown_frac_outside_zero_to_one_is_a_config_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="doctor now checks each segment's logged schedule (metrics.jsonl segment rows), not an edited config.yaml; the test's tamper step must edit the segment row instead", strict=False)
+@pytest.mark.xfail(reason="doctor checks the segment rows, not an edited config.yaml", strict=False)
 def test_short_wsd_run_passes_doctors_lr_check(tmp_path, data):
     from tinystories.evaluation.doctor import run_checks
 
