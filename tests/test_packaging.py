@@ -31,7 +31,9 @@ def test_wheel_ships_configs_and_static_files(tmp_path):
     for on_gpu in (False, True):
         cfg = pick_config(on_gpu)
         assert cfg.is_file() and cfg.relative_to(package).as_posix() in {n.removeprefix("tinystories/") for n in names}
-    for f in [*CONFIG_DIR.glob("*.yaml"), *(package / "static").iterdir()]:
+    from tinystories.inference.server import STATIC_DIR
+
+    for f in [*CONFIG_DIR.glob("*.yaml"), *STATIC_DIR.iterdir()]:
         assert f"tinystories/{f.relative_to(package).as_posix()}" in names, f
     # the repository's configs/ (used in every README command) is the packaged directory itself
     assert (REPO / "configs").resolve() == CONFIG_DIR.resolve()
