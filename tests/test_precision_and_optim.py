@@ -292,7 +292,6 @@ def test_cooldown_frac_outside_zero_to_one_is_a_config_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="doctor checks the segment rows, not an edited config.yaml", strict=False)
 def test_short_wsd_run_passes_doctors_lr_check(tmp_path, data):
     from tinystories.evaluation.doctor import run_checks
 
@@ -307,7 +306,11 @@ def test_short_wsd_run_passes_doctors_lr_check(tmp_path, data):
     check = lr_check()
     assert check.status == "PASS", check
     assert "constant, then linear over the last 40% to 0.0003 at step 30" in check.detail, check
-    # doctor follows the run's own schedule: the same rates read as a cosine run's do not pass
-    config = tmp_path / "run" / "config.yaml"
-    config.write_text(config.read_text().replace("lr_schedule: wsd", "lr_schedule: cosine"))
+    # doctor follows the schedule the run logged: the same rates read as a cosine run's do not pass
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (segment,) = [r for r in rows if r["kind"] == "segment"]
+    assert segment["schedule"]["lr_schedule"] == "wsd"
+    segment["schedule"]["lr_schedule"] = "cosine"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert lr_check().status == "FAIL"

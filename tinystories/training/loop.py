@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tinystories.core.atomic import ensure_writable_dir
 from tinystories.core.config import RunConfig, save_config
 from tinystories.core.errors import UserError
-from tinystories.core.fmt import fmt_clock
+from tinystories.core.fmt import fmt_clock, fmt_count
 from tinystories.core.runs import checkpoints_dir
 from tinystories.data.tokenizer import TextTokenizer
 from tinystories.model.checkpoint import (
@@ -60,8 +60,14 @@ from tinystories.model.device import (
     pick_device,
 )
 from tinystories.model.transformer import Transformer
-from tinystories.training.batches import WindowSampler, load_run_data, set_batch_geometry, validation_subset
-from tinystories.training.length import RunLength
+from tinystories.training.batches import (
+    WindowSampler,
+    find_micro_batch,
+    load_run_data,
+    set_batch_geometry,
+    validation_subset,
+)
+from tinystories.training.length import RunLength, configured_steps, require_run_length
 from tinystories.training.meters import LossMeter, NonFiniteLoss, ScalerGaveUp, ScalerSkips
 from tinystories.training.optim import (
     apply_schedule,
@@ -72,6 +78,11 @@ from tinystories.training.optim import (
 from tinystories.training.report import Reporter, progress_line
 from tinystories.training.run import Run, wrap_model
 from tinystories.training.state import TrainState
+
+# `tinystories.train` aliases this module: these names, imported by scripts from it, stay importable here
+fmt_secs = fmt_clock
+__all__ = ["Trainer", "setup", "train_step", "configured_steps", "find_micro_batch", "fmt_count", "fmt_secs",
+           "require_run_length", "train", "WindowSampler"]
 
 
 def _quiet(*args, **kwargs) -> None:
