@@ -320,7 +320,6 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
     import numpy as np
 
     from tinystories.data.cache import TokenCache
-    from tinystories.evaluation.evaluate import cut_stream
     from tinystories.model.checkpoint import read_checkpoint
     from tinystories.model.likelihood import cut_split
     from tinystories.training.batches import validation_subset
@@ -349,9 +348,17 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
         s, b = cut_split(split, tok, n)
         assert np.array_equal(s, whole) and b == split.bytes
 
-    # one cut: the training run's subset and eval's are this one
-    for other in (validation_subset(cache, tok, EVAL_N), cut_stream(tok, split, EVAL_N)):
-        assert np.array_equal(other[0], whole[: EVAL_N + 1]) and other[1] == cut_split(split, tok, EVAL_N)[1]
+    # one cut: the training run's subset is this one
+    other = validation_subset(cache, tok, EVAL_N)
+    assert np.array_equal(other[0], whole[: EVAL_N + 1]) and other[1] == cut_split(split, tok, EVAL_N)[1]
+
+    # skip_tokens: the whole stories after every story the cut at N reaches into (the selection's text)
+    k = int(np.searchsorted(starts, EVAL_N + 1))  # the first story that starts after the cut
+    s, b = cut_split(split, tok, None, skip_tokens=EVAL_N)
+    assert np.array_equal(s, whole[starts[k]:]) and b == int(docs[k:, 1].sum()) and s[0] == tok.doc_start_id
+    s, b = cut_split(split, tok, int(starts[k + 3] - starts[k]) - 1, skip_tokens=EVAL_N)  # then cut again
+    assert np.array_equal(s, whole[starts[k] : starts[k + 3]]) and b == int(docs[k : k + 3, 1].sum())
+    assert len(cut_split(split, tok, None, skip_tokens=len(whole))[0]) == 0  # nothing after it
 
 
 # ------------------------------------------------------------------------------------ held-out prompts and grammar rows

@@ -108,6 +108,32 @@ def test_time_budget_is_fixed_after_ten_steps():
     assert length.total == 50  # past it: finish now
 
 
+def test_time_budget_follows_the_pace_the_run_keeps():
+    length = RunLength.plan(cfg_with("train.max_minutes=1"), 1024, 10**6, now=1000.0)
+    now = 1000.0
+    for step in range(1, BUDGET_MEASURE_STEPS + 1):  # the first steps: 0.5 s each
+        now += 0.5
+        length.record_step_time(step, 0.5)
+        length.fix_budget(step, now)
+    first = length.total
+    assert first == 10 + int(55 / 0.54)
+    # then the run keeps 0.4 s per step (evaluations included): at step 40, 42 s are left after a 1 s final
+    # evaluation, 105 more steps
+    assert length.replan(40, now + 30 * 0.4, reserve_s=1.0) == (
+        f"time budget: on pace for 145 steps, not {first} (400 ms/step since step 10)")
+    assert length.total == length.logged_total == 145
+    assert length.replan(40, now + 30 * 0.4, reserve_s=1.0) is None  # the same pace: unchanged
+    # slower than planned: shorter, never less than one more step
+    assert length.replan(60, now + 50 * 0.9, reserve_s=1.0) is not None and length.total == 60 + int(9 / 0.9)
+    assert length.replan(69, 1059.9, reserve_s=1.0) is None  # the last 15% of the run: the decay ends as planned
+    assert length.total == 70
+    # a length in steps, and a budget that has not been measured yet, are never re-planned
+    steps = RunLength.plan(cfg_with("train.max_steps=50"), 1024, 10**6)
+    assert steps.replan(20, 1e9, reserve_s=0.0) is None and steps.total == 50
+    early = RunLength.plan(cfg_with("train.max_minutes=1"), 1024, 10**6, now=0.0)
+    assert early.replan(5, 10.0, reserve_s=0.0) is None and early.provisional
+
+
 def test_time_budget_past_its_deadline_before_ten_steps():
     length = RunLength.plan(cfg_with("train.max_minutes=0.05"), 1024, 10**6, now=0.0)  # 3 s
     length.record_step_time(1, 4.0)

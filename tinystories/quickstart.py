@@ -177,6 +177,15 @@ def _train_or_reuse(cfg, out: Path, has_run: bool) -> int:
     return train(load_config(out / "config.yaml"), resume=True)["status"]
 
 
+def selection_tokens(ck) -> int:
+    """How much of the validation split the report leaves out: the tokens the run's evaluations scored, which chose
+    its best checkpoint (train.eval_tokens), when at least as much text is left after them; else none."""
+    from tinystories.evaluation.stories import open_run_cache
+
+    cache, n = open_run_cache(ck.state), ck.cfg.train.eval_tokens or 0
+    return n if cache is not None and n and cache.split("val").tokens >= 2 * n else 0
+
+
 def print_report(out: Path, stories: int, on_gpu: bool):
     """Three stories from the classic openings, the evaluation table (held-out prompts, grammar errors) and the loss
     plot. Returns the checkpoint."""
@@ -192,10 +201,14 @@ def print_report(out: Path, stories: int, on_gpu: bool):
         text = generate_texts(model, ck.tokenizer, opening, params)[0]["text"]
         print(f"\n{text}\n")
     print("=" * 30 + " evaluation " + "=" * 33)
+    skip = selection_tokens(ck)
     result = evaluate(out, num_stories=EVAL_STORIES, sampling=SamplingParams(max_new_tokens=200),
                       max_tokens=EVAL_TOKENS, device="cpu" if not on_gpu else "auto", prompts="held-out",
-                      log=lambda *a, **k: None)
+                      log=lambda *a, **k: None, skip_tokens=skip)
     print(format_result(result, show_grammar_errors=3))
+    if not skip:
+        print(f"(the validation split is short: the scores include the {ck.cfg.train.eval_tokens:,} tokens that "
+              f"chose the best checkpoint)")
     plot = plot_run(out)
     print(f"\nloss plot: {plot}")
     return ck
@@ -248,7 +261,8 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
               f"{full_cache_command(cfg, tok_dir / 'tokenizer.json', source)}")
     print(f"  training   {minutes:g} min (time budget; {cfg.train.eval_tokens:,} validation tokens at each eval) "
           f"-> {out}")
-    print(f"  report     3 stories, {EVAL_STORIES} more for statistics, loss on {EVAL_TOKENS:,} validation tokens"
+    print(f"  report     3 stories, {EVAL_STORIES} more for statistics, loss on up to {EVAL_TOKENS:,} validation "
+          f"tokens after the {cfg.train.eval_tokens:,} that choose the best checkpoint"
           + ("" if on_gpu else f", ~{fmt_approx(REPORT_S_CPU)}"))
 
 

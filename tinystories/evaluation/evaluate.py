@@ -24,24 +24,17 @@ from tinystories.evaluation.stories import (
 PROGRESS_TOKENS = 100_000  # scoring a longer text shows progress (tokens/s, ETA) on stderr
 
 
-def cut_stream(tok, split, max_tokens: int | None):
-    """The split's first `max_tokens` predicted tokens and the UTF-8 bytes of that text: likelihood.cut_split, the
-    cut a training run's validation (train.eval_tokens) scores too."""
-    from tinystories.model.likelihood import cut_split
-
-    return cut_split(split, tok, max_tokens)
-
-
 def pick_device(name: str | None) -> str:
     from tinystories.model.device import pick_device as resolve
 
     return str(resolve(name or "auto"))
 
 
-def _score_text(model, ck, cache, checkpoint, text, max_tokens: int | None, log) -> dict:
-    """The likelihood part of `evaluate`: score `text` (default: the run's validation split), at most `max_tokens`
-    tokens. Returns the report's "text" (what was scored), the likelihood figures and "likelihood_seconds"."""
-    from tinystories.model.likelihood import encode_documents, likelihood
+def _score_text(model, ck, cache, checkpoint, text, max_tokens: int | None, log, skip_tokens: int = 0) -> dict:
+    """The likelihood part of `evaluate`: score `text` (default: the run's validation split, after its first
+    `skip_tokens` tokens), at most `max_tokens` tokens. Returns the report's "text" (what was scored), the
+    likelihood figures and "likelihood_seconds"."""
+    from tinystories.model.likelihood import cut_split, encode_documents, likelihood
 
     tok = ck.tokenizer
     out: dict = {}
@@ -63,8 +56,14 @@ def _score_text(model, ck, cache, checkpoint, text, max_tokens: int | None, log)
         split = cache.split("val")
         if not split.tokens:
             raise UserError(f"{cache.path}: the validation split is empty; pass --text FILE")
-        stream, n_bytes = cut_stream(tok, split, max_tokens)
+        stream, n_bytes = cut_split(split, tok, max_tokens, skip_tokens)
         out["text"] = f"{cache.path} (validation split)"
+        if skip_tokens:
+            out["text"] = (f"{cache.path} (validation split after its first {skip_tokens:,} tokens, which chose the "
+                           f"best checkpoint: text the selection never saw)")
+            if len(stream) < 2:
+                raise UserError(f"--skip-tokens {skip_tokens}: the validation split of {cache.path} has no story "
+                                f"after its first {skip_tokens:,} tokens; lower it or leave it out")
     if len(stream) < 2:
         raise UserError(f"{out['text']}: no text to score")
     bar = None
@@ -145,19 +144,24 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
              num_stories: int = DEFAULT_STORIES, reference: str | Path | None = None,
              train_text: str | Path | None = None, sampling=None, judge_url: str | None = None,
              judge_model: str | None = None, judge_timeout: float = 60.0, device: str | None = None,
-             prompts: str = "openings", grammar: bool = True, show_grammar_errors: int = 0, log=print) -> dict:
-    """Evaluate a checkpoint: likelihood of `text` (default: the run's validation split, at most `max_tokens`
-    tokens), `num_stories` sampled stories (SamplingParams `sampling`, default its defaults) against real ones,
-    and the LLM judge at `judge_url` when given. Returns every figure as a dict (the JSON report)."""
+             prompts: str = "openings", grammar: bool = True, show_grammar_errors: int = 0, log=print,
+             skip_tokens: int = 0) -> dict:
+    """Evaluate a checkpoint: likelihood of `text` (default: the run's validation split after its first
+    `skip_tokens` tokens, at most `max_tokens` tokens), `num_stories` sampled stories (SamplingParams `sampling`,
+    default its defaults) against real ones, and the LLM judge at `judge_url` when given. Returns every figure as
+    a dict (the JSON report)."""
     from tinystories.model.checkpoint import load_model
 
     params = _checked_sampling(sampling, num_stories, max_tokens, judge_url, judge_model,
                                {"--text": text, "--reference": reference, "--train-text": train_text})
+    if skip_tokens and text:
+        raise UserError(f"--skip-tokens {skip_tokens} skips part of the run's validation split; it does not apply "
+                        f"to --text {text}")
     device = pick_device(device)
     model, ck = load_model(checkpoint, device)
     cache = open_run_cache(ck.state)
     result: dict = {"checkpoint": str(ck.path), "step": ck.step, "device": device, "window": model.cfg.max_seq_len}
-    result.update(_score_text(model, ck, cache, checkpoint, text, max_tokens, log))
+    result.update(_score_text(model, ck, cache, checkpoint, text, max_tokens, log, skip_tokens))
     result["sampling"] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                           "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
                           "openings": list(OPENINGS)}
@@ -232,7 +236,7 @@ def _cmd_eval(args) -> int:
                       reference=args.reference, train_text=args.train_text, sampling=sampling_params(args),
                       judge_url=args.judge_url, judge_model=args.judge_model, judge_timeout=args.judge_timeout,
                       device=args.device, prompts=args.prompts, grammar=args.grammar,
-                      show_grammar_errors=args.show_grammar_errors)
+                      show_grammar_errors=args.show_grammar_errors, skip_tokens=args.skip_tokens)
     if args.json:
         write_json_report(args.json, result)
     print(format_result(result, show_grammar_errors=args.show_grammar_errors))

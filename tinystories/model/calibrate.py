@@ -4,7 +4,8 @@ A CPU has no datasheet figure we can look up: its FLOP rate depends on the cores
 (AVX2, AVX-512, AMX) and the dtype (bf16 is fast only with AMX / AVX512-BF16). `cpu_matmul_peak(dtype)` times square
 matmuls for about a second and keeps the best rate; the result is cached per machine (CPU model, threads, torch
 version, dtype, the instruction set torch may use) in ~/.cache/tinystories/ (or $TINYSTORIES_CACHE), so later runs
-pay nothing; a figure measured while the machine was busy (load average above half the cores) is not cached.
+pay nothing; a figure measured while the machine was busy (its threads got under 85% of their cores, or the load
+average is above half the cores) is not cached.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+BUSY_SHARE = 0.85  # the measuring threads got less of the CPU than this: the machine was busy, nothing is cached
 
 
 def _cache_file(dtype: torch.dtype) -> Path:
@@ -60,8 +64,10 @@ def cpu_matmul_peak(dtype: torch.dtype) -> float:
         return float(json.loads(path.read_text())["flops"])
     except (OSError, ValueError, KeyError):
         pass
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     flops = measure_matmul_flops(dtype)
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+    cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+    if cpu_share < BUSY_SHARE or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         return flops  # other work shares the CPU: this figure is too low to keep; measure again next time
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,19 +27,29 @@ def encode_documents(tok: TextTokenizer, docs: list[str]) -> tuple[np.ndarray, i
     return np.asarray(parts, dtype=np.int64), sum(len(d.encode("utf-8")) for d in docs)
 
 
-def cut_split(split, tok: TextTokenizer, max_tokens: int | None) -> tuple[np.ndarray, int]:
+def cut_split(split, tok: TextTokenizer, max_tokens: int | None, skip_tokens: int = 0) -> tuple[np.ndarray, int]:
     """The text a likelihood of a token-cache split (cache.Split) scores, as (stream, UTF-8 bytes): its first
     `max_tokens` predicted tokens, i.e. max_tokens + 1 tokens of the stream (which starts with a story's start
     token), or the whole split when it is not longer (or max_tokens is None). The one cut of the validation text:
     a training run's evaluations (train.eval_tokens) and `eval --max-tokens N` both score it, so "the final eval"
     and `eval --max-tokens N` of the same checkpoint are the same number. The bytes are exact for whole stories
-    (the story index); the story the cut ends in counts the bytes of its decoded tokens up to the cut."""
-    stream = split.stream()
-    if max_tokens is None or len(stream) <= max_tokens + 1:
-        return np.asarray(stream, dtype=np.int64), int(split.bytes)
+    (the story index); the story the cut ends in counts the bytes of its decoded tokens up to the cut.
+
+    `skip_tokens` N first leaves out every story that the cut at N predicted tokens reaches into: the text after a
+    run's evaluation subset, which chose its best checkpoint (empty when the split is not longer)."""
+    stream, starts, sizes = split.stream(), split.docs[:, 0], split.docs[:, 1]
+    first = 0
+    if skip_tokens:
+        k0 = int(np.searchsorted(starts, skip_tokens + 1, side="left"))  # the first story after the cut
+        if k0 >= len(starts):
+            return np.zeros(0, dtype=np.int64), 0
+        first = int(starts[k0])
+        starts, sizes = starts[k0:] - first, sizes[k0:]
+    total_tokens, total_bytes = len(stream) - first, int(np.sum(sizes))
+    if max_tokens is None or total_tokens <= max_tokens + 1:
+        return np.asarray(stream[first:], dtype=np.int64), int(split.bytes) if not first else total_bytes
     end = max_tokens + 1
-    cut = np.asarray(stream[:end], dtype=np.int64)
-    starts, sizes = split.docs[:, 0], split.docs[:, 1]
+    cut = np.asarray(stream[first : first + end], dtype=np.int64)
     k = int(np.searchsorted(starts, end, side="left"))  # stories 0..k-1 start before the cut
     if k < len(starts) and int(starts[k]) == end:
         return cut, int(np.sum(sizes[:k]))  # the cut falls on a story boundary: whole stories

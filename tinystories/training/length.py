@@ -1,7 +1,9 @@
 """How long a run trains (torch-free): its length in optimizer steps, and so its learning-rate schedule.
 
 The length comes from train.max_steps, max_tokens or epochs (known from the start) or from a time budget,
-train.max_minutes (measured during the first steps, then fixed). The schedule itself is schedule.py's.
+train.max_minutes: measured during the first steps, then re-planned at each evaluation from the pace the run
+really keeps (evaluations and checkpoints included), so that a budget of N minutes trains for N minutes. The
+schedule itself is schedule.py's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from tinystories.training.state import TrainState
 BUDGET_MEASURE_STEPS = 10  # a time budget fixes the run length after this many steps (or at its deadline)
 BUDGET_MARGIN = 1.08  # the measured step time is stretched by this much when the budget is turned into steps
 BUDGET_GRACE_S = 5  # a run still going this long after its deadline (a slow machine) finishes at once
+REPLAN_UNTIL = 0.85  # a time budget's length is re-planned at evaluations before this share of the run
+REPLAN_MIN_CHANGE = 0.01  # ... when the pace moves it by more than this share
 
 
 def require_run_length(cfg: RunConfig) -> None:
@@ -61,6 +65,7 @@ class RunLength:
     t_start: float = field(default_factory=time.time)
     measured_steps: int = 0
     measured_time: float = 0.0
+    fixed_at: tuple[int, float] | None = None  # (step, time) the budget fixed the length: the pace is measured since
 
     @classmethod
     def plan(cls, cfg: RunConfig, tokens_per_step: int, train_tokens: int, saved: TrainState | None = None,
@@ -100,8 +105,25 @@ class RunLength:
         total = max(step + 1, step + int((self.deadline - now) / (per_step * BUDGET_MARGIN)))
         self.total = int(sync(total))
         self.provisional = False
+        self.fixed_at = (step, now)
         return (f"time budget: {self.cfg.train.max_minutes:g} min -> {self.total} steps "
                 f"({per_step * 1000:.0f} ms/step, evaluation included)")
+
+    def replan(self, step: int, now: float, reserve_s: float, sync: Callable[[float], float] = float) -> str | None:
+        """At an evaluation of a time-budget run: the length the pace kept since the budget was fixed (evaluations
+        and checkpoints included) fits in the time left, less `reserve_s` for the final evaluation. Not in the last
+        part of the run (REPLAN_UNTIL), so the decay ends as planned; returns the line to log when it changed."""
+        if self.provisional or self.fixed_at is None or not self.deadline or step >= REPLAN_UNTIL * self.total:
+            return None
+        step0, t0 = self.fixed_at
+        if step <= step0 or now <= t0:
+            return None
+        per_step = (now - t0) / (step - step0)
+        total = int(sync(max(step + 1, step + int((self.deadline - now - reserve_s) / per_step))))
+        if abs(total - self.total) <= REPLAN_MIN_CHANGE * self.total:
+            return None
+        old, self.total = self.total, total
+        return f"time budget: on pace for {total} steps, not {old} ({per_step * 1000:.0f} ms/step since step {step0})"
 
     def stop_if_over_budget(self, step: int, now: float) -> None:
         if self.deadline and now > self.deadline + BUDGET_GRACE_S:

@@ -330,7 +330,12 @@ class Trainer:
                     if stop:
                         stop_reason = stop
                         break
-                    self.t_log += time.time() - t_eval  # tokens/s measures training; the budget counts evaluation
+                    eval_s = time.time() - t_eval
+                    self.t_log += eval_s  # tokens/s measures training; the budget counts evaluation
+                    if length.deadline:  # the pace so far decides the length (rank 0's clock and decision)
+                        replanned = length.replan(step, run.from_rank0(time.time()), eval_s, run.from_rank0)
+                        if replanned:
+                            run.log(replanned)
                 lr, lr_total = length.lr(step), length.logged_total  # the rate and the length it was scheduled for
                 t_step = time.time()
                 train_step(run, step, lr, self.meter, first=step == self.start_step)
