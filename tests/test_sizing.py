@@ -1,63 +1,88 @@
-"""Right-sizing the CPU model (tinystories/sizing.py): the shape the recipe study's table gives for the tokens a
-budget buys on a CPU of a given speed, the one line that says why, and `train --config auto`. Unit tests: the
-machine's matmul peak is replaced by fixed figures, so they do not depend on the CPU they run on."""
+"""Right-sizing the CPU model (tinystories/training/sizing.py): the shape the recipe study's table gives for the
+tokens a budget buys at each shape's measured training speed, the dropout the passes over the data call for, the
+one line that says why, and `train --config auto`. Unit tests inject the training speeds, so they do not depend on
+the CPU they run on; one test times a real (tiny) training step and reads it back from the cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import tinystories.model.device as device_mod
+import tinystories.training.sizing as sizing
 from tinystories.core.config import CONFIG_DIR, load_config
-from tinystories.training.sizing import CPU_SHAPES, auto_config, choose_cpu_shape
+from tinystories.training.sizing import CPU_SHAPES, EVAL_SHARE, FRESH_PASSES, auto_config, choose_cpu_shape
+
+SMALL, LARGE = CPU_SHAPES[0], CPU_SHAPES[-1]
 
 
-@pytest.fixture
-def peak(monkeypatch):
-    """Set this 'machine's' matmul peak in FLOP/s."""
-    def set_peak(flops: float) -> None:
-        monkeypatch.setattr(device_mod, "peak_flops", lambda device, dtype=None: flops)
-    return set_peak
+def rates(small: float, large: float):
+    """A machine on which the small shape trains `small` tokens/s and the large one `large`."""
+    return lambda shape: small if shape is SMALL else large
 
 
-def tokens_bought(shape, minutes: float, flops: float, vocab: int, dtype=torch.float32) -> float:
-    return minutes * 60 * flops * shape.mfu(dtype) / shape.flops_per_token(vocab)
+def bought(tokens_per_s: float, minutes: float) -> float:
+    return minutes * 60 * (1 - EVAL_SHARE) * tokens_per_s
 
 
-def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger(peak):
-    small, large = CPU_SHAPES[0], CPU_SHAPES[-1]
-    assert large.min_tokens > 0 and small.min_tokens == 0
-    # the peak at which 10 minutes buy the larger shape exactly its min_tokens
-    edge = large.min_tokens / tokens_bought(large, 10, 1.0, 4096)
-    peak(0.5 * edge)
-    shape, why = choose_cpu_shape(10, 4096, torch.float32, "CPU without native bf16")
-    assert shape == small
-    assert why.startswith(f"CPU without native bf16, {0.5 * edge / 1e9:,.0f} GFLOP/s measured (float32): "
-                          f"{small.name}, 4K vocab for 10 min")
-    assert f"~{tokens_bought(small, 10, 0.5 * edge, 4096) / 1e6:.1f}M tokens" in why
-    peak(2 * edge)
-    assert choose_cpu_shape(10, 4096, torch.float32, "CPU without native bf16")[0] == large
-    # the same fast machine with a short budget: the small shape again
-    assert choose_cpu_shape(2, 4096, torch.float32, "CPU without native bf16")[0] == small
-    # bf16 reaches a smaller share of its (higher) peak: the tokens bought use the bf16 share
-    bf16_edge = large.min_tokens / tokens_bought(large, 10, 1.0, 4096, torch.bfloat16)
-    peak(0.9 * bf16_edge)
-    assert choose_cpu_shape(10, 4096, torch.bfloat16, "CPU with native bf16")[0] == small
-    peak(1.1 * bf16_edge)
-    assert choose_cpu_shape(10, 4096, torch.bfloat16, "CPU with native bf16")[0] == large
+def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger():
+    assert LARGE.min_tokens > 0 and SMALL.min_tokens == 0
+    edge = LARGE.min_tokens / bought(1.0, 10)  # the large shape's speed at which 10 minutes buy its min_tokens
+    shape, dropout, why = choose_cpu_shape(10, rates(2 * edge, 0.5 * edge), "CPU without native bf16 (float32)")
+    assert shape == SMALL and dropout == 0.0
+    assert why.startswith(f"CPU without native bf16 (float32), training measured at 192 x 4 {2 * edge / 1000:.1f}K "
+                          f"tok/s, 256 x 6 {0.5 * edge / 1000:.1f}K tok/s: {SMALL.name} for 10 min "
+                          f"(~{bought(2 * edge, 10) / 1e6:.1f}M tokens)")
+    assert why.endswith("no dropout (the data's size is not known yet)")
+    assert choose_cpu_shape(10, rates(4 * edge, 1.1 * edge), "x")[0] == LARGE
+    assert choose_cpu_shape(2, rates(4 * edge, 1.1 * edge), "x")[0] == SMALL  # the same machine, a short budget
 
 
-def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(peak, monkeypatch):
+def test_passes_over_the_data_set_the_dropout():
+    speed = 8000.0  # tokens/s of both shapes: 10 minutes buy 4.56M tokens, the large shape
+    tokens = bought(speed, 10)
+    shape, dropout, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 2)
+    assert shape == LARGE and dropout == 0.0 and why.endswith(
+        f"2.0 passes over the data: no dropout (<= {FRESH_PASSES:g} passes read as fresh text)")
+    _, dropout, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 8)
+    assert dropout == 0.1 and "8.0 passes over the data: dropout 0.1" in why
+    # the edge itself reads as fresh text
+    assert choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / FRESH_PASSES)[1] == 0.0
+
+
+def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    peak(1e9)  # a very slow CPU: the smallest shape, with the study's recipe
+    monkeypatch.setattr(sizing, "training_rate", lambda shape, *a, **k: 100.0)  # a very slow CPU: the small shape
     cfg, why = auto_config(["train.max_minutes=5", "tokenizer.vocab_size=4096"])
-    small = CPU_SHAPES[0]
-    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads) == (small.dim, small.n_layers, small.n_heads)
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads) == (SMALL.dim, SMALL.n_layers, SMALL.n_heads)
     assert cfg.train.optimizer == "muon" and cfg.model.dropout == 0.0 and cfg.train.max_minutes == 5
-    assert small.name in why and "yours kept" not in why
+    assert SMALL.name in why and "yours kept" not in why
     cfg, why = auto_config(["train.max_minutes=5", "model.dim=128", "model.n_heads=4", "train.optimizer=adamw"])
     assert (cfg.model.dim, cfg.model.n_heads, cfg.train.optimizer) == (128, 4, "adamw")
     assert why.endswith("(yours kept: model.dim, model.n_heads, train.optimizer)")
+    # a local text that the budget reads many times over: dropout, from its size on disk
+    text = tmp_path / "stories.txt"
+    text.write_text("Once upon a time there was a cat.\n" * 100)  # 3.5 KB, ~850 tokens; 5 min buy 28.5K
+    cfg, why = auto_config(["train.max_minutes=5", f"data.source={text}"])
+    assert cfg.model.dropout == 0.1 and "passes over the data: dropout 0.1" in why
     unsized = ["train.max_minutes=null", "train.max_steps=100"]
     cfg, why = auto_config(unsized)
     assert why.startswith("no time budget") and cfg == load_config(CONFIG_DIR / "cpu.yaml", unsized)
+
+
+@pytest.mark.slow
+def test_training_rate_is_measured_once_per_machine(monkeypatch, tmp_path):
+    import tinystories.model.calibrate as calibrate
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "BUSY_SHARE", 0.0)  # keep the figure even on a busy machine
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    cfg = load_config(CONFIG_DIR / "cpu.yaml", ["train.batch_size=2", "model.max_seq_len=32"])
+    tiny = sizing.Shape("dim 32, 1 layer", 32, 1, 2, min_tokens=0)
+    said = []
+    rate = sizing.training_rate(tiny, 256, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
+    assert rate > 0 and len(said) == 1 and "timing dim 32, 1 layer's training step" in said[0][0]
+    assert len(list(tmp_path.glob("train-rate-*.json"))) == 1
+    again = sizing.training_rate(tiny, 256, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
+    assert again == rate and len(said) == 1  # read back: not timed again
+    other = sizing.training_rate(tiny, 512, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
+    assert other > 0 and len(said) == 2  # another vocabulary is another measurement

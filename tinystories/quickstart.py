@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from tinystories.core.defaults import QUICKSTART_OPENINGS
+from tinystories.core.defaults import BYTES_PER_TOKEN, QUICKSTART_OPENINGS
 from tinystories.core.errors import UserError
 from tinystories.core.fmt import fmt_approx
 from tinystories.core.runs import checkpoints_dir
@@ -111,10 +111,12 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     tok = ensure_tokenizer(cfg, source)
     stages.append(("tokenizer", time.time() - t0))
     t0 = time.time()
-    ensure_cache(cfg, tok, source)
+    cache = ensure_cache(cfg, tok, source)
     stages.append(("token cache", time.time() - t0))
     if not cfg.tokenizer.path:
         cfg.tokenizer.path = str(run_tokenizer_dir(cfg))  # train finds both ready (one "cache hit" line)
+    if not on_gpu and not latest.exists():  # a new run: sized to this CPU, the budget and the data it holds
+        cfg = size_for_cpu(cfg, minutes, tok.vocab_size, int(cache.manifest["splits"]["train"]["tokens"]))
     t0 = time.time()
     if _train_or_reuse(cfg, out, latest.exists()):
         return _interrupted(out)
@@ -134,30 +136,40 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     return 0
 
 
+def quickstart_overrides(source, minutes: float, data_dir, vocab: int, cache_tokens: int | None) -> list[str]:
+    """What the quickstart sets on top of the shipped config: the data, the tokenizer's size, the time budget and
+    the part of the cache it can use."""
+    return [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
+            f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
+            f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
+
+
 def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool):
-    """The run's config: the GPU config, or on a CPU cpu.yaml sized to this machine and the budget (sizing.py, from
-    the recipe study); a tokenizer sized for the data, a time budget, a cache part the budget can use. Printed."""
+    """The run's config: the GPU config or cpu.yaml (sized later, once the cache says how much text there is:
+    size_for_cpu), with a tokenizer sized for the data, a time budget, a cache part the budget can use. Printed."""
     from tinystories.core.config import load_config
 
     cfg_path = pick_config(on_gpu)
     vocab = vocab_for(source)
-    cache_tokens = cache_tokens_for(minutes, on_gpu)
-    overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
-                 f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
-                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
-    sized = ""
-    if on_gpu:
-        cfg = load_config(cfg_path, overrides)
-    else:
-        from tinystories.training.sizing import sized_cpu_config
-
-        cfg, sized = sized_cpu_config(cfg_path, overrides, minutes, vocab)
+    overrides = quickstart_overrides(source, minutes, data_dir, vocab, cache_tokens_for(minutes, on_gpu))
+    cfg = load_config(cfg_path, overrides)
     cfg.out_dir = str(out)
     print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
           f"of training -> {out}")
-    if sized:
-        print(f"model size: {sized}")
     return cfg
+
+
+def size_for_cpu(cfg, minutes: float, vocab: int, data_tokens: int):
+    """cpu.yaml's run sized to this CPU (each shape's training speed, measured once per machine), the budget and
+    the `data_tokens` the cache holds (sizing.py, from the recipe study). Prints the `model size:` line."""
+    from tinystories.training.sizing import pick_config, sized_cpu_config
+
+    sized, why = sized_cpu_config(pick_config(False), quickstart_overrides(cfg.data.source, minutes, cfg.data.data_dir,
+                                  vocab, cfg.data.cache_tokens) + [f"tokenizer.path={cfg.tokenizer.path}"],
+                                  minutes, vocab, data_tokens)
+    sized.out_dir = cfg.out_dir
+    print(f"model size: {why}")
+    return sized
 
 
 def _train_or_reuse(cfg, out: Path, has_run: bool) -> int:
@@ -238,7 +250,7 @@ def print_plan(cfg, source: Path, minutes: float, on_gpu: bool, out: Path) -> No
         tok_line = f"train a {cfg.tokenizer.vocab_size}-token BPE on {what}, ~{sample_b / 1e6:,.0f} MB, " \
                    f"~{fmt_approx(sample_b / 1e6 / BPE_TRAIN_MB_S)}"
     want = cfg.data.cache_tokens
-    part_b = train_b if want is None else min(train_b, want * 4)  # ~4 bytes of text per token
+    part_b = train_b if want is None else min(train_b, want * BYTES_PER_TOKEN)
     caches = [json.loads(m.read_text()) for m in cache_root(cfg.data.data_dir).glob("*/manifest.json")]
     reuse = any(m["tokenizer"]["path"] == str((tok_dir / "tokenizer.json").resolve()) and (
         m.get("part") is None or (want is not None and m["splits"]["train"]["tokens"] >= want)) for m in caches)

@@ -20,6 +20,7 @@ SAMPLE_PROMPT = OPENINGS[0]
 
 # data / tokenizer (prepare.py, config.TokenizerConfig)
 REPORT_STORIES = 2000  # held-out stories a tokenizer report measures
+BYTES_PER_TOKEN = 4.0  # TinyStories text per token of a 4K-10K byte-level BPE (4.1 measured at 4K): sizes from bytes
 TOKENIZER_MAX_STORIES = 100_000  # stories a tokenizer trains on: bytes/token improves little beyond (tokenizer_sample)
 
 # eval (evaluate.py)

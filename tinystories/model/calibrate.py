@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,11 +38,38 @@ def cpu_name() -> str:
 BUSY_SHARE = 0.85  # the measuring threads got less of the CPU than this: the machine was busy, nothing is cached
 
 
-def _cache_file(dtype: torch.dtype) -> Path:
-    key = (f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{dtype}|"
-           f"{torch.backends.cpu.get_cpu_capability()}|{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
+def machine_key() -> str:
+    """What a measured speed depends on besides the thing measured: CPU model, threads, torch version, the
+    instruction set torch and oneDNN may use."""
+    return (f"{cpu_name()}|{torch.get_num_threads()}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|"
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
+
+
+def cached_measure(kind: str, key: str, measure: Callable[[], float],
+                   announce: Callable[[], None] | None = None) -> float:
+    """`measure()` once per machine and `key`, then read back from ~/.cache/tinystories/ (or $TINYSTORIES_CACHE).
+    A figure measured while other work shared the CPU is too low to keep: it is used once and measured again next
+    time. `announce()` is called before a measurement (not for a figure read back)."""
     root = Path(os.environ.get("TINYSTORIES_CACHE", Path.home() / ".cache" / "tinystories"))
-    return root / f"cpu-peak-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    path = root / f"{kind}-{hashlib.sha256(f'{machine_key()}|{key}'.encode()).hexdigest()[:16]}.json"
+    try:
+        return float(json.loads(path.read_text())["value"])
+    except (OSError, ValueError, KeyError):
+        pass
+    if announce:
+        announce()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    value = measure()
+    cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
+    if cpu_share < BUSY_SHARE or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        return value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"value": value, "kind": kind, "key": key, "cpu": cpu_name(),
+                                            "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return value
 
 
 def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, n: int = CALIBRATION_SIZE) -> float:
@@ -59,20 +87,4 @@ def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, n: int = CALI
 
 def cpu_matmul_peak(dtype: torch.dtype) -> float:
     """This machine's measured matmul FLOP/s in `dtype` (cached after the first call)."""
-    path = _cache_file(dtype)
-    try:
-        return float(json.loads(path.read_text())["flops"])
-    except (OSError, ValueError, KeyError):
-        pass
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    flops = measure_matmul_flops(dtype)
-    cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
-    if cpu_share < BUSY_SHARE or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        return flops  # other work shares the CPU: this figure is too low to keep; measure again next time
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"flops": flops, "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                                            "torch": torch.__version__, "dtype": str(dtype)}))
-    except OSError:
-        pass  # a read-only home: measure again next time
-    return flops
+    return cached_measure("cpu-peak", str(dtype), lambda: measure_matmul_flops(dtype))

@@ -1,20 +1,29 @@
-"""Right-size the CPU model to the machine and the time budget (quickstart).
+"""Right-size the CPU model to the machine, the time budget and the data (quickstart, `train --config auto`).
 
-A time budget buys tokens: tokens/s = this CPU's measured matmul peak (calibrate.py, in the dtype the device
-policy trains in) x the share of it a shape reaches (MFU, measured with benchmarks/train_throughput.py) / the
-shape's FLOPs per token. The recipe study (benchmarks/recipe_study.py, docs/training-recipe.md) found which shape
-reaches the lowest loss for a given number of tokens; `choose_cpu_shape` applies that table to the tokens this
-budget buys here and says why in one line.
+Two clocks decide it. Compute: the tokens the budget buys, from each candidate shape's training speed measured on
+this machine (a few compiled steps as the run takes them, once per machine and cached, like the matmul peak in
+calibrate.py). Data: the tokens the training text holds. The recipe study (benchmarks/recipe_study.py,
+docs/training-recipe.md) found which shape reaches the lowest loss for a given number of tokens; the number of
+passes over the data (bought / held) then sets the regularisation: repeated text is nearly as good as fresh up to
+~4 passes (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models"), past that a model of this size
+memorises it (the validation loss turns up) and dropout 0.1 recovers most of the loss. `choose_cpu_shape` says why
+in one line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tinystories.core.config import ModelConfig
+from tinystories.core.config import ModelConfig, RunConfig
+
+RATE_STEPS = 4  # timed training steps per shape, after two that compile
+EVAL_SHARE = 0.05  # the share of a time budget a run spends evaluating and saving, not training
+FRESH_PASSES = 4.0  # up to this many passes over the data: no dropout
+MANY_PASSES_DROPOUT = 0.1  # past it (0.2 was worse again in the study)
 
 
 @dataclass(frozen=True)
@@ -23,73 +32,124 @@ class Shape:
     dim: int
     n_layers: int
     n_heads: int
-    mfu_fp32: float  # share of the float32 matmul peak its training step reaches (compiled, batch 16 x 256, Muon)
-    mfu_bf16: float  # the same in bfloat16 autocast, against the bf16 peak (AVX512-BF16 / AMX)
     min_tokens: float  # the fewest training tokens at which the study found it beats the next smaller shape
 
-    def overrides(self) -> list[str]:
-        # the study's recipe with it: Muon for the block matrices, no dropout (~2 passes over the data)
+    def overrides(self, dropout: float = 0.0) -> list[str]:
+        # the study's recipe with it: Muon for the block matrices
         return [f"model.dim={self.dim}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
-                "train.optimizer=muon", "model.dropout=0.0"]
+                "train.optimizer=muon", f"model.dropout={dropout:g}"]
 
-    def mfu(self, dtype: torch.dtype) -> float:
-        return self.mfu_bf16 if dtype == torch.bfloat16 else self.mfu_fp32
+    def model_config(self, vocab: int, seq_len: int = 256) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                           max_seq_len=seq_len)
 
     def flops_per_token(self, vocab: int, seq_len: int = 256) -> float:
         """Training FLOPs per token, the model's own count (built on the meta device: nothing is allocated)."""
         from tinystories.model.transformer import Transformer
 
-        cfg = ModelConfig(vocab_size=vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                          max_seq_len=seq_len)
         with torch.device("meta"):
-            return Transformer(cfg).flops_per_token()
+            return Transformer(self.model_config(vocab, seq_len)).flops_per_token()
 
 
-# smallest first. mfu: measured with benchmarks/train_throughput.py (--compile --optimizer muon, batch 16 x 256, 4K
-# vocabulary) on 2 cores of an AMD EPYC with avx512_bf16: float32 with oneDNN/MKL limited to AVX2 (a CPU without
-# native bf16) against its 211 GFLOP/s fp32 peak; bfloat16 natively against its ~930 GFLOP/s bf16 peak (bf16
-# matmuls this small reach a far smaller share of the peak). min_tokens: from the recipe study
-# (docs/training-recipe.md), without native bf16: at 5 minutes dim 192 x 4 beat dim 256 x 6 (both Muon) by 7.0%
-# (1.1539 vs 1.2408 bits per byte), at 10 minutes by 0.6% (1.1309 vs 1.1378, when dim 256 x 6 had seen 1.96M
-# tokens); a + b ln(tokens) fitted per shape through both budgets crosses at ~11 minutes there, when dim 256 x 6
-# has seen ~2.1M tokens (recipe_study.py prints the fit): its min_tokens.
+# smallest first. min_tokens: from the recipe study (docs/training-recipe.md), without native bf16: at 5 minutes
+# dim 192 x 4 beat dim 256 x 6 (both Muon) by 7.0% (1.1539 vs 1.2408 bits per byte), at 10 minutes by 0.6% (1.1309
+# vs 1.1378, when dim 256 x 6 had seen 1.96M tokens); a + b ln(tokens) fitted per shape through both budgets
+# crosses at ~11 minutes there, when dim 256 x 6 has seen ~2.1M tokens (recipe_study.py prints the fit).
 CPU_SHAPES = [
-    Shape("dim 192, 4 layers", 192, 4, 6, mfu_fp32=0.637, mfu_bf16=0.278, min_tokens=0),
-    Shape("dim 256, 6 layers", 256, 6, 8, mfu_fp32=0.629, mfu_bf16=0.293, min_tokens=2.1e6),
+    Shape("dim 192, 4 layers", 192, 4, 6, min_tokens=0),
+    Shape("dim 256, 6 layers", 256, 6, 8, min_tokens=2.1e6),
 ]
 
 
-def choose_cpu_shape(minutes: float, vocab: int, dtype: torch.dtype, describe_cpu: str) -> tuple[Shape, str]:
-    """The shape the study recommends for the tokens `minutes` of training buy on this CPU, and the line that
-    says why."""
-    from tinystories.model.device import peak_flops
+def training_rate(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, compile: bool, log=print) -> float:
+    """Training tokens/s of `shape` on this CPU: RATE_STEPS steps of the run's batch, optimizer, dtype and
+    compilation, timed after two that compile. Measured once per machine (model/calibrate.py's cache)."""
+    from tinystories.model.calibrate import cached_measure
 
-    peak = peak_flops(torch.device("cpu"), dtype)
-    choice, tokens = CPU_SHAPES[0], 0.0
+    t = cfg.train
+    key = (f"train-step|{shape.dim}x{shape.n_layers}x{shape.n_heads}|vocab {vocab}|{t.batch_size}x"
+           f"{cfg.model.max_seq_len}|{t.optimizer}|{dtype}|compile {compile}")
+    return cached_measure("train-rate", key, lambda: _time_steps(shape, vocab, cfg, dtype, compile),
+                          lambda: log(f"model size: timing {shape.name}'s training step on this CPU "
+                                      f"(once per machine) ...", flush=True))
+
+
+def _time_steps(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, compile: bool) -> float:
+    import time
+
+    from tinystories.model.device import autocast_ctx
+    from tinystories.model.transformer import Transformer
+    from tinystories.training.optim import make_optimizer
+
+    cpu, t, seq = torch.device("cpu"), cfg.train, cfg.model.max_seq_len
+    gen = torch.Generator().manual_seed(0)
+    model = Transformer(shape.model_config(vocab, seq))
+    optimizer = make_optimizer(model, t, cpu)
+    step_model = torch.compile(model) if compile else model
+    x, y = (torch.randint(vocab, (t.batch_size, seq), generator=gen) for _ in range(2))
+
+    def step() -> None:
+        with autocast_ctx(cpu, dtype):
+            _, loss = step_model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(), step()
+    t0 = time.perf_counter()
+    for _ in range(RATE_STEPS):
+        step()
+    return RATE_STEPS * t.batch_size * seq / (time.perf_counter() - t0)
+
+
+def dropout_for(passes: float | None) -> tuple[float, str]:
+    """The regularisation for `passes` over the training data (None: the data's size is not known)."""
+    if passes is None:
+        return 0.0, "no dropout (the data's size is not known yet)"
+    if passes <= FRESH_PASSES:
+        return 0.0, f"{passes:.1f} passes over the data: no dropout (<= {FRESH_PASSES:g} passes read as fresh text)"
+    return MANY_PASSES_DROPOUT, (f"{passes:.1f} passes over the data: dropout {MANY_PASSES_DROPOUT:g} (past "
+                                 f"{FRESH_PASSES:g} passes a model this size memorises the text)")
+
+
+def choose_cpu_shape(minutes: float, rate: Callable[[Shape], float], describe_cpu: str,
+                     data_tokens: float | None = None) -> tuple[Shape, float, str]:
+    """The shape the study recommends for the tokens `minutes` of training buy on this CPU (`rate`: a shape's
+    training tokens/s), the dropout the passes over `data_tokens` call for, and the line that says why."""
+    choice, tokens, rates = CPU_SHAPES[0], 0.0, []
     for shape in CPU_SHAPES:
-        t = minutes * 60 * peak * shape.mfu(dtype) / shape.flops_per_token(vocab)
-        if t >= shape.min_tokens:
+        r = rate(shape)
+        rates.append(f"{shape.dim} x {shape.n_layers} {r / 1000:.1f}K tok/s")
+        t = minutes * 60 * (1 - EVAL_SHARE) * r
+        if t >= shape.min_tokens or shape is CPU_SHAPES[0]:
             choice, tokens = shape, t
-    why = (f"{describe_cpu}, {peak / 1e9:,.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}): "
-           f"{choice.name}, {vocab / 1000:.0f}K vocab for {minutes:g} min (~{tokens / 1e6:.1f}M tokens)")
-    return choice, why
+    passes = tokens / data_tokens if data_tokens else None
+    dropout, why_dropout = dropout_for(passes)
+    why = (f"{describe_cpu}, training measured at {', '.join(rates)}: {choice.name} for {minutes:g} min "
+           f"(~{tokens / 1e6:.1f}M tokens); {why_dropout}")
+    return choice, dropout, why
 
 
-def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int):
+def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int, data_tokens: float | None = None):
     """The config at `cfg_path` with the shape and recipe the study recommends for `minutes` of training on this
-    CPU (the caller's overrides win over the sizing's), and the line that says why."""
+    CPU and `data_tokens` of training text (the caller's overrides win over the sizing's), and the line that says
+    why."""
     from tinystories.core.config import load_config
     from tinystories.model.device import choose_policy, detect_caps
 
     caps = detect_caps(torch.device("cpu"))
-    policy = choose_policy(caps, load_config(cfg_path, overrides).train)
+    base = load_config(cfg_path, overrides)
+    policy = choose_policy(caps, base.train)
     kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
-    shape, why = choose_cpu_shape(minutes, vocab, policy.dtype, kind)
-    sized_keys = {o.split("=", 1)[0] for o in shape.overrides()}
+    kind += f" ({str(policy.dtype).removeprefix('torch.')})"
+    shape, dropout, why = choose_cpu_shape(
+        minutes, lambda s: training_rate(s, vocab, base, policy.dtype, policy.compile), kind, data_tokens)
+    sized = shape.overrides(dropout)
+    sized_keys = {o.split("=", 1)[0] for o in sized}
     mine = [key for key in (o.split("=", 1)[0] for o in overrides) if key in sized_keys]
     if mine:
         why += f" (yours kept: {', '.join(mine)})"
-    return load_config(cfg_path, shape.overrides() + overrides), why
+    return load_config(cfg_path, sized + overrides), why
 
 
 def pick_config(on_gpu: bool) -> Path:
@@ -116,4 +176,19 @@ def auto_config(overrides: list[str]):
         from tinystories.data.tokenizer import load_tokenizer
 
         vocab = load_tokenizer(cfg.tokenizer.path).vocab_size
-    return sized_cpu_config(path, overrides, cfg.train.max_minutes, vocab)
+    return sized_cpu_config(path, overrides, cfg.train.max_minutes, vocab, text_tokens(cfg))
+
+
+def text_tokens(cfg: RunConfig) -> float | None:
+    """Roughly the training tokens the run's data holds, before its cache is built: the local source's train
+    text at BYTES_PER_TOKEN, at most data.cache_tokens (None: a download, not on disk yet)."""
+    from tinystories.core.defaults import BYTES_PER_TOKEN
+    from tinystories.data.text import list_text_files, split_files
+
+    if not cfg.data.source or not Path(str(cfg.data.source)).exists():
+        return None
+    train, val = split_files(list_text_files(cfg.data.source, flag="data.source"))
+    tokens = sum(f.stat().st_size for f in (train or val)) / BYTES_PER_TOKEN
+    if not val:  # no official validation file: data.val_fraction of the stories is held out
+        tokens *= 1 - cfg.data.val_fraction
+    return min(tokens, cfg.data.cache_tokens or tokens)
