@@ -14,7 +14,7 @@ CPU.
 `--ref-tokens-per-s X` anchors the budget to another machine instead: the baseline arm (adamw) gets the tokens X
 tokens/s buy in the budget, and every other arm its share by its speed relative to the baseline, measured here in
 the same conditions. E.g. `--ref-tokens-per-s 1300`: configs/cpu.yaml's fp32 speed on 2 AVX2 cores of an AMD EPYC
-(issue 12's measurement: 165 steps of 4,096 tokens in 10 minutes), so the study answers for a CPU without bf16 even
+(165 steps of 4,096 tokens in 10 minutes), so the study answers for a CPU without bf16 even
 when run on a busy machine or one with AMX.
 
     python benchmarks/recipe_study.py --minutes 5 10 --seeds 1 2 --out /tmp/recipe-study
@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 
-BASE = {  # configs/cpu.yaml as of round 1 (its shape and optimizer stated here, so the arms keep their meaning
+BASE = {  # the earlier configs/cpu.yaml (its shape and optimizer stated here, so the arms keep their meaning
     # when cpu.yaml adopts a winner), without dropout, run in float32 (a CPU without native bf16)
     "model.dim": "256", "model.n_layers": "6", "model.n_heads": "8", "model.dropout": "0.0",
     "train.optimizer": "adamw", "train.zero_init_residual": "false", "train.lr_schedule": "cosine",
@@ -52,8 +52,8 @@ D192X4 = {"model.dim": "192", "model.n_layers": "4", "model.n_heads": "6"}
 MUON_D192X4 = {"train.optimizer": "muon", **D192X4}
 # name -> --set overrides on top of BASE (and of configs/cpu.yaml)
 ARMS: dict[str, dict[str, str]] = {
-    "adamw": {},  # round 1's recipe: AdamW lr 2e-3, warmup 100, cosine to 1e-4, batch 16, dim 256 x 6 layers
-    "adamw-dropout0.1": {"model.dropout": "0.1"},  # round 1's cpu.yaml exactly
+    "adamw": {},  # the earlier recipe: AdamW lr 2e-3, warmup 100, cosine to 1e-4, batch 16, dim 256 x 6 layers
+    "adamw-dropout0.1": {"model.dropout": "0.1"},  # the earlier cpu.yaml exactly
     "adamw-lr4e-3": {"train.lr": "4e-3", "train.min_lr": "2e-4"},
     "adamw-zero-init": {"train.zero_init_residual": "true"},
     "muon": {"train.optimizer": "muon"},
@@ -80,6 +80,13 @@ ARMS: dict[str, dict[str, str]] = {
     "muon-d192x4-vocab10k": {**MUON_D192X4, "tokenizer.vocab_size": "10000"},
     "muon-d256x4": {"train.optimizer": "muon", "model.n_layers": "4"},
     "muon-d320x6": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8"},
+    # regularisation where the budget reads the data many times over (bf16, or less data)
+    "muon-d192x4-dropout0.05": {**MUON_D192X4, "model.dropout": "0.05"},
+    "muon-d192x4-dropout0.1": {**MUON_D192X4, "model.dropout": "0.1"},
+    "muon-dropout0.05": {"train.optimizer": "muon", "model.dropout": "0.05"},
+    "muon-dropout0.1": {"train.optimizer": "muon", "model.dropout": "0.1"},
+    "muon-d320x6-dropout0.1": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8",
+                               "model.dropout": "0.1"},
 }
 
 
@@ -90,25 +97,53 @@ def run_cli(args: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({r.returncode}): tinystories {' '.join(args)}; see {log}")
 
 
-def tokenizer_for(sets: dict[str, str], data_dir: Path) -> Path:
-    """The arm's BPE tokenizer trained on the shared train head (4K unless the arm sets tokenizer.vocab_size)."""
+def train_source(data_dir: Path, train_mb: float | None) -> Path:
+    """The text the arms train on: the shared heads, or (--train-mb N) the first N MB of the train head (whole
+    stories) beside the whole validation head, as a user with less text would have."""
+    if not train_mb:
+        return SHARED
+    src = data_dir / f"text-{train_mb:g}MB"
+    train = src / "TinyStories-train-head.txt"
+    if not train.exists():
+        src.mkdir(parents=True, exist_ok=True)
+        stories = (SHARED / "TinyStories-train-head.txt").read_text().split("<|endoftext|>")
+        kept, size = [], 0
+        for story in stories:
+            size += len(story.encode()) + len("<|endoftext|>")
+            if size > train_mb * 1e6:
+                break
+            kept.append(story)
+        (src / "TinyStories-valid-head.txt").write_bytes((SHARED / "TinyStories-valid-head.txt").read_bytes())
+        train.write_text("<|endoftext|>".join(kept) + "<|endoftext|>")
+    return src
+
+
+def tokenizer_for(sets: dict[str, str], data_dir: Path, source: Path) -> Path:
+    """The arm's BPE tokenizer trained on its train text (4K unless the arm sets tokenizer.vocab_size)."""
     vocab = sets.get("tokenizer.vocab_size", "4096")
-    tok = data_dir / f"tokenizer-{vocab}"
+    tok = data_dir / f"tokenizer-{vocab}" if source == SHARED else data_dir / f"tokenizer-{vocab}-{source.name}"
     if not (tok / "tokenizer.json").exists():
-        run_cli(["tokenizer", "train", "--vocab-size", vocab, "--from", str(SHARED), "--out", str(tok)],
-                data_dir / f"tokenizer-{vocab}.log")
+        run_cli(["tokenizer", "train", "--vocab-size", vocab, "--from", str(source), "--out", str(tok)],
+                data_dir / f"{tok.name}.log")
     return tok
 
 
-def train_args(out: Path, sets: dict[str, str], data_dir: Path) -> list[str]:
-    tok = tokenizer_for(sets, data_dir)
-    args = ["train", "--config", "configs/cpu.yaml", "--data", str(SHARED), "--out", str(out), "--force"]
+def train_args(out: Path, sets: dict[str, str], data_dir: Path, source: Path = SHARED) -> list[str]:
+    tok = tokenizer_for(sets, data_dir, source)
+    args = ["train", "--config", "configs/cpu.yaml", "--data", str(source), "--out", str(out), "--force"]
     fixed = {"data.data_dir": str(data_dir), "tokenizer.path": str(tok), "train.max_minutes": "null",
-             "train.checkpoint_interval": "1000000", "train.eval_interval": "1000000", "train.log_interval": "5",
+             "train.checkpoint_interval": "1000000", "train.eval_interval": "200", "train.log_interval": "5",
              "train.sample_tokens": "1"}
     for k, v in {**fixed, **sets}.items():
         args += ["--set", f"{k}={v}"]
     return args
+
+
+def train_tokens(run: Path) -> int:
+    """The training tokens of the run's cache (its train split)."""
+    state = json.loads((run / "checkpoints" / "latest" / "state.json").read_text())
+    manifest = json.loads((Path(state["cache_dir"]) / "manifest.json").read_text())
+    return int(manifest["splits"]["train"]["tokens"])
 
 
 def points(run: Path) -> list[dict]:
@@ -156,6 +191,8 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=30)
     ap.add_argument("--ref-tokens-per-s", type=float, default=None,
                     help="the baseline's tokens/s on the machine the budget is meant for (default: measured here)")
+    ap.add_argument("--train-mb", type=float, default=None,
+                    help="train on the first N MB of the train head (default: all of it, ~2 MB)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/recipe-study"))
     ap.add_argument("--report-only", action="store_true",
                     help="print the table and plot of the finished runs in --out; train nothing")
@@ -191,6 +228,7 @@ def main() -> None:
     if a.calibrate_only:
         return
     base_ms_per_token = speed["adamw"][0] / speed["adamw"][1]
+    source = train_source(data_dir, a.train_mb)
     for name in names:
         sets = {**BASE, "train.dtype": a.dtype, "train.compile": a.compile, **ARMS[name]}
         ms, tokens_per_step = speed[name]
@@ -199,17 +237,22 @@ def main() -> None:
         for minutes in a.minutes:
             steps = max(10, int(minutes * 60_000 / ms))
             for seed in a.seeds:
-                key = f"{name}|{minutes:g}|{seed}"
+                key = f"{name}|{minutes:g}|{seed}" + (f"|{a.train_mb:g}MB" if a.train_mb else "")
                 if key in results or a.report_only:
                     continue
-                out = a.out / "runs" / f"{name}-{minutes:g}min-seed{seed}"
+                out = a.out / "runs" / (f"{name}-{minutes:g}min-seed{seed}"
+                                        + (f"-{a.train_mb:g}MB" if a.train_mb else ""))
                 run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.seed": str(seed),
-                                         "train.eval_tokens": "100000000"}, data_dir), a.out / f"{out.name}.log")
+                                         "train.eval_tokens": "100000000"}, data_dir, source),
+                        a.out / f"{out.name}.log")
                 pts = points(out)
                 val = [p for p in pts if p["kind"] == "val"][-1]
                 tr = [p for p in pts if p["kind"] == "train"]
+                best = min(p["val_bpb"] for p in pts if p["kind"] == "val" and p["step"] > 0)
                 results[key] = {"arm": name, "minutes": minutes, "seed": seed, "steps": steps, "ms_per_step": ms,
-                                "bpb": val["val_bpb"], "val_loss": val["val_loss"], "tokens": tr[-1]["tokens"],
+                                "bpb": val["val_bpb"], "best_bpb": best, "val_loss": val["val_loss"],
+                                "tokens": tr[-1]["tokens"], "train_mb": a.train_mb,
+                                "passes": tr[-1]["tokens"] / train_tokens(out),
                                 "tokens_per_s": tr[-1]["tokens"] / (steps * ms / 1000),
                                 "anchored": bool(a.ref_tokens_per_s)}
                 results_file.write_text(json.dumps(results, indent=1))
@@ -253,21 +296,24 @@ def crossover(results: dict, small: str, large: str) -> str | None:
 
 
 def report(results: dict, names: list[str], a) -> None:
-    print(f"\n{'arm':<22} {'budget':>6} {'bpb (mean)':>10} {'spread':>7} {'seeds':>5} {'steps':>6} {'tokens/s':>9} "
-          f"{'vs adamw':>8}")
+    print(f"\n{'arm':<24} {'budget':>6} {'bpb (mean)':>10} {'spread':>7} {'seeds':>5} {'steps':>6} {'tokens/s':>9} "
+          f"{'vs adamw':>8} {'passes':>6} {'best eval':>9}")
     rows = []
     for minutes in a.minutes:
         base = [r["bpb"] for r in results.values() if r["arm"] == "adamw" and r["minutes"] == minutes]
         for name in names:
-            rs = [r for r in results.values() if r["arm"] == name and r["minutes"] == minutes]
+            rs = [r for r in results.values() if r["arm"] == name and r["minutes"] == minutes
+                  and r.get("train_mb") == a.train_mb]
             if not rs:
                 continue
             bpbs = [r["bpb"] for r in rs]
             mean = statistics.mean(bpbs)
             rel = f"{100 * (mean / statistics.mean(base) - 1):+.1f}%" if base else "-"
             rows.append((name, minutes, mean, max(bpbs) - min(bpbs), len(bpbs)))
-            print(f"{name:<22} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
-                  f"{rs[0]['steps']:>6} {rs[0]['tokens_per_s']:>9,.0f} {rel:>8}")
+            passes = statistics.mean(r.get("passes", float("nan")) for r in rs)
+            best = statistics.mean(r.get("best_bpb", float("nan")) for r in rs)
+            print(f"{name:<24} {minutes:>5g}m {mean:>10.4f} {max(bpbs) - min(bpbs):>7.4f} {len(bpbs):>5} "
+                  f"{rs[0]['steps']:>6} {rs[0]['tokens_per_s']:>9,.0f} {rel:>8} {passes:>6.1f} {best:>9.4f}")
     for small, large in CROSSOVERS:
         line = crossover(results, small, large)
         if line:
@@ -285,7 +331,8 @@ def report(results: dict, names: list[str], a) -> None:
     lo = min(r[2] for r in rows)
     ax.set_xlim(lo - 0.05, max(r[2] for r in rows) + 0.02)
     ax.set_xlabel("bits per byte on the validation head (lower is better; bar = seed spread)")
-    ax.set_title("Equal wall-clock recipe study (CPU model, float32)")
+    ax.set_title(f"Equal wall-clock recipe study (CPU model, {a.dtype}"
+                 + (f", first {a.train_mb:g} MB of the train head)" if a.train_mb else ")"))
     fig.tight_layout()
     fig.savefig(a.out / "recipe-study.png", dpi=110)
     print(f"\nresults: {a.out / 'results.json'}; plot: {a.out / 'recipe-study.png'}")

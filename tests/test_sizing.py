@@ -80,7 +80,7 @@ def test_training_rate_is_measured_once_per_machine(monkeypatch, tmp_path):
     tiny = sizing.Shape("dim 32, 1 layer", 32, 1, 2, min_tokens=0)
     said = []
     rate = sizing.training_rate(tiny, 256, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
-    assert rate > 0 and len(said) == 1 and "timing dim 32, 1 layer's training step" in said[0][0]
+    assert rate > 0 and len(said) == 1 and "timing the training step of dim 32, 1 layer" in said[0][0]
     assert len(list(tmp_path.glob("train-rate-*.json"))) == 1
     again = sizing.training_rate(tiny, 256, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
     assert again == rate and len(said) == 1  # read back: not timed again

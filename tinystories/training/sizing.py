@@ -70,7 +70,7 @@ def training_rate(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, 
     key = (f"train-step|{shape.dim}x{shape.n_layers}x{shape.n_heads}|vocab {vocab}|{t.batch_size}x"
            f"{cfg.model.max_seq_len}|{t.optimizer}|{dtype}|compile {compile}")
     return cached_measure("train-rate", key, lambda: _time_steps(shape, vocab, cfg, dtype, compile),
-                          lambda: log(f"model size: timing {shape.name}'s training step on this CPU "
+                          lambda: log(f"model size: timing the training step of {shape.name} on this CPU "
                                       f"(once per machine) ...", flush=True))
 
 
