@@ -314,6 +314,26 @@ def test_training_validation_is_evals_max_tokens_cut(short_run, tmp_path):
     assert res["bits_per_byte"] == pytest.approx(state["metrics"]["val_bpb"], abs=1e-5)
 
 
+def test_skip_tokens_scores_the_text_the_selection_never_saw(short_run, tmp_path):
+    """`eval --skip-tokens N` of a run whose evaluations scored N tokens: the rest of the validation split, and
+    together with `--max-tokens N` (the selection) it is the whole split's likelihood, token for token."""
+    ck = short_run / "checkpoints" / "latest"
+    reports = {}
+    for name, flags in (("rest", ["--skip-tokens", EVAL_N]), ("selection", ["--max-tokens", EVAL_N]),
+                        ("whole", [])):
+        out = tmp_path / f"{name}.json"
+        r = run_cli("eval", "--checkpoint", ck, *flags, "--num-stories", "0", "--device", "cpu", "--json", out)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports[name] = json.loads(out.read_text())
+    rest, sel, whole = reports["rest"], reports["selection"], reports["whole"]
+    assert "text the selection never saw" in rest["text"] and f"first {EVAL_N:,} tokens" in rest["text"]
+    assert rest["tokens"] + sel["tokens"] == whole["tokens"] and rest["bytes"] + sel["bytes"] == whole["bytes"]
+    line = _one_line_error(run_cli("eval", "--checkpoint", ck, "--skip-tokens", EVAL_N, "--text", VALID_HEAD))
+    assert "--skip-tokens" in line and "--text" in line
+    line = _one_line_error(run_cli("eval", "--checkpoint", ck, "--skip-tokens", 10**9, "--num-stories", "0"))
+    assert line.startswith(f"error: --skip-tokens {10**9}:") and "no text after" in line
+
+
 def test_validation_cut_has_exactly_the_documented_size(short_run):
     """likelihood.cut_split: the first N predicted tokens (N + 1 of the stream), or the whole split when shorter;
     bytes: the whole stories' from the index, plus the decoded part of the story the cut ends in."""
@@ -352,12 +372,12 @@ def test_validation_cut_has_exactly_the_documented_size(short_run):
     other = validation_subset(cache, tok, EVAL_N)
     assert np.array_equal(other[0], whole[: EVAL_N + 1]) and other[1] == cut_split(split, tok, EVAL_N)[1]
 
-    # skip_tokens: the whole stories after every story the cut at N reaches into (the selection's text)
-    k = int(np.searchsorted(starts, EVAL_N + 1))  # the first story that starts after the cut
+    # skip_tokens: what follows the selection's N predicted tokens (token N is context), with the bytes left
+    seen = cut_split(split, tok, EVAL_N)[1]
     s, b = cut_split(split, tok, None, skip_tokens=EVAL_N)
-    assert np.array_equal(s, whole[starts[k]:]) and b == int(docs[k:, 1].sum()) and s[0] == tok.doc_start_id
-    s, b = cut_split(split, tok, int(starts[k + 3] - starts[k]) - 1, skip_tokens=EVAL_N)  # then cut again
-    assert np.array_equal(s, whole[starts[k] : starts[k + 3]]) and b == int(docs[k : k + 3, 1].sum())
+    assert np.array_equal(s, whole[EVAL_N:]) and b == split.bytes - seen
+    s, b = cut_split(split, tok, 100, skip_tokens=EVAL_N)  # then cut again: the next 100 predicted tokens
+    assert np.array_equal(s, whole[EVAL_N : EVAL_N + 101]) and b == cut_split(split, tok, EVAL_N + 100)[1] - seen
     assert len(cut_split(split, tok, None, skip_tokens=len(whole))[0]) == 0  # nothing after it
 
 

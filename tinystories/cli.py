@@ -285,7 +285,7 @@ def _add_eval(sub) -> None:
                    help="score the first N tokens (of the run's validation split: the text a training run with "
                         "train.eval_tokens=N evaluates), or 'all' (default: all the text)")
     p.add_argument("--skip-tokens", type=at_least(0), default=0,
-                   help="score the run's validation split after its first N tokens (whole stories only): a run with "
+                   help="score the run's validation split after its first N tokens: a run with "
                         "train.eval_tokens=N chose its best checkpoint on those, so the rest is text the selection "
                         "never saw (default 0)")
     p.add_argument("--num-stories", type=int, default=DEFAULT_STORIES,

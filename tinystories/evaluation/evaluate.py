@@ -62,7 +62,7 @@ def _score_text(model, ck, cache, checkpoint, text, max_tokens: int | None, log,
             out["text"] = (f"{cache.path} (validation split after its first {skip_tokens:,} tokens, which chose the "
                            f"best checkpoint: text the selection never saw)")
             if len(stream) < 2:
-                raise UserError(f"--skip-tokens {skip_tokens}: the validation split of {cache.path} has no story "
+                raise UserError(f"--skip-tokens {skip_tokens}: the validation split of {cache.path} has no text "
                                 f"after its first {skip_tokens:,} tokens; lower it or leave it out")
     if len(stream) < 2:
         raise UserError(f"{out['text']}: no text to score")

@@ -35,21 +35,20 @@ def cut_split(split, tok: TextTokenizer, max_tokens: int | None, skip_tokens: in
     and `eval --max-tokens N` of the same checkpoint are the same number. The bytes are exact for whole stories
     (the story index); the story the cut ends in counts the bytes of its decoded tokens up to the cut.
 
-    `skip_tokens` N first leaves out every story that the cut at N predicted tokens reaches into: the text after a
-    run's evaluation subset, which chose its best checkpoint (empty when the split is not longer)."""
-    stream, starts, sizes = split.stream(), split.docs[:, 0], split.docs[:, 1]
-    first = 0
+    `skip_tokens` N scores what follows the first N predicted tokens instead (the text after a run's evaluation
+    subset, which chose its best checkpoint): the stream from token N on, whose first token is context only, and
+    the bytes of the longer cut less those of the first; empty when the split is not longer."""
     if skip_tokens:
-        k0 = int(np.searchsorted(starts, skip_tokens + 1, side="left"))  # the first story after the cut
-        if k0 >= len(starts):
+        if len(split.stream()) <= skip_tokens + 1:
             return np.zeros(0, dtype=np.int64), 0
-        first = int(starts[k0])
-        starts, sizes = starts[k0:] - first, sizes[k0:]
-    total_tokens, total_bytes = len(stream) - first, int(np.sum(sizes))
-    if max_tokens is None or total_tokens <= max_tokens + 1:
-        return np.asarray(stream[first:], dtype=np.int64), int(split.bytes) if not first else total_bytes
+        whole, whole_bytes = cut_split(split, tok, None if max_tokens is None else skip_tokens + max_tokens)
+        return whole[skip_tokens:], whole_bytes - cut_split(split, tok, skip_tokens)[1]
+    stream = split.stream()
+    if max_tokens is None or len(stream) <= max_tokens + 1:
+        return np.asarray(stream, dtype=np.int64), int(split.bytes)
     end = max_tokens + 1
-    cut = np.asarray(stream[first : first + end], dtype=np.int64)
+    cut = np.asarray(stream[:end], dtype=np.int64)
+    starts, sizes = split.docs[:, 0], split.docs[:, 1]
     k = int(np.searchsorted(starts, end, side="left"))  # stories 0..k-1 start before the cut
     if k < len(starts) and int(starts[k]) == end:
         return cut, int(np.sum(sizes[:k]))  # the cut falls on a story boundary: whole stories
