@@ -72,7 +72,6 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
     app.add_middleware(BodyGuard, limit=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
-        document_api_key(app)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -84,8 +83,27 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
     app.include_router(native_router(api))
     app.include_router(openai_router(api))
     app.include_router(_info_router(api, max_batch, bool(api_key)))
+    _schema_with_context(app, engine.context)
+    if api_key:
+        document_api_key(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _schema_with_context(app, context: int) -> None:
+    """/openapi.json says what the server enforces: at most `context` new tokens (the model's context)."""
+    build = app.openapi
+
+    def openapi():
+        schema = build()
+        for name, field in (("GenerateRequest", "max_new_tokens"), ("CompletionRequest", "max_tokens")):
+            prop = schema["components"]["schemas"][name]["properties"][field]
+            for option in prop.get("anyOf", [prop]):  # max_tokens may be null
+                if option.get("type") == "integer":
+                    option["maximum"] = context
+        return schema
+
+    app.openapi = openapi
 
 
 def _model_info(name: str, model, ck, context: int, limits: dict) -> dict:
