@@ -405,6 +405,9 @@ def test_api_key_is_required_on_the_api(keyed):
         r = httpx.request(method, keyed.url + path, json=payload, headers={"Authorization": f"Bearer {KEY}"},
                           timeout=HANG_S)
         assert r.status_code == 200, (path, r.text)
+    # default deny: any other path needs the key too
+    for path in ("/v1", "//v1/generate", "/v2/generate", "/metrics"):
+        assert httpx.get(keyed.url + path).status_code == 401, path
     # open: liveness (which says a key is needed), the page and its files, the schema (which declares the key)
     assert httpx.get(keyed.url + "/health").json()["api_key_required"] is True
     assert httpx.get(keyed.url + "/").status_code == 200 and httpx.get(keyed.url + "/static/app.js").status_code == 200

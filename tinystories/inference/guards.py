@@ -7,9 +7,10 @@ error bodies that always render, and the warning printed when the server is reac
     document_api_key(app)                               # the bearer scheme in /openapi.json (Swagger's Authorize)
     exposure_warning("0.0.0.0", 8000, None)            # "warning: serving on 0.0.0.0:8000 without --api-key: ..."
 
-The key protects every path under /v1/ (our API and the OpenAI-compatible one), as vLLM's and llama.cpp's
-servers do; /health, the playground page, its static files and the schema stay open, so that the page can load
-and ask for the key. Keys are compared in constant time (hmac.compare_digest).
+The key protects the API, every path under /v1/ (ours and the OpenAI-compatible one), as vLLM's and llama.cpp's
+servers do. It is required everywhere except on a short list of open paths (default deny): /health, the
+playground page and its static files, the schema and its docs, so that the page can load and ask for the key.
+Keys are compared in constant time (hmac.compare_digest).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import json
 import math
 
 API_KEY_ENV = "TINYSTORIES_API_KEY"
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIX = "/v1/"  # the API: what the schema marks as needing the key
+OPEN_PATHS = frozenset({"/", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PREFIXES = ("/static/",)
 OPENAI_PATHS = ("/v1/completions", "/v1/models")  # their errors follow OpenAI's shape ({"error": {...}})
 
 
@@ -44,14 +47,16 @@ def error_body(path: str, msg: str, kind: str, code: str) -> dict:
 
 
 class ApiKey:
-    """Pure ASGI middleware: requests to /v1/... need `Authorization: Bearer KEY` (401 otherwise)."""
+    """Pure ASGI middleware: every request but those to OPEN_PATHS needs `Authorization: Bearer KEY` (401
+    otherwise); CORS preflights (OPTIONS) pass, the CORS middleware outside answers them."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope["method"] == "OPTIONS"
-                or not scope["path"].startswith(PROTECTED_PREFIX)):
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS" or path in OPEN_PATHS
+                or path.startswith(OPEN_PREFIXES)):
             return await self.app(scope, receive, send)
         problem = self.check(dict(scope.get("headers") or []).get(b"authorization"))
         if problem is None:
