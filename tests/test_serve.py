@@ -345,6 +345,7 @@ def test_body_size_limit_413(server):
     (b'{"top_k": 1e400}', "top_k", "finite number"),
     (b'{"prompt": "\\ud800 half a character"}', "prompt", "lone surrogate"),
     (b'{"stop": ["\\udfff"]}', "stop", "lone surrogate"),
+    (b'{"stop": ["' + b"a" * 501 + b'"]}', "stop", "at most 500 characters"),
 ])
 def test_hostile_values_get_a_clear_422(server, body, field, words):
     # JSON's NaN/Infinity (Python's json reads them) and lone surrogates used to crash the error response (500)

@@ -5,13 +5,14 @@ documents them in the OpenAPI schema. Numbers must be finite and strings valid U
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from tinystories.inference.params import SamplingParams
 
 MAX_PROMPT_CHARS = 32_000
 MAX_ALTERNATIVES = 5
 MAX_STOPS = 4
+MAX_STOP_CHARS = 500  # each stop string: the hold-back scans it at every token
 
 _DEFAULT = SamplingParams()  # the sampling defaults of every command
 
@@ -28,6 +29,7 @@ def _unicode(text):
 
 
 Text = Annotated[str, BeforeValidator(_unicode)]  # every string field of a request
+Stop = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS), BeforeValidator(_unicode)]
 
 
 class GenerateRequest(BaseModel):
@@ -47,7 +49,7 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="server-sent events, one per token, then a final 'done' event")
     top_alternatives: int = Field(0, ge=0, le=MAX_ALTERNATIVES,
                                   description="with each token, its most likely alternatives and probabilities")
-    stop: list[Text] = Field(default_factory=list, max_length=MAX_STOPS, description="stop at any of these strings")
+    stop: list[Stop] = Field(default_factory=list, max_length=MAX_STOPS, description="stop at any of these strings")
 
 
 class CompletionRequest(BaseModel):
@@ -62,7 +64,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1")
     stream: bool = False
     stream_options: dict | None = None
-    stop: Text | list[Text] | None = None
+    stop: Stop | list[Stop] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: Text | None = Field(None, max_length=200)
     echo: bool = Field(False, description="only false")
