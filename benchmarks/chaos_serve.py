@@ -229,6 +229,7 @@ def hostile_cases() -> list[tuple[str, str, bytes, dict]]:
         ("max_tokens -5", "/v1/completions", b'{"prompt": "x", "max_tokens": -5}', j),
         ("invalid UTF-8", "/v1/generate", b'{"prompt": "\xff\xfe story"}', j),
         ("a lone surrogate", "/v1/completions", b'{"prompt": "\\ud800"}', j),
+        ("a 10,000-character stop string", "/v1/generate", json.dumps({"stop": ["a" * 10_000]}).encode(), j),
         ("not JSON", "/v1/generate", b"{prompt: x", j),
         ("no API key", "/v1/generate", b'{"prompt": "x"}', {"content-type": "application/json", "authorization": ""}),
         ("a wrong API key", "/v1/completions", b'{"prompt": "x"}', {**j, "authorization": "Bearer nope"}),
@@ -308,7 +309,7 @@ def load_row(url: str, pid: int, clients: int, duration: float) -> dict:
 def hostile_row(url: str) -> dict:
     n, bad = hostile(url)
     return {"fault": "server: hostile requests (2 MB body, prompt > context, NaN/negative/huge values, invalid "
-                     "UTF-8, lone surrogate, not JSON, no/wrong key)",
+                     "UTF-8, lone surrogate, long stop string, not JSON, no/wrong key)",
             "injected": str(n), "survived": f"{n - len(bad)} (each a 4xx with a message)",
             "lost": "none" if not bad else "; ".join(bad)}
 
