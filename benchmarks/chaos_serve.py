@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str, list[str]]:
             break
     if proc.poll() is not None:
         raise SystemExit("the server did not start:\n" + "".join(log))
-    import threading
-
     threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()  # keep the pipe drained
     return proc, f"http://127.0.0.1:{port}", log
 
@@ -187,11 +186,12 @@ async def one(kind: str, rng: random.Random, client, url: str, deadline: float, 
         return None
     if kind == "drop_early":  # gone before the answer: the request is cancelled while queued or running
         try:
-            await asyncio.wait_for(client.post(url + "/v1/generate", json=body(rng, False), headers=AUTH),
-                                   rng.uniform(0.001, 0.3))
+            r = await asyncio.wait_for(client.post(url + "/v1/generate", json=body(rng, False), headers=AUTH),
+                                       rng.uniform(0.001, 0.3))
         except asyncio.TimeoutError:
             return None
-        return None
+        tally.saw(r.status_code)  # answered before the client left
+        return r.status_code
     r = await client.post(url + "/v1/generate", json=body(rng, False), headers=AUTH)
     tally.saw(r.status_code)
     if r.status_code == 200 and r.json()["finish_reason"] not in ("stop", "length", "timeout"):

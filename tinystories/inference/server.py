@@ -19,7 +19,7 @@ Ctrl-C) the engine is closed first: running requests end after the current step 
 (a stream's final event; in the OpenAI protocol an error chunk, or 503 when not streaming), queued ones get 503,
 and then the process exits. Guards: validation with clear 422s (prompt length in tokens vs the context, parameter
 ranges, finite numbers, valid Unicode), a request body limit (413), a body that is not UTF-8 (400), an optional
-API key (--api-key or $TINYSTORIES_API_KEY: 401 on /v1/... without `Authorization: Bearer KEY`), CORS closed
+API key (--api-key or $TINYSTORIES_API_KEY: 401 on the API without `Authorization: Bearer KEY`), CORS closed
 unless --cors-origin is given, and no request field names a file: the checkpoint is fixed at start-up
 (inference/guards.py holds the middleware).
 """
@@ -44,7 +44,7 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
                cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0, api_key: str | None = None):
     """The FastAPI app serving `model` (loaded from checkpoint `ck`): an Engine, the routers, middleware (with
-    `api_key`, the /v1/ routes need `Authorization: Bearer API_KEY`)."""
+    `api_key`, the API needs `Authorization: Bearer API_KEY`: inference/guards.py)."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
 
