@@ -135,3 +135,38 @@ def test_phone_layout(server, browser, tmp_path):
     if os.environ.get("TINYSTORIES_SAVE_SCREENSHOTS"):
         shutil.copy(tmp_path / "phone.png", Path(os.environ["TINYSTORIES_SAVE_SCREENSHOTS"]) / "phone.png")
     ctx.close()
+
+
+def test_key_is_asked_once_and_kept(story_checkpoint, browser):
+    # a server with --api-key: the page loads, asks for the key (a wrong one is refused and asked again), keeps
+    # it for the next visit, and generates with it
+    s = Server(story_checkpoint, "--max-concurrent", "2", "--no-compile", "--api-key", "owl-42").wait()
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(s.url + "/")
+        page.wait_for_selector("#key-form:not([hidden])")
+        assert "loading" in page.inner_text("#model-info")
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button")
+        page.wait_for_function("document.getElementById('key-msg').textContent.includes('not accepted')")
+        assert page.is_visible("#key-form")
+        page.fill("#api-key", "owl-42")
+        page.click("#key-form button")
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('parameters')")
+        assert page.is_hidden("#key-form")
+
+        page = ctx.new_page()  # the next visit: no question
+        page.goto(s.url + "/")
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('parameters')")
+        assert page.is_hidden("#key-form")
+        set_range(page, "#max_new_tokens", 16)
+        page.click("#generate")
+        page.wait_for_function("!document.getElementById('generate').disabled", timeout=20_000)
+        assert page.locator("#output .tok").count() > 3 and page.is_hidden("#key-form")
+        assert not errors, errors
+    finally:
+        ctx.close()
+        s.stop()

@@ -34,14 +34,14 @@ class Server:
     """`python -m tinystories serve ...` in a subprocess; stopped by its pid. A thread reads its output (so a full
     pipe never blocks it) and notes the "serving ... on http://" line, which the server prints once it listens."""
 
-    def __init__(self, checkpoint: Path, *args: str):
+    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
              "--log-level", "warning", *args],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines: list[str] = []
         self.listening = threading.Event()
@@ -329,6 +329,120 @@ def test_body_size_limit_413(server):
     r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("body, field, words", [
+    (b'{"temperature": NaN}', "temperature", "finite number"),
+    (b'{"temperature": Infinity}', "temperature", "finite number"),
+    (b'{"top_p": -Infinity}', "top_p", "finite number"),
+    (b'{"repetition_penalty": NaN}', "repetition_penalty", "finite number"),
+    (b'{"temperature": -0.5}', "temperature", "greater than or equal to 0"),
+    (b'{"temperature": 1e308}', "temperature", "less than or equal to 5"),
+    (b'{"max_new_tokens": -3}', "max_new_tokens", "greater than or equal to 1"),
+    (b'{"max_new_tokens": 1e300}', "max_new_tokens", "integer"),
+    (b'{"max_new_tokens": 123456789012345678901234567890}', "max_new_tokens", "exceeds the model's context"),
+    (b'{"seed": -1}', "seed", "greater than or equal to 0"),
+    (b'{"top_k": 1e400}', "top_k", "finite number"),
+    (b'{"prompt": "\\ud800 half a character"}', "prompt", "lone surrogate"),
+    (b'{"stop": ["\\udfff"]}', "stop", "lone surrogate"),
+    (b'{"stop": ["' + b"a" * 501 + b'"]}', "stop", "at most 500 characters"),
+])
+def test_hostile_values_get_a_clear_422(server, body, field, words):
+    # JSON's NaN/Infinity (Python's json reads them) and lone surrogates used to crash the error response (500)
+    r = httpx.post(server.url + "/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert any(field in d["loc"] and words in d["msg"] for d in detail), detail
+
+
+def test_hostile_bodies_on_both_apis_get_4xx(server):
+    json_h = {"content-type": "application/json"}
+    for path in ("/v1/generate", "/v1/completions"):
+        r = httpx.post(server.url + path, content=b'{"prompt": "caf\xe9 \xff"}', headers=json_h)
+        assert r.status_code == 400, r.text
+        msg = r.json()["detail"] if path == "/v1/generate" else r.json()["error"]["message"]
+        assert "not valid UTF-8" in msg and "byte 0xe9 at offset 15" in msg
+        r = httpx.post(server.url + path, content=b'{"prompt": "x", "temperature": NaN}', headers=json_h)
+        assert r.status_code == 422 and "finite number" in r.text
+        r = httpx.post(server.url + path, content=b'{"prompt": "x", "top_p": -1e-300}', headers=json_h)
+        assert r.status_code == 422 and "greater than 0" in r.text
+        r = post(server, path, {"prompt": "once upon a time " * 300})  # ~1,200 tokens for a 512-token context
+        assert r.status_code == 422 and "context is 512" in r.text
+        r = post(server, path, {"prompt": "x" * 2_000_000})  # 2 MB
+        assert r.status_code == 413 and "too large" in r.text
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": ["\\ud83d"]}', headers=json_h)
+    assert r.status_code == 422 and "lone surrogate" in r.text
+    assert server.health()["errors"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ API key
+
+KEY = "class-key-1234"
+
+
+@pytest.fixture(scope="module")
+def keyed(checkpoint):
+    """A server on every interface with a key from $TINYSTORIES_API_KEY."""
+    s = Server(checkpoint, "--host", "0.0.0.0", "--no-compile", "--max-batch", "2",
+               env={"TINYSTORIES_API_KEY": KEY})
+    try:
+        yield s.wait()
+    finally:
+        s.stop()
+
+
+def test_api_key_is_required_on_the_api(keyed):
+    body = {"prompt": "Once", "max_new_tokens": 3, "seed": 1}
+    for path, method, payload in [("/v1/generate", "POST", body), ("/v1/completions", "POST", {"prompt": "x"}),
+                                  ("/v1/model", "GET", None), ("/v1/models", "GET", None)]:
+        for headers, says in [({}, "no API key"), ({"authorization": "Bearer wrong"}, "wrong API key"),
+                              ({"authorization": f"Basic {KEY}"}, "not 'Bearer KEY'"),
+                              ({"authorization": f"Bearer {KEY}x"}, "wrong API key")]:
+            r = httpx.request(method, keyed.url + path, json=payload, headers=headers, timeout=HANG_S)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            msg = r.json()["error"]["message"] if path in ("/v1/completions", "/v1/models") else r.json()["detail"]
+            assert says in msg and "Authorization: Bearer KEY" in msg, msg
+        r = httpx.request(method, keyed.url + path, json=payload, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=HANG_S)
+        assert r.status_code == 200, (path, r.text)
+    # default deny: any other path needs the key too
+    for path in ("/v1", "//v1/generate", "/v2/generate", "/metrics"):
+        assert httpx.get(keyed.url + path).status_code == 401, path
+    # open: liveness (which says a key is needed), the page and its files, the schema (which declares the key)
+    assert httpx.get(keyed.url + "/health").json()["api_key_required"] is True
+    assert httpx.get(keyed.url + "/").status_code == 200 and httpx.get(keyed.url + "/static/app.js").status_code == 200
+    schema = httpx.get(keyed.url + "/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/generate"]["post"]["security"] == [{"apiKey": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_keyed_server_on_all_interfaces_says_so(keyed):
+    out = keyed.output()
+    assert f"note: serving on 0.0.0.0:{keyed.port}:" in out and "the API needs the key" in out
+    assert "without --api-key" not in out and KEY not in out  # the key itself is never printed
+
+
+def test_open_server_on_all_interfaces_warns_who_can_reach_it(checkpoint, server):
+    assert server.health()["api_key_required"] is False  # the loopback server: no key, no warning
+    assert "warning" not in server.output()
+    s = Server(checkpoint, "--host", "0.0.0.0", "--no-compile", env={"TINYSTORIES_API_KEY": ""})
+    try:
+        s.wait()
+        assert post(s, "/v1/generate", {"prompt": "x", "max_new_tokens": 1}).status_code == 200
+    finally:
+        s.stop()
+    assert (f"warning: serving on 0.0.0.0:{s.port} without --api-key: anyone who can reach this machine on port "
+            f"{s.port} can use it") in s.output()
+
+
+def test_api_key_flag_must_be_usable(checkpoint):
+    from conftest import one_line_error
+
+    one_line_error(run_cli("serve", "--checkpoint", checkpoint, "--api-key", " ", timeout=HANG_S), "--api-key")
+    r = run_cli("serve", "--checkpoint", checkpoint, timeout=HANG_S, env={"TINYSTORIES_API_KEY": "k\nk"})
+    one_line_error(r, "$TINYSTORIES_API_KEY")
 
 
 def raw_post(server, path: str, body: dict) -> socket.socket:

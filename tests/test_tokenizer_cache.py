@@ -22,7 +22,8 @@ def test_bpe_roundtrip_and_articles_are_single_tokens(tok4k):
     assert tok.decode(ids) == story  # byte-level BPE is lossless
     for word in ("a", "the", "an"):
         assert tok.piece_id(word, leading_space=True) is not None
-    assert tok.doc_start_id == tok.encode("<|endoftext|>")[0]
+    assert tok.doc_start_id == tok.tok.token_to_id("<|endoftext|>")
+    assert tok.decode(tok.encode("a <|endoftext|> b")) == "a <|endoftext|> b"  # text that spells it stays text
 
 
 def test_transformers_fast_tokenizer_encodes_identically(tok4k):

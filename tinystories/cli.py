@@ -383,12 +383,17 @@ def _add_serve(sub) -> None:
         "  tinystories serve --checkpoint runs/tiny            # then open http://127.0.0.1:8000/\n"
         "  tinystories serve --checkpoint ck/ --port 8080 --max-batch 32 --max-queue 512 --timeout 30\n"
         "  tinystories serve --checkpoint ck/ --cors-origin http://localhost:3000\n"
+        "  TINYSTORIES_API_KEY=secret tinystories serve --checkpoint ck/ --host 0.0.0.0   # a class shares it\n"
         "  curl -N -X POST localhost:8000/v1/generate -H 'content-type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"stream\": true}'\n",
         "tinystories.inference.server:_cmd_serve",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (its best checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only; 0.0.0.0: every interface, say with --api-key)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on the API (/v1/...); default: $TINYSTORIES_API_KEY, "
+                        "else no key. The playground asks for it once")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded together, one batched forward per token; more wait in the queue "

@@ -193,12 +193,19 @@ def format_validation_error(err: ValidationError, origin: str, overrides: list[s
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     kind = first["type"]
     origin = _blame(origin, tuple(str(p) for p in first["loc"]), overrides or [], kind == "extra_forbidden")
+    key = printable(key)
     if kind == "extra_forbidden":
         return f"{origin}: unknown key '{key}' (check the spelling; see configs/ for valid keys)"
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
     shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
     return f"{origin}: invalid value for '{key}': {msg}{shown}"
+
+
+def printable(text: str) -> str:
+    """`text` as an error message shows it on its one line: as is, or quoted with escapes when it holds a newline
+    or another unprintable character."""
+    return text if text.isprintable() else repr(text)
 
 
 def _override_path(item: str) -> tuple[str, ...]:
@@ -212,16 +219,22 @@ def _blame(origin: str, loc: tuple[str, ...], overrides: list[str], unknown_key:
     for item in reversed(overrides):  # the last --set of a key wins
         path = _override_path(item)
         if loc[: len(path)] == path or (unknown_key and loc and path[: len(loc)] == loc):
-            return f"--set {item}"
+            return f"--set {printable(item)}"
     touched = [item for item in overrides if loc and _override_path(item)[: len(loc)] == loc]
     if touched:
-        return f"{origin} with " + " ".join(f"--set {item}" for item in touched)
+        return f"{origin} with " + " ".join(f"--set {printable(item)}" for item in touched)
     return origin
 
 
-def parse_scalar(text: str) -> Any:
-    """A --set value as YAML reads a scalar (3e-4 -> float, null -> None, true -> bool); '' stays ''."""
-    return yaml.safe_load(text) if text != "" else ""
+def parse_scalar(text: str, item: str | None = None) -> Any:
+    """A --set value as YAML reads a scalar (3e-4 -> float, null -> None, true -> bool); '' stays ''. A UserError
+    naming the --set `item` (else the value) when YAML cannot read it (e.g. an unclosed '[')."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        what = f"--set {item!r}" if item is not None else f"--set value {text!r}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{what}: not a value YAML can read ({problem}); quote it, e.g. key='\"text\"'") from None
 
 
 def set_items(overrides: list[str], section: str) -> list[tuple[str, str, str]]:
@@ -248,7 +261,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {item!r}: '{part}' is not a section")
-        node[parts[-1]] = parse_scalar(value)
+        node[parts[-1]] = parse_scalar(value, item)
     return raw
 
 

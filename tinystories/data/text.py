@@ -182,22 +182,38 @@ def unit_documents(path: Path, start: int = 0, end: int | None = None, mode: str
 
 
 def _story_of(obj, path: Path, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
     if isinstance(obj, dict):
-        for key in ("story", "text"):
-            if isinstance(obj.get(key), str):
-                return obj[key]
-    raise UserError(f"{path}: {where} has no 'story' (or 'text') string field")
+        obj = next((obj[key] for key in ("story", "text") if isinstance(obj.get(key), str)), None)
+    if not isinstance(obj, str):
+        raise UserError(f"{path}: {where} has no 'story' (or 'text') string field")
+    bad = _SURROGATE.search(obj)
+    if bad:  # a \ud800-style escape for half of a surrogate pair: no character, and no UTF-8 for it
+        raise UserError(f"{path}: {where} holds a lone surrogate (\\u{ord(bad.group()):04x}), which is not a "
+                        "character: fix the escape in the file")
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_loads(text: str, path: Path, where: str | None = None):
+    """json.loads of a file (or of its line `where`), with its errors, nesting deeper than the parser recurses
+    included, as a one-line UserError."""
+    head = f"{path}: {where} is" if where else f"{path}:"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{head} not valid JSON ({e.msg}{'' if where else f' at line {e.lineno}'})") from None
+    except RecursionError:
+        raise UserError(f"{head} JSON nested too deeply to read (expected stories)") from None
 
 
 def _iter_json_documents(path: Path) -> Iterator[str]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise _decode_error(path, e) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = _json_loads(text, path)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -213,11 +229,7 @@ def _jsonl_documents(path: Path, text: str, offset: int) -> Iterator[str]:
         if not line.strip():
             continue
         where = f"line {i}" if offset == 0 else f"line {i} after byte {offset}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: {where} is not valid JSON ({e.msg})") from None
-        story = _story_of(obj, path, where).strip()
+        story = _story_of(_json_loads(line, path, where), path, where).strip()
         if story:
             yield story
 

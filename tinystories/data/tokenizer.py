@@ -76,6 +76,9 @@ class BPETokenizer(TextTokenizer):
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"{path}: not a valid tokenizer.json ({first[:120]})") from None
+        # text that spells a special token ("<|endoftext|>" in a prompt or a story) is text, never the token:
+        # only the toolkit places special tokens, by id (and decode(encode(text)) == text for any text)
+        self.tok.encode_special_tokens = True
         self.path = path
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         vocab = self.tok.get_vocab(with_added_tokens=True)

@@ -20,7 +20,12 @@ from tinystories.inference.schemas import GenerateRequest
 RETRY_AFTER_S = 1
 ERROR_RESPONSES = {429: {"description": "the queue is full (--max-queue): retry after Retry-After seconds"},
                    503: {"description": "waited in the queue past --queue-timeout, or the server is shutting down"},
-                   413: {"description": "request body too large"}}
+                   413: {"description": "request body too large"},
+                   400: {"description": "the request body is not UTF-8"},
+                   # with "stream": true, the answer is server-sent events (each: an optional name, JSON data)
+                   200: {"content": {"text/event-stream": {"schema": {
+                       "type": "object", "required": ["data"],
+                       "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}}}}
 
 
 class Api:

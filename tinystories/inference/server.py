@@ -18,13 +18,14 @@ away is dropped from the queue at once, or from the batch before the next decodi
 Ctrl-C) the engine is closed first: running requests end after the current step with finish_reason "shutdown"
 (a stream's final event; in the OpenAI protocol an error chunk, or 503 when not streaming), queued ones get 503,
 and then the process exits. Guards: validation with clear 422s (prompt length in tokens vs the context, parameter
-ranges), a request body limit (413), CORS closed unless --cors-origin is given, and no request field names a
-file: the checkpoint is fixed at start-up.
+ranges, finite numbers, valid Unicode), a request body limit (413), a body that is not UTF-8 (400), an optional
+API key (--api-key or $TINYSTORIES_API_KEY: 401 on the API without `Authorization: Bearer KEY`), CORS closed
+unless --cors-origin is given, and no request field names a file: the checkpoint is fixed at start-up
+(inference/guards.py holds the middleware).
 """
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -41,13 +42,15 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt never needs more: the context is a few hu
 
 def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float = 60.0,
                cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0):
-    """The FastAPI app serving `model` (loaded from checkpoint `ck`): an Engine, the routers, middleware."""
+               max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0, api_key: str | None = None):
+    """The FastAPI app serving `model` (loaded from checkpoint `ck`): an Engine, the routers, middleware (with
+    `api_key`, the API needs `Authorization: Bearer API_KEY`: inference/guards.py)."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
 
     from tinystories.core.runs import run_name
     from tinystories.inference.frontend import Engine
+    from tinystories.inference.guards import ApiKey, BodyGuard, document_api_key, install_error_handlers
     from tinystories.inference.openai_api import openai_router
     from tinystories.inference.routes import Api, native_router
 
@@ -64,20 +67,43 @@ def create_app(model, ck, max_batch: int = DEFAULT_MAX_BATCH, timeout_s: float =
     app = FastAPI(title="tinystories", version="1", summary=f"Story generation with {name}", description=__doc__,
                   lifespan=lifespan)
     app.state.engine = engine
+    install_error_handlers(app)
+    # the last added runs first: CORS (so that 401s and 413s carry its headers), then the key, then the body
+    app.add_middleware(BodyGuard, limit=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "authorization"], max_age=600)
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     limits = {"max_concurrent": max_batch, "max_batch": max_batch, "max_queue": max_queue, "timeout_s": timeout_s,
               "queue_timeout_s": queue_timeout_s, "max_body_bytes": max_body_bytes}
     api = Api(engine, _model_info(name, model, ck, engine.context, limits))
     app.include_router(native_router(api))
     app.include_router(openai_router(api))
-    app.include_router(_info_router(api, max_batch))
+    app.include_router(_info_router(api, max_batch, bool(api_key)))
+    _schema_with_context(app, engine.context)
+    if api_key:
+        document_api_key(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _schema_with_context(app, context: int) -> None:
+    """/openapi.json says what the server enforces: at most `context` new tokens (the model's context)."""
+    build = app.openapi
+
+    def openapi():
+        schema = build()
+        for name, field in (("GenerateRequest", "max_new_tokens"), ("CompletionRequest", "max_tokens")):
+            prop = schema["components"]["schemas"][name]["properties"][field]
+            for option in prop.get("anyOf", [prop]):  # max_tokens may be null
+                if option.get("type") == "integer":
+                    option["maximum"] = context
+        return schema
+
+    app.openapi = openapi
 
 
 def _model_info(name: str, model, ck, context: int, limits: dict) -> dict:
@@ -101,8 +127,9 @@ def _model_info(name: str, model, ck, context: int, limits: dict) -> dict:
     }
 
 
-def _info_router(api, max_batch: int):
-    """GET /health, /v1/model, /v1/models (OpenAI's model list) and / (the playground page)."""
+def _info_router(api, max_batch: int, api_key_required: bool):
+    """GET /health (open, also with --api-key: it says whether the API needs a key), /v1/model, /v1/models
+    (OpenAI's model list) and / (the playground page)."""
     from fastapi import APIRouter
     from fastapi.responses import FileResponse
 
@@ -110,7 +137,8 @@ def _info_router(api, max_batch: int):
 
     @router.get("/health", tags=["info"])
     async def health():
-        return {"status": "ok", "model": name, "max_concurrent": max_batch, **engine.describe()}
+        return {"status": "ok", "model": name, "max_concurrent": max_batch, "api_key_required": api_key_required,
+                **engine.describe()}
 
     @router.get("/v1/model", tags=["info"])
     async def model_info():
@@ -125,49 +153,6 @@ def _info_router(api, max_batch: int):
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     return router
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: a request body over `limit` bytes gets 413 (Content-Length or counted)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._reject(send)
-        chunks, total = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away while sending
-            chunks.append(msg.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.limit:
-                return await self._reject(send)
-            if not msg.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, send):
-        payload = json.dumps({"detail": f"request body too large (limit {self.limit:,} bytes)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
 
 
 def _finite(value):
@@ -201,16 +186,18 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
           timeout_s: float = 60.0, cors_origins: list[str] | None = None, device: str = "cpu",
           log_level: str = "info", threads: int | None = None, compile_decoding: bool = True,
           max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0,
-          batch_flag: str = "--max-batch") -> None:
+          batch_flag: str = "--max-batch", api_key: str | None = None) -> None:
     _check_options(port, max_batch, max_queue, timeout_s, queue_timeout_s, cors_origins, threads, batch_flag)
     import uvicorn
+
+    from tinystories.inference.guards import exposure_warning
 
     # take the port before the (possibly slow) model load and compile: a port in use fails at once, in one line
     sockets = bind_sockets(host, port)
     port = sockets[0].getsockname()[1]  # --port 0: the port the system picked
     model, ck = _load(checkpoint, device, threads)
     app = create_app(model, ck, max_batch, timeout_s, cors_origins, max_queue=max_queue,
-                     queue_timeout_s=queue_timeout_s)
+                     queue_timeout_s=queue_timeout_s, api_key=api_key)
     if compile_decoding:  # before listening: no request waits on the compile
         t0 = time.perf_counter()
         print("compiling the decoding step (torch.compile)...", flush=True)
@@ -221,8 +208,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     shown = f"[{host}]" if ":" in host else host
     ready = [f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
              f"on http://{shown}:{port}/  (API schema: /openapi.json, docs: /docs)"]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        ready.append(f"warning: listening on {host}, reachable from other machines; the server has no authentication")
+    if api_key:
+        ready.append("the API needs the key: 'Authorization: Bearer KEY' (the playground asks for it once)")
+    warning = exposure_warning(host, port, api_key)
+    if warning:
+        ready.append(warning)
     # timeout_graceful_shutdown bounds the wait for requests the engine does not end (none of ours: closing it
     # ends them all within a decoding step)
     server = _uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -342,11 +332,16 @@ def bind_sockets(host: str, port: int) -> list:
 
 
 def _cmd_serve(args) -> int:
+    import os
+
+    from tinystories.inference.guards import resolve_api_key
+
     if args.max_batch is not None and args.max_concurrent is not None and args.max_batch != args.max_concurrent:
         raise UserError(f"--max-batch {args.max_batch} and --max-concurrent {args.max_concurrent}: --max-concurrent "
                         "is the old name of --max-batch; give one of them")
     flag = "--max-concurrent" if args.max_concurrent is not None else "--max-batch"
     max_batch = next((v for v in (args.max_batch, args.max_concurrent) if v is not None), DEFAULT_MAX_BATCH)
+    api_key = resolve_api_key(getattr(args, "api_key", None), os.environ)
     serve(args.checkpoint, args.host, args.port, max_batch, args.timeout, args.cors_origin, args.device,
-          args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag)
+          args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag, api_key)
     return 0

@@ -15,6 +15,52 @@ const SLIDERS = ["temperature", "top_k", "top_p", "max_new_tokens"];
 let controller = null; // AbortController of the running request
 let selected = null;
 
+// The API key, when the server was started with --api-key: asked for once, kept in this browser (localStorage).
+const KEY_STORE = "tinystories-api-key";
+let keyWaiters = [];
+
+function storedKey() {
+  try { return localStorage.getItem(KEY_STORE) || ""; } catch (e) { return ""; }
+}
+
+function withKey(headers) {
+  const k = storedKey();
+  return k ? { ...headers, authorization: "Bearer " + k } : headers;
+}
+
+// Show the key form (with why) and resolve once a key is entered.
+function askForKey(why) {
+  $("key-msg").textContent = why;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+function keyEntered(e) {
+  e.preventDefault();
+  const k = $("api-key").value.trim();
+  if (!k) return;
+  try { localStorage.setItem(KEY_STORE, k); } catch (err) { /* kept for this page only */ }
+  $("key-form").hidden = true;
+  $("api-key").value = "";
+  const waiters = keyWaiters;
+  keyWaiters = [];
+  for (const w of waiters) w();
+}
+
+// fetch() an API path with the key; on 401, forget the key, ask for one and try again.
+async function api(path, options = {}) {
+  for (;;) {
+    const r = await fetch(path, { ...options, headers: withKey(options.headers || {}) });
+    if (r.status !== 401) return r;
+    const had = storedKey();
+    try { localStorage.removeItem(KEY_STORE); } catch (e) { /* nothing stored */ }
+    setStatus("needs an API key", "error");
+    await askForKey(had ? "(that key was not accepted: try again)" : "(ask whoever runs it; this browser remembers it)");
+    setStatus("ready");
+  }
+}
+
 function setStatus(text, cls) {
   const s = $("status");
   s.textContent = text;
@@ -32,7 +78,7 @@ function showSlider(name) {
 
 async function loadModel() {
   try {
-    const r = await fetch("/v1/model");
+    const r = await api("/v1/model");
     const m = await r.json();
     const params = m.parameters >= 1e6 ? (m.parameters / 1e6).toFixed(1) + "M" : Math.round(m.parameters / 1e3) + "K";
     const parts = [m.name, params + " parameters", m.architecture.n_layers + " layers × " + m.architecture.dim,
@@ -180,7 +226,7 @@ async function generate() {
   }, 700);
   const stopWaiting = () => { clearInterval(waiting); waiting = null; };
   try {
-    const r = await fetch("/v1/generate", {
+    const r = await api("/v1/generate", {
       method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
       signal: controller.signal,
     });
@@ -265,6 +311,7 @@ function init() {
     if (t && t.dataset.top && window.matchMedia("(hover: hover)").matches) showWhy(t);
   });
   $("why-close").addEventListener("click", hideWhy);
+  $("key-form").addEventListener("submit", keyEntered);
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") hideWhy(); });
   loadModel();
 }
