@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from tinystories.core.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 
@@ -206,8 +208,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     data_dir = a.out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    model_name = cpu_name()
     from tinystories.model.device import cpu_has_bf16
 
     bf16 = "native bf16" if cpu_has_bf16() else "no native bf16 as torch runs it"

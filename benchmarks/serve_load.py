@@ -40,6 +40,8 @@ from pathlib import Path
 
 import httpx
 
+from tinystories.core.machine import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE_TOKENS = 400  # the disconnect probe's request: long enough to be running when it is dropped (capped by context)
 MAX_ATTEMPTS = 50  # tries of one probe request (429s, stories that end in under 3 tokens) before giving up
@@ -59,24 +61,6 @@ class BenchError(Exception):
     """The benchmark cannot go on (a request refused for good, a slot never freed): printed, exit status 1."""
 
 
-def cpu_model() -> str:
-    """The CPU's model name (lscpu, else /proc/cpuinfo, else platform), for labelling the figures."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"})
-        for line in out.stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def gpu_name() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -89,7 +73,7 @@ def gpu_name() -> str | None:
 
 def machine(device: str | None = None) -> str:
     """Where a figure was measured: this machine's CPU (and GPU when `device` is one), for every printed run."""
-    where = f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
+    where = f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
     if device and device.startswith("cuda"):
         where += f"; GPU {gpu_name() or 'unknown'}"
     return where

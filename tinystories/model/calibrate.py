@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +20,9 @@ from pathlib import Path
 import torch
 
 from tinystories.core.atomic import write_text_atomic
+from tinystories.core.machine import cpu_name
 
 CALIBRATION_SIZE = 2048  # a 2048^3 matmul: large enough to reach the kernels' steady rate, ~0.1 s on 2 cores
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 BUSY_SHARE = 0.85  # the measuring threads got less of the CPU than this: the machine was busy, nothing is cached
