@@ -44,12 +44,16 @@ LOW_SPACE = 1 << 20  # a write that fails with less free space than this failed 
 
 
 def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
-    """Did writing near `path` fail for want of space? An OSError says so with its errno; libraries that wrap it
-    (torch.save, safetensors) say "file write failed" or "StorageFull", so the free space decides for them."""
+    """Did writing near `path` fail for want of space? An OSError says so with its errno, safetensors in its message;
+    when a library's error says only that a write failed (torch.save: "file write failed"), the free space decides."""
+    if isinstance(exc, UserError):
+        return False
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return True
-    wrote = isinstance(exc, (OSError, RuntimeError)) or any(w in str(exc).lower() for w in ("write", "storagefull"))
-    if not wrote or isinstance(exc, UserError):
+    text = str(exc).lower()
+    if "no space left" in text or "os error 28" in text or "storagefull" in text:
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)) and "write" not in text:
         return False
     here = Path(path)
     while not here.exists() and here != here.parent:

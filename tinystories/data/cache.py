@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -107,7 +106,7 @@ def plan_units(files: list[Path], holdout: bool) -> list[Unit]:
 _WORKER_TOKENIZERS: dict[str, TextTokenizer] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import signal
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core does the parallelism
@@ -118,6 +117,8 @@ def _init_worker() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the main process died before the line above: nothing will signal this one
+        os._exit(1)
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -240,7 +241,6 @@ def prepare(
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp + ("" if part is None else f"-part{part['units']}of{part['of']}"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "dtype": dtype,
         "tokenizer": tok.describe() | {"path": str(tok.path.resolve())},
         "sources": [_file_signature(f) | {"split": "val" if f in val_files and train_files else "train"}
@@ -347,7 +347,8 @@ def _build_in_workers(tok_path: str, cache_dir: Path, units: list[Unit], k: int,
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
     futures: dict[str, object] = {}
     queue = list(units)
     try:

@@ -107,7 +107,8 @@ def save_checkpoint(
     name = f"step-{state['step']:08d}"
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckdir.glob(".tmp-step-*"):  # half-written checkpoints of a killed run (one trainer writes a run)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         with disk_full_is_user_error(tmp, "checkpoint"):  # a full disk: the half-written copy goes, `latest` stays
             write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
