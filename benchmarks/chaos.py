@@ -222,24 +222,29 @@ def chaos_prepare(w: Work, kills: int, rng: random.Random) -> list[dict]:
     took = time.monotonic() - t0
     if r.returncode:
         return [row("kill -9 during data prepare", 0, 0, [f"the uninterrupted build failed: {r.stderr[-300:]}"])]
-    killed, lost, injected = w.root / "cache-killed", [], 0
-    for _ in range(kills):
+    killed, lost, injected, mid_write, after_unit = w.root / "cache-killed", [], 0, 0, 0
+    for _ in range(3 * kills):
+        if injected == kills or lost:
+            break
         proc, _lines = spawn(*args(killed))
+        t0 = time.monotonic()
         time.sleep(rng.uniform(0.1, 0.95) * took)
-        if proc.poll() is not None:
-            shutil.rmtree(killed)  # it finished first: start the next try from nothing
+        if proc.poll() is not None:  # it finished first: aim earlier, and start the next try from nothing
+            took = min(took, time.monotonic() - t0)
+            shutil.rmtree(killed)
             continue
         kill9(proc)
         injected += 1
+        mid_write += any(".tmp-" in p.name for p in killed.rglob(".*"))
+        after_unit += any(killed.rglob("*-00000.json"))
         r = cli(*args(killed))  # the rerun after each kill completes the build
         if r.returncode:
             lost.append(f"the rerun failed: {r.stderr.strip()[-300:]}")
-            break
-        if tree_bytes(killed) != tree_bytes(w.root / "cache-ref"):
+        elif tree_bytes(killed) != tree_bytes(w.root / "cache-ref"):
             lost.append("the finished cache differs from an uninterrupted build (or holds temporary files)")
-            break
         shutil.rmtree(killed)  # the next kill starts from an empty cache again
-    return [row("kill -9 during data prepare", injected, injected if not lost else 0, lost)]
+    return [row(f"kill -9 during data prepare ({mid_write} inside a shard write, {after_unit} after a finished unit)",
+                injected, injected if not lost else 0, lost)]
 
 
 # ------------------------------------------------------------------------------------------------- a full disk
@@ -277,41 +282,44 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def full_disk_case(fs: Tmpfs, name: str, first, again, intact, written: Path) -> dict:
-    """`first()` writes `written`; the disk is filled but for half of that size, so the next write (`again()`, a CLI
-    run writing the next version) runs out of space midway: it must fail in one line naming the path and leave no
-    temporary file; `intact()` must hold; after freeing space `again()` must succeed and `intact()` still hold."""
+def full_disk_case(fs: Tmpfs, name: str, first, again, intact, size, fills: list[float]) -> dict:
+    """`first()` writes something; `size()` is the size of one such write. Then, for each fraction f in `fills`, the
+    disk is filled but for f times that size, so that the next write (`again(i)`, a CLI run writing the next version)
+    runs out of space at that point: it must fail in one line naming the path and leave no temporary file, and
+    `intact(i)` must hold; after freeing space `again(i)` must succeed and `intact(i + 1)` hold."""
     lost = []
     r = first()
     if r.returncode:
         return row(f"full disk: {name}", 0, 0, [f"the first write failed: {r.stderr.strip()[-300:]}"])
-    fs.fill(du(written) // 2)
-    r = again()
-    log(f"full disk, {name}: {r.stderr.strip()}")
-    problem = one_line_error(r, str(fs.dir), "no space left")
-    if problem:
-        lost.append(problem)
-    temps = [str(p) for p in fs.dir.rglob(".*") if ".tmp" in p.name]
-    if temps:
-        lost.append(f"temporary files left: {temps[:3]}")
-    lost += [f"before freeing space: {p}" for p in [intact()] if p]
-    fs.free()
-    r = again()
-    if r.returncode:
-        lost.append(f"the rerun after freeing space failed: {r.stderr.strip()[-300:]}")
-    lost += [f"after the rerun: {p}" for p in [intact()] if p]
-    return row(f"full disk: {name}", 1, 0 if lost else 1, lost)
+    survived = 0
+    for i, fraction in enumerate(fills):
+        fs.fill(int(size() * fraction))
+        r = again(i)
+        log(f"full disk ({fraction:.0%} of the size left), {name}: {r.stderr.strip()}")
+        lost_here = [p for p in [one_line_error(r, str(fs.dir), "no space left")] if p]
+        temps = [str(p) for p in fs.dir.rglob(".*") if ".tmp" in p.name]
+        lost_here += [f"temporary files left: {temps[:3]}"] if temps else []
+        lost_here += [f"before freeing space: {p}" for p in [intact(i)] if p]
+        fs.free()
+        r = again(i)
+        if r.returncode:
+            lost_here.append(f"the rerun after freeing space failed: {r.stderr.strip()[-300:]}")
+        lost_here += [f"after the rerun: {p}" for p in [intact(i + 1)] if p]
+        survived += not lost_here
+        lost += lost_here
+    return row(f"full disk: {name}", len(fills), survived, lost)
 
 
-def chaos_full_disk(w: Work) -> list[dict]:
+def chaos_full_disk(w: Work, quick: bool) -> list[dict]:
     names = ["checkpoint save", "cache build", "export", "tokenizer save"]
     if os.geteuid() != 0:
         return [row(f"full disk: {n}", 0, 0, []) | {"lost": "not run: needs root to mount tmpfs"} for n in names]
-    fs = Tmpfs(w.root, 24)
+    fs = Tmpfs(w.root, 64)
     if not fs.ok:
         return [row(f"full disk: {n}", 0, 0, []) | {"lost": "not run: mount -t tmpfs failed"} for n in names]
+    fills = [0.5] if quick else [0.0, 0.25, 0.5, 0.75]  # the free space left, as a share of what the write needs
     try:
-        return [_disk_checkpoint(w, fs), _disk_cache(w, fs), _disk_export(w, fs), _disk_tokenizer(w, fs)]
+        return [case(w, fs, fills) for case in (_disk_checkpoint, _disk_cache, _disk_export, _disk_tokenizer)]
     finally:
         fs.close()
 
@@ -328,15 +336,15 @@ def _loads_checkpoint(run: Path, step: int) -> str | None:
     return None if ck.step >= step else f"latest is step {ck.step}, not {step}"
 
 
-def _disk_checkpoint(w: Work, fs: Tmpfs) -> dict:
+def _disk_checkpoint(w: Work, fs: Tmpfs, fills: list[float]) -> dict:
     run = fs.dir / "run"
     return full_disk_case(
         fs, "checkpoint save", lambda: inproc(*w.train_args(run, 3)),
-        lambda: inproc("train", "--resume", run, "--set", "train.max_steps=6"),
-        lambda: _loads_checkpoint(run, 3), run / "checkpoints" / "latest")
+        lambda i: inproc("train", "--resume", run, "--set", f"train.max_steps={3 * (i + 2)}"),
+        lambda i: _loads_checkpoint(run, 3 * (i + 1)), lambda: du(run / "checkpoints" / "latest"), fills)
 
 
-def _opens(cache_root: Path) -> str | None:
+def _opens(cache_root: Path, n: int) -> str | None:
     from tinystories.core.errors import UserError
     from tinystories.data.cache import TokenCache
 
@@ -346,16 +354,19 @@ def _opens(cache_root: Path) -> str | None:
             TokenCache.open(m.parent)
     except UserError as e:
         return str(e)
-    return None if caches else "no cache"
+    return None if len(caches) >= n else f"{len(caches)} caches, not {n}"
 
 
-def _disk_cache(w: Work, fs: Tmpfs) -> dict:
+def _disk_cache(w: Work, fs: Tmpfs, fills: list[float]) -> dict:
+    """Each try builds another cache of the real text (another --val-fraction: another fingerprint)."""
     root = fs.dir / "cache"
-    return full_disk_case(
-        fs, "cache build", lambda: inproc("data", "prepare", "--tokenizer", w.tok, "--from", w.stories, "--cache-dir",
-                                       root),
-        lambda: inproc("data", "prepare", "--tokenizer", w.tok, "--from", DATA, "--cache-dir", root),
-        lambda: _opens(root), root)
+
+    def build(source: Path, i: int = 0):
+        return inproc("data", "prepare", "--tokenizer", w.tok, "--from", source, "--cache-dir", root,
+                      "--val-fraction", f"{0.01 * (i + 1):g}")
+
+    return full_disk_case(fs, "cache build", lambda: build(w.stories), lambda i: build(DATA, i),
+                          lambda i: _opens(root, i + 1), lambda: max(du(c) for c in root.iterdir()), fills)
 
 
 def _export_loads(out: Path) -> str | None:
@@ -369,13 +380,13 @@ def _export_loads(out: Path) -> str | None:
     return None
 
 
-def _disk_export(w: Work, fs: Tmpfs) -> dict:
+def _disk_export(w: Work, fs: Tmpfs, fills: list[float]) -> dict:
     out = fs.dir / "hf"
     ck = w.root / "train-ref"
     return full_disk_case(
         fs, "export", lambda: inproc("export", "--format", "hf", "--checkpoint", ck, "--out", out),
-        lambda: inproc("export", "--format", "hf", "--checkpoint", ck, "--out", out, "--force"),
-        lambda: _export_loads(out), out)
+        lambda i: inproc("export", "--format", "hf", "--checkpoint", ck, "--out", out, "--force"),
+        lambda i: _export_loads(out), lambda: du(out), fills)
 
 
 def _tokenizer_loads(d: Path) -> str | None:
@@ -389,14 +400,14 @@ def _tokenizer_loads(d: Path) -> str | None:
     return None
 
 
-def _disk_tokenizer(w: Work, fs: Tmpfs) -> dict:
+def _disk_tokenizer(w: Work, fs: Tmpfs, fills: list[float]) -> dict:
     out = fs.dir / "tok"
 
     def train(*force):
         return inproc("tokenizer", "train", "--vocab-size", "1024", "--from", w.stories, "--out", out, *force)
 
-    return full_disk_case(fs, "tokenizer save", train, lambda: train("--force"), lambda: _tokenizer_loads(out),
-                          out / "tokenizer.json")
+    return full_disk_case(fs, "tokenizer save", train, lambda i: train("--force"), lambda i: _tokenizer_loads(out),
+                          lambda: du(out / "tokenizer.json"), fills)
 
 
 # ------------------------------------------------------------------------------------------------- corruption
@@ -501,6 +512,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few faults of each kind (about a minute)")
     ap.add_argument("--seed", type=int, default=0, help="the random kill moments")
+    ap.add_argument("--only", help="some of the stages: train,prepare,disk,corruption,server (the disk and "
+                                   "corruption stages use the train and prepare stages' outputs)")
     args = ap.parse_args()
     if not TRAIN_HEAD.is_file():
         print(f"needs the real text in {DATA} (see ../shared/README.md)", file=sys.stderr)
@@ -510,10 +523,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         w = Work(Path(tmp))
         rows = []
-        for name, stage in [("train", lambda: chaos_train(w, 2 if args.quick else 20, rng)),
-                            ("prepare", lambda: chaos_prepare(w, 2 if args.quick else 12, rng)),
-                            ("full disk", lambda: chaos_full_disk(w)), ("corruption", lambda: chaos_corruption(w)),
-                            ("server", lambda: server_rows(args.quick))]:
+        stages = {"train": lambda: chaos_train(w, 2 if args.quick else 24, rng),
+                  "prepare": lambda: chaos_prepare(w, 2 if args.quick else 12, rng),
+                  "disk": lambda: chaos_full_disk(w, args.quick), "corruption": lambda: chaos_corruption(w),
+                  "server": lambda: server_rows(args.quick)}
+        for name, stage in stages.items():
+            if args.only and name not in args.only.split(","):
+                continue
             t1 = time.time()
             rows += stage()
             log(f"[{name}: {time.time() - t1:.0f} s]")

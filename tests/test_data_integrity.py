@@ -128,3 +128,52 @@ def test_a_flipped_byte_in_a_trained_tokenizer_is_a_one_line_error(tmp_path, tok
     flip_byte(tok_dir / "tokenizer.json", 0.7)
     r = run_cli("tokenizer", "report", "--tokenizer", tok_dir, "--from", DATA_DIR, "--stories", "5")
     one_line_error(r, str(tok_dir / "tokenizer.json"), "checksum mismatch", "tokenizer train")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs (root only), unmounted afterwards."""
+    import os
+    import subprocess
+
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)]).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    yield d
+    subprocess.run(["umount", str(d)])
+
+
+def fill(d: Path, leave: int = 0) -> None:
+    free = shutil.disk_usage(d).free
+    with open(d / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_full_disk_is_a_one_line_error_and_keeps_the_old_file(full_disk):
+    from tinystories.core.atomic import write_bytes_atomic
+
+    target = full_disk / "weights.bin"
+    write_bytes_atomic(target, b"old" * 1000)
+    fill(full_disk, leave=2000)
+    with pytest.raises(UserError, match=f"{target}: no space left on the device"):
+        write_bytes_atomic(target, b"new" * 100_000)
+    assert target.read_bytes() == b"old" * 1000
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "weights.bin"]  # no temporary file left
+
+
+def test_a_full_disk_while_logging_metrics_is_a_one_line_error(full_disk):
+    from tinystories.core.config import RunConfig
+    from tinystories.core.metrics import read_metrics
+    from tinystories.training.report import Reporter
+
+    rep = Reporter(full_disk, RunConfig(), True, 10, 0)
+    fill(full_disk, leave=100)
+    try:
+        with pytest.raises(UserError, match="metrics.jsonl: no space left on the device"):
+            for step in range(1000):
+                rep.log({"kind": "train", "step": step, "loss": 1.0}, None, 10)
+    finally:
+        rep.close()
+    (full_disk / "filler").unlink()
+    assert read_metrics(full_disk)[-1]["step"] >= 0  # what was written reads back; a torn last line is skipped

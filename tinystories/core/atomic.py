@@ -64,17 +64,20 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
         return False
 
 
+KEPT = "nothing half-written was kept, an older copy is as it was"
+
+
 @contextmanager
-def disk_full_is_user_error(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Inside the block, a write that fails for want of space is a one-line UserError naming `path` and `what`."""
+def disk_full_is_user_error(path: str | os.PathLike, what: str, kept: str = KEPT) -> Iterator[None]:
+    """Inside the block, a write that fails for want of space is a one-line UserError naming `path` and `what`, and
+    saying what was left (`kept`)."""
     try:
         yield
     except BaseException as e:
         if not is_disk_full(e, path):
             raise
-        raise UserError(f"{path}: no space left on the device while writing the {what} (nothing "
-                        f"half-written was kept, an older copy is as it was); free some space or write elsewhere, "
-                        f"and rerun") from None
+        raise UserError(f"{path}: no space left on the device while writing the {what} ({kept}); free some space "
+                        f"or write elsewhere, and rerun") from None
 
 
 @contextmanager

@@ -110,7 +110,7 @@ def save_checkpoint(
     for stale in ckdir.glob(".tmp-step-*"):  # half-written checkpoints of a killed run (one trainer writes a run)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        with disk_full_is_user_error(tmp, "checkpoint"):  # a full disk: the half-written copy goes, `latest` stays
+        with disk_full_is_user_error(final, "checkpoint"):  # a full disk: the half-written copy goes, `latest` stays
             write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
         # re-saving the same step (e.g. Ctrl-C right after a save) keeps the old one until the new is in place
         swap_in_dir(tmp, final)
