@@ -174,6 +174,13 @@ def _add_data(sub) -> None:
                         "run with a larger N, or without --tokens, adds only what is missing)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
 
+    p = add_command(dsub, "verify", "check every byte of a token cache against the SHA-256 its manifest recorded",
+                    "  tinystories data verify                    # every cache under data/cache\n"
+                    "  tinystories data verify --cache data/cache/0123456789abcdef\n",
+                    "tinystories.data.prepare:_cmd_verify")
+    p.add_argument("--cache", default=None, help="a cache directory, or a root of caches (default: DATA_DIR/cache)")
+    p.add_argument("--data-dir", default="data", help="data directory; its caches are in DATA_DIR/cache")
+
 
 def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer and report on its vocabulary",

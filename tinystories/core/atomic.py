@@ -2,11 +2,13 @@
 
 Every writer in the package goes through here. A file is written to a temporary name beside it, flushed to disk,
 then renamed over the target (`os.replace`, atomic on POSIX and Windows); a directory is built under a temporary
-name and swapped in the same way (the old one is moved aside first, then removed).
+name and swapped in the same way (the old one is moved aside first, then removed). A full disk while writing is
+a UserError naming the path, with the temporary file or directory removed and the old one left as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -37,13 +39,54 @@ def temp_name(path: str | os.PathLike, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 1 << 20  # a write that fails with less free space than this failed for want of space
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
+    """Did writing near `path` fail for want of space? An OSError says so with its errno, safetensors in its message;
+    when a library's error says only that a write failed (torch.save: "file write failed"), the free space decides."""
+    if isinstance(exc, UserError):
+        return False
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc).lower()
+    if "no space left" in text or "os error 28" in text or "storagefull" in text:
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)) and "write" not in text:
+        return False
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return shutil.disk_usage(here).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+KEPT = "nothing half-written was kept, an older copy is as it was"
+
+
+@contextmanager
+def disk_full_is_user_error(path: str | os.PathLike, what: str, kept: str = KEPT) -> Iterator[None]:
+    """Inside the block, a write that fails for want of space is a one-line UserError naming `path` and `what`, and
+    saying what was left (`kept`)."""
+    try:
+        yield
+    except BaseException as e:
+        if not is_disk_full(e, path):
+            raise
+        raise UserError(f"{path}: no space left on the device while writing the {what} ({kept}); free some space "
+                        f"or write elsewhere, and rerun") from None
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside `path` for writing; on a clean exit it replaces `path`, else it is removed."""
     path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode, encoding=encoding) as f:
+        with disk_full_is_user_error(path, "file"), open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -98,10 +141,11 @@ def atomic_dir(path: str | os.PathLike, tmp: str | os.PathLike | None = None) ->
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else temp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
-        fsync_tree_files(tmp)
+        with disk_full_is_user_error(path, "directory"):
+            tmp.mkdir(parents=True)
+            yield tmp
+            fsync_tree_files(tmp)
         swap_in_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

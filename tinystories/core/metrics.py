@@ -1,9 +1,11 @@
 """The one reader of a run's metrics.jsonl (torch-free), for `plot`, `doctor` and the model card.
 
 The trainer appends one JSON object per line and flushes it, so a reader that looks while a run is writing can
-find the last line half-written. The policy: a torn last line (not ended by a newline and not a whole JSON
-object) is skipped; any other line that is not a JSON object is an error naming the file and the line. Blank
-lines are ignored. A resumed run appends again, so a step can appear more than once: the later line wins.
+find the last line half-written, and a run killed (or stopped by a full disk) mid-write leaves one. The policy: a
+torn last line (not ended by a newline and not a whole JSON object) is skipped, with a one-line note on stderr
+naming the file and the line (`train --resume` cuts it off); any other line that is not a JSON object is an
+error naming the file and the line. Blank lines are ignored. A resumed run appends again, so a step can appear
+more than once: the later line wins.
 
 Rows: {"kind": "train", ...} and {"kind": "val", ...} points, and since segments were recorded one
 {"kind": "segment", "step": START, "schedule": {...}} row at each start or resume of the run, before its points.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tinystories.core.errors import UserError
@@ -24,8 +28,9 @@ def metrics_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / METRICS_FILE
 
 
-def parse_metrics(text: str, where: str | Path) -> list[dict]:
-    """The records of metrics.jsonl text (see the module's policy); `where` names the file in errors."""
+def parse_metrics(text: str, where: str | Path, on_torn: Callable[[int], None] | None = None) -> list[dict]:
+    """The records of metrics.jsonl text (see the module's policy); `where` names the file in errors;
+    `on_torn(line number)` is called when a torn last line is skipped."""
     lines = text.split("\n")
     torn = lines.pop() if lines else ""  # "" when the text ends with a newline: nothing after the last line
     out = []
@@ -42,6 +47,8 @@ def parse_metrics(text: str, where: str | Path) -> list[dict]:
         rec = _record(torn)  # a whole record whose newline is still to come, else a torn write: skipped
         if rec is not None:
             out.append(rec)
+        elif on_torn is not None:
+            on_torn(len(lines) + 1)
     return out
 
 
@@ -62,7 +69,9 @@ def read_metrics(run_dir: str | Path) -> list[dict] | None:
         text = f.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise UserError(f"{f}: cannot read it ({e.strerror or e})") from None
-    return parse_metrics(text, f)
+    return parse_metrics(text, f, lambda n: print(
+        f"note: {f}:{n}: torn last line skipped (a write cut short by a killed run or a full disk); the lines before "
+        f"it are used, and `tinystories train --resume` removes it", file=sys.stderr))
 
 
 def drop_torn_tail(f: str | Path) -> bool:

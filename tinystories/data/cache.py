@@ -2,7 +2,8 @@
 
 Layout of a cache directory `<cache_root>/<fingerprint>/`:
     manifest.json              format version, fingerprint, tokenizer, sources, per-split token and byte counts,
-                               the shards in use, and `part` (null for the whole text, else the units it covers)
+                               the shards in use, and `part` (null for the whole text, else the units it covers);
+                               the size and hashes of every file it lists, and a hash of itself (data/integrity.py)
     train-00000.bin ...        one shard per unit of work: <doc_start> story <doc_start> story ... (no padding)
     train-00000.docs.npy       int64 (n_docs, 2) of that shard: token offset of each story's doc_start, UTF-8 bytes
     unit-00000.json            written last for each unit: the unit is finished (what makes a build resumable)
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -35,24 +35,27 @@ import numpy as np
 
 from tinystories.core.atomic import atomic_file, ensure_writable_dir
 from tinystories.core.errors import UserError
+from tinystories.data.integrity import (
+    cache_files,
+    check_cache,
+    file_problem,
+    file_record,
+    manifest_checksum,
+    read_manifest,
+    sample_sha256,
+)
 from tinystories.data.text import file_mode, file_units, list_text_files, split_files, unit_documents
 from tinystories.data.tokenizer import TextTokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BATCH_DOCS = 2048
 VAL_UNIT_BYTES = 4 << 20  # a validation file is cut in units of 4 MiB (~1M tokens)
 PART_VAL_BYTES = 4 << 20  # a part of the cache holds the validation units that start within the first 4 MiB
 
 
 def _file_signature(path: Path) -> dict:
-    st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        if st.st_size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return {"path": str(path.resolve()), "size": st.st_size, "sample_sha256": h.hexdigest()}
+    size = path.stat().st_size
+    return {"path": str(path.resolve()), "size": size, "sample_sha256": sample_sha256(path, size)}
 
 
 def fingerprint(tok: TextTokenizer, files: list[Path], val_fraction: float, max_stories: int | None) -> str:
@@ -103,7 +106,7 @@ def plan_units(files: list[Path], holdout: bool) -> list[Unit]:
 _WORKER_TOKENIZERS: dict[str, TextTokenizer] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import signal
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core does the parallelism
@@ -114,6 +117,8 @@ def _init_worker() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the main process died before the line above: nothing will signal this one
+        os._exit(1)
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -157,7 +162,8 @@ def build_unit(tok_path: str, cache_dir: str, unit: Unit, k: int, limit: int | N
         _atomic_save(out / f"{stem}.bin", stream.tofile)
         _atomic_save(out / f"{stem}.docs.npy", lambda f: np.save(f, index))
         meta["splits"][split] = {"file": f"{stem}.bin", "tokens": int(n), "bytes": int(index[:, 1].sum()),
-                                 "documents": int(len(index))}
+                                 "documents": int(len(index)), "record": file_record(out / f"{stem}.bin"),
+                                 "docs_record": file_record(out / f"{stem}.docs.npy")}
     _atomic_save(out / f"{unit.name}.json", lambda f: f.write(json.dumps(meta).encode()))
     return meta
 
@@ -172,9 +178,13 @@ def _read_meta(cache_dir: Path, unit: Unit) -> dict | None:
         return None
     if meta.get("source") != [unit.path, unit.start, unit.end]:  # another cut of the text: not this unit
         return None
-    if all((cache_dir / s["file"]).is_file() for s in meta["splits"].values()):
-        return meta
-    return None
+    try:  # a unit whose files are missing or damaged is built again
+        damaged = any(file_problem(cache_dir / s["file"], s["record"], full=False)
+                      or file_problem(cache_dir / s["file"].replace(".bin", ".docs.npy"), s["docs_record"], full=False)
+                      for s in meta["splits"].values())
+    except (KeyError, TypeError):
+        return None
+    return None if damaged else meta
 
 
 def default_workers() -> int:
@@ -207,9 +217,10 @@ def prepare(
     cache_dir = Path(cache_root) / fp
     mf = cache_dir / "manifest.json"
     if mf.is_file():
-        old = json.loads(mf.read_text())
-        if old.get("part") is None or (train_tokens is not None
-                                       and old["splits"]["train"]["tokens"] >= train_tokens):
+        old = read_manifest(cache_dir, FORMAT_VERSION)  # a damaged manifest is an error, not a silent rebuild
+        whole = all((cache_dir / name).is_file() for name, _ in cache_files(old))  # else: rebuild what was deleted
+        if whole and (old.get("part") is None or (train_tokens is not None
+                                                  and old["splits"]["train"]["tokens"] >= train_tokens)):
             return cache_dir, True
     ensure_writable_dir(cache_dir.parent, "cache", CACHE_DIR_FLAGS)
     cache_dir.mkdir(exist_ok=True)
@@ -230,7 +241,6 @@ def prepare(
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp + ("" if part is None else f"-part{part['units']}of{part['of']}"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "dtype": dtype,
         "tokenizer": tok.describe() | {"path": str(tok.path.resolve())},
         "sources": [_file_signature(f) | {"split": "val" if f in val_files and train_files else "train"}
@@ -240,6 +250,7 @@ def prepare(
         "part": part,
         "splits": splits,
     }
+    manifest["checksum"] = manifest_checksum(manifest)
     _atomic_save(mf, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return cache_dir, False
 
@@ -261,14 +272,15 @@ def _join_split(cache_dir: Path, split: str, used: list[Unit], metas: dict[str, 
         if not s:
             continue
         if s["tokens"]:
-            shards.append({"file": s["file"], "tokens": s["tokens"]})
+            shards.append({"file": s["file"], "tokens": s["tokens"], "record": s["record"]})
             docs.append(np.load(cache_dir / f"{split}-{u.index:05d}.docs.npy") + np.array([tokens, 0]))
         tokens += s["tokens"]
         nbytes += s["bytes"]
         ndocs += s["documents"]
     index = np.concatenate(docs) if docs else np.zeros((0, 2), dtype=np.int64)
     _atomic_save(cache_dir / f"{split}.docs.npy", lambda f: np.save(f, index))
-    return {"tokens": tokens, "bytes": nbytes, "documents": ndocs, "shards": shards}
+    return {"tokens": tokens, "bytes": nbytes, "documents": ndocs, "shards": shards, "docs": f"{split}.docs.npy",
+            "docs_record": file_record(cache_dir / f"{split}.docs.npy")}
 
 
 class _Taken:
@@ -335,7 +347,8 @@ def _build_in_workers(tok_path: str, cache_dir: Path, units: list[Unit], k: int,
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
     futures: dict[str, object] = {}
     queue = list(units)
     try:
@@ -418,21 +431,19 @@ class TokenCache:
 
     @classmethod
     def open(cls, path: str | Path) -> "TokenCache":
+        """Open the cache at `path`, checking its manifest and the size and sample hash of every file it lists."""
         path = Path(path)
-        mf = path / "manifest.json"
-        if not mf.is_file():
+        if not (path / "manifest.json").is_file():
             raise UserError(f"{path}: not a token cache (no manifest.json); build one with `tinystories data prepare`")
-        manifest = json.loads(mf.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: cache format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                            "rebuild it with `tinystories data prepare`")
+        manifest = read_manifest(path, FORMAT_VERSION)
+        check_cache(path, manifest)
         return cls(path, manifest)
 
     def split(self, name: str) -> Split:
         info = self.manifest["splits"][name]
         dtype = np.dtype(self.manifest["dtype"])
         shards = [np.memmap(self.path / s["file"], dtype=dtype, mode="r") for s in info["shards"] if s["tokens"]]
-        docs = np.load(self.path / f"{name}.docs.npy", mmap_mode="r")  # 2.7M stories: 43 MB, read on demand
+        docs = np.load(self.path / info["docs"], mmap_mode="r")  # 2.7M stories: 43 MB, read on demand
         return Split(shards, docs, info["tokens"], info["bytes"])
 
     @property

@@ -276,3 +276,35 @@ def _cmd_prepare(args) -> int:
     if note:
         print(note)
     return 0
+
+
+def _cmd_verify(args) -> int:
+    from tinystories.data.cache import FORMAT_VERSION
+    from tinystories.data.integrity import REBUILD, cache_files, cache_problems, read_manifest, tokenizer_problem
+
+    root = cache_root(args.data_dir) if args.cache is None else Path(args.cache)
+    caches = [root] if (root / "manifest.json").is_file() else sorted(p.parent for p in root.glob("*/manifest.json"))
+    if not caches:
+        raise UserError(f"{root}: no token cache here (no manifest.json in it or its subdirectories); pass --cache "
+                        f"DIR, or build one with `tinystories data prepare`")
+    damaged = 0
+    for cache in caches:
+        t0 = time.time()
+        try:
+            manifest = read_manifest(cache, FORMAT_VERSION)
+        except UserError as e:
+            print(f"DAMAGED {e}")
+            damaged += 1
+            continue
+        problems = cache_problems(cache, manifest, full=True)
+        problems += [p for p in [tokenizer_problem(manifest)] if p]
+        for p in problems:
+            print(f"DAMAGED {p}")
+        damaged += len(problems)
+        files = cache_files(manifest)
+        size = sum(rec["size"] for _, rec in files)
+        print(f"{'ok' if not problems else 'damaged'}: {cache} ({len(files)} files, {size / 1e6:,.1f} MB, every byte "
+              f"checked against the manifest's SHA-256 in {time.time() - t0:.1f}s)")
+    if damaged:
+        raise UserError(f"{damaged} damaged file(s) listed above: for each, {REBUILD}")
+    return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinystories.core.atomic import copy_file_atomic, write_text_atomic
+from tinystories.core.atomic import atomic_file, copy_file_atomic, write_text_atomic
 from tinystories.core.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -182,10 +182,19 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     f = find_tokenizer_file(path)
     if f.stat().st_size == 0:
         raise UserError(f"{f}: the tokenizer file is empty")
-    head = f.read_bytes()[:1]
-    if f.suffix == ".json" or head == b"{":
-        return BPETokenizer(f)
-    return SentencePieceTokenizer(f)
+    data = f.read_bytes()
+    _check_recorded_hash(f, data)
+    return BPETokenizer(f) if f.suffix == ".json" or data[:1] == b"{" else SentencePieceTokenizer(f)
+
+
+def _check_recorded_hash(f: Path, data: bytes) -> None:
+    """A tokenizer trained here has its SHA-256 recorded beside it (SAMPLE_FILE): a file that changed since is an
+    error, not a silently different vocabulary."""
+    recorded = (_read_sample(f.parent / SAMPLE_FILE) or {}).get("sha256") if f.name == "tokenizer.json" else None
+    if recorded and hashlib.sha256(data).hexdigest() != recorded:
+        raise UserError(f"{f}: checksum mismatch: the tokenizer changed after it was trained (a corrupt or "
+                        f"replaced file; its SHA-256 is in {SAMPLE_FILE} beside it); retrain it with `tinystories "
+                        f"tokenizer train --out {f.parent} --force`, or restore it from a copy")
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int | None = None,
@@ -214,9 +223,13 @@ def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path, length: int |
     if counted.n == 0:
         raise UserError("no text to train the tokenizer on (the input has no stories)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = {"stories": counted.n, "bytes": counted.bytes} | (sample or {})
-    write_text_atomic(out_dir / SAMPLE_FILE, json.dumps(sample, indent=2))
-    write_text_atomic(out_dir / "tokenizer.json", tok.to_str(pretty=True))  # what tok.save writes
+    text = tok.to_str(pretty=True)  # what tok.save writes
+    sample = ({"stories": counted.n, "bytes": counted.bytes} | (sample or {})
+              | {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
+    with atomic_file(out_dir / "tokenizer.json", "w", encoding="utf-8") as f:  # a full disk keeps the old pair
+        f.write(text)
+        f.flush()  # the tokenizer's bytes are on disk before its hash is recorded
+        write_text_atomic(out_dir / SAMPLE_FILE, json.dumps(sample, indent=2))
     return out_dir / "tokenizer.json"
 
 
@@ -225,11 +238,15 @@ SAMPLE_FILE = "training-sample.json"  # beside tokenizer.json: the stories it wa
 
 def training_sample(tok: TextTokenizer) -> dict | None:
     """What a tokenizer trained by `train_bpe` was trained on ({"stories", "bytes", ...}), when recorded."""
-    f = tok.path.parent / SAMPLE_FILE
+    return _read_sample(tok.path.parent / SAMPLE_FILE)
+
+
+def _read_sample(f: Path) -> dict | None:
     try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        sample = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
         return None
+    return sample if isinstance(sample, dict) else None
 
 
 def describe_sample(sample: dict | None) -> str:

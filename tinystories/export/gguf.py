@@ -28,7 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tinystories.core.atomic import ensure_writable_dir, fsync_dir, temp_name, write_text_atomic
+from tinystories.core.atomic import (
+    disk_full_is_user_error,
+    ensure_writable_dir,
+    fsync_dir,
+    temp_name,
+    write_text_atomic,
+)
 from tinystories.core.defaults import SAMPLE_PROMPT
 from tinystories.core.errors import UserError
 from tinystories.data.tokenizer import sentencepiece_proto
@@ -216,18 +222,19 @@ def write_gguf(model, tok, out: Path, dtype: str = "f32", name: str = "tinystori
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     tmp = temp_name(out)
     try:
-        w = gguf.GGUFWriter(str(tmp), "llama")
-        _add_model(w, gguf, cfg, file_type, name)
-        _add_vocab(w, vocab)
-        counts = _add_tensors(w, gguf, model, dtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        with disk_full_is_user_error(out, "GGUF file"):
+            w = gguf.GGUFWriter(str(tmp), "llama")
+            _add_model(w, gguf, cfg, file_type, name)
+            _add_vocab(w, vocab)
+            counts = _add_tensors(w, gguf, model, dtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return {"bytes": out.stat().st_size, "tensors": counts, "vocab": vocab}

@@ -16,7 +16,6 @@ with an atomic rename: a crash at any point leaves the previous checkpoint loada
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,9 +28,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tinystories.core.atomic import fsync_tree_files, replace_symlink, swap_in_dir
+from tinystories.core.atomic import disk_full_is_user_error, fsync_tree_files, replace_symlink, swap_in_dir
 from tinystories.core.config import RunConfig, config_from_dict, parse_scalar, save_config, set_items
 from tinystories.core.errors import UserError
+from tinystories.data.integrity import sha256_file
 from tinystories.data.tokenizer import TextTokenizer, copy_tokenizer, load_tokenizer
 from tinystories.model.transformer import Transformer
 
@@ -76,14 +76,6 @@ def write_checkpoint_dir(
     fsync_tree_files(dest)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(dest: Path) -> None:
     """Record the SHA-256 of every file in checkpoint directory `dest` (written last, before the fsync)."""
     sums = {f.name: sha256_file(f) for f in sorted(dest.iterdir()) if f.is_file() and f.name != CHECKSUMS}
@@ -115,9 +107,11 @@ def save_checkpoint(
     name = f"step-{state['step']:08d}"
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckdir.glob(".tmp-step-*"):  # half-written checkpoints of a killed run (one trainer writes a run)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
-        write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
+        with disk_full_is_user_error(final, "checkpoint"):  # a full disk: the half-written copy goes, `latest` stays
+            write_checkpoint_dir(tmp, model, cfg, tok, state, trainer_state)
         # re-saving the same step (e.g. Ctrl-C right after a save) keeps the old one until the new is in place
         swap_in_dir(tmp, final)
     finally:

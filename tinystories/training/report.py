@@ -44,11 +44,20 @@ class Reporter:
         from tinystories.core.metrics import drop_torn_tail, metrics_path
 
         drop_torn_tail(metrics_path(run_dir))  # a killed run's half-written line would glue onto the next one
-        self.metrics = open(metrics_path(run_dir), "a")
+        self.metrics = open(metrics_path(run_dir), "ab", buffering=0)  # one write per line, nothing held back
         # this segment's schedule (a resume may change it with --set): doctor checks its points against it
-        self.metrics.write(json.dumps({"kind": "segment", "step": start_step,
-                                       "schedule": Schedule.of(cfg.train).to_dict()}) + "\n")
-        self.metrics.flush()
+        self._append({"kind": "segment", "step": start_step, "schedule": Schedule.of(cfg.train).to_dict()})
+
+    def _append(self, point: dict) -> None:
+        """One line of metrics.jsonl, written through (unbuffered); a full disk is a one-line error naming the file
+        (the line it cut short is a torn last line: readers skip it, a resume removes it)."""
+        from tinystories.core.atomic import disk_full_is_user_error
+
+        data, done = (json.dumps(point) + "\n").encode(), 0
+        with disk_full_is_user_error(self.metrics.name, "metrics", "its last line may be torn: readers skip it, "
+                                                                   "`train --resume` removes it"):
+            while done < len(data):  # a short write (the disk filling up) is followed by one that raises
+                done += self.metrics.write(data[done:])
 
     def _open_tensorboard(self, run_dir: Path) -> None:
         try:
@@ -88,8 +97,7 @@ class Reporter:
         """A point in metrics.jsonl, TensorBoard and wandb; `line` on the progress bar or as a log line."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(point) + "\n")
-        self.metrics.flush()
+        self._append(point)
         scalars = {k: v for k, v in point.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
         if self.tb:
             for k, v in scalars.items():
