@@ -77,21 +77,22 @@ def _check_same_request(out: Path, cfg) -> None:
                         f"delete it, or pass --out to train a new run elsewhere")
     old = load_config(out / "config.yaml")
     wanted = {"data": Path(str(cfg.data.source)).resolve(), "vocabulary": cfg.tokenizer.vocab_size,
-              "minutes": cfg.train.max_minutes}
+              "minutes": cfg.train.max_minutes, "format": cfg.data.format}
     had = {"data": Path(str(old.data.source)).resolve(), "vocabulary": old.tokenizer.vocab_size,
-           "minutes": old.train.max_minutes}
+           "minutes": old.train.max_minutes, "format": old.data.format}
     diff = [k for k in wanted if had[k] != wanted[k]]
     if diff:
         def show(v):
             return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
         said = "; ".join(f"{k} {show(had[k])} (now {show(wanted[k])})" for k in diff)
-        suffix = (f"{wanted['minutes']:g}min" if "minutes" in diff else
+        suffix = (f"{wanted['minutes']:g}min" if "minutes" in diff else wanted["format"] if "format" in diff else
                   Path(str(cfg.data.source)).stem if "data" in diff else f"v{wanted['vocabulary']}")
         raise UserError(f"{out} holds a run made with other settings: {said}; delete it, "
                         f"or pass --out {out}-{suffix} to train a new one next to it")
 
 
-def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
+def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3,
+                   fmt: str = "plain") -> int:
     import torch
 
     from tinystories.data.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
@@ -101,7 +102,7 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     source = find_data(data, data_dir)
     stages.append(("data", time.time() - t_start))
     on_gpu = torch.cuda.is_available()
-    cfg = quickstart_config(source, minutes, out, data_dir, on_gpu)
+    cfg = quickstart_config(source, minutes, out, data_dir, on_gpu, fmt)
     latest = checkpoints_dir(out) / "latest"
     if latest.exists():
         _check_same_request(out, cfg)  # before any tokenizer or cache is built
@@ -134,7 +135,7 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     return 0
 
 
-def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool):
+def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool, fmt: str = "plain"):
     """The run's config: the GPU config, or on a CPU cpu.yaml sized to this machine and the budget (sizing.py, from
     the recipe study); a tokenizer sized for the data, a time budget, a cache part the budget can use. Printed."""
     from tinystories.core.config import load_config
@@ -144,7 +145,7 @@ def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, o
     cache_tokens = cache_tokens_for(minutes, on_gpu)
     overrides = [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
                  f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
-                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
+                 f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}", f"data.format={fmt}"]
     sized = ""
     if on_gpu:
         cfg = load_config(cfg_path, overrides)
@@ -264,6 +265,7 @@ def _cmd_quickstart(args) -> int:
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes}: must be positive")
     try:
-        return run_quickstart(args.data, args.minutes, Path(args.out), Path(args.data_dir))
+        return run_quickstart(args.data, args.minutes, Path(args.out), Path(args.data_dir),
+                              fmt="instruct" if args.instruct else "plain")
     except KeyboardInterrupt:
         return _interrupted(Path(args.out))

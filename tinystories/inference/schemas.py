@@ -4,6 +4,7 @@ documents them in the OpenAPI schema."""
 # no `from __future__ import annotations`: FastAPI resolves the route signatures' annotations at runtime
 from pydantic import BaseModel, ConfigDict, Field
 
+from tinystories.data.requests import WORD_BIAS
 from tinystories.inference.params import SamplingParams
 
 MAX_PROMPT_CHARS = 32_000
@@ -28,6 +29,13 @@ class GenerateRequest(BaseModel):
     top_alternatives: int = Field(0, ge=0, le=MAX_ALTERNATIVES,
                                   description="with each token, its most likely alternatives and probabilities")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS, description="stop at any of these strings")
+    words: list[str] = Field(default_factory=list, max_length=3,
+                             description="up to three words the story should use (a model trained on requests)")
+    features: list[str] = Field(default_factory=list, max_length=6,
+                                description="dialogue, badending, moralvalue, twist, foreshadowing, conflict")
+    summary: str = Field("", max_length=1000, description="what the story should be about, in a sentence")
+    word_bias: float = Field(WORD_BIAS, ge=0.0, le=20.0,
+                             description="logit bonus for requested words not yet in the story (0 = off)")
 
 
 class CompletionRequest(BaseModel):
@@ -49,3 +57,8 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=0, description="not supported (null or 0)")
     presence_penalty: float | None = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
     frequency_penalty: float | None = Field(0.0, ge=0.0, le=0.0, description="not supported (0 only)")
+    # extra fields (the openai client's extra_body): a story on request, as in /v1/generate
+    words: list[str] = Field(default_factory=list, max_length=3, description="up to three words the story should use")
+    features: list[str] = Field(default_factory=list, max_length=6, description="features the story should have")
+    summary: str = Field("", max_length=1000, description="what the story should be about")
+    word_bias: float = Field(WORD_BIAS, ge=0.0, le=20.0, description="logit bonus for requested words (0 = off)")
