@@ -103,7 +103,7 @@ def _mean(xs: list) -> float | None:
 
 def evaluate_instruct(checkpoint: str, text: str, n: int = DEFAULT_REQUESTS, plain_checkpoint: str | None = None,
                       sampling=None, word_bias: float | None = None, max_tokens: int = SCORE_TOKENS,
-                      device: str = "cpu", log=print) -> dict:
+                      device: str = "cpu", grammar: bool = True, log=print) -> dict:
     """Every figure of `eval --instruct` as a dict: {"conditions": {name: figures}, "requests": [...], ...}."""
     from tinystories.data.requests import WORD_BIAS, ask, request_lines
     from tinystories.inference.sampling import SamplingParams
@@ -130,7 +130,7 @@ def evaluate_instruct(checkpoint: str, text: str, n: int = DEFAULT_REQUESTS, pla
         bpb = bits_per_byte(m, c.tokenizer, text, max_tokens)
         for name, (prompt_of, b) in conds.items():
             answers = answer(m, c.tokenizer, reqs, prompt_of, b, params)
-            figs = follow_figures(answers) | grammar_figures(answers) | {"bits_per_byte": bpb}
+            figs = follow_figures(answers) | (grammar_figures(answers) if grammar else {}) | {"bits_per_byte": bpb}
             figs["example"] = {"request": prompt_of(reqs[0]), "story": answers[0]["story"]}
             result["conditions"][name] = figs
         log(f"  {label} ({c.path}): {time.time() - t0:.0f}s")
@@ -160,6 +160,7 @@ def format_instruct(r: dict) -> str:
 
 def _cmd_eval_instruct(args) -> int:
     from tinystories.core.args import write_json_report
+    from tinystories.evaluation.evaluate import pick_device
     from tinystories.inference.sampling import sampling_params
 
     if not args.text:
@@ -171,7 +172,7 @@ def _cmd_eval_instruct(args) -> int:
     if params.max_new_tokens == 256:
         params.max_new_tokens = 200
     r = evaluate_instruct(args.checkpoint, args.text, args.num_stories, args.plain_checkpoint, params,
-                          args.word_bias, args.max_tokens or SCORE_TOKENS, args.device or "cpu")
+                          args.word_bias, args.max_tokens or SCORE_TOKENS, pick_device(args.device), args.grammar)
     if args.json:
         write_json_report(args.json, r)
     print(format_instruct(r))

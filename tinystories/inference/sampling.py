@@ -58,8 +58,8 @@ class WordBias:
 
     Each step it adds `strength` (ramped up over the first `ramp` tokens, so that the story can start naturally)
     to the first token of each word still missing (" dragon", " Dragon"), and `complete` to the next token of a
-    word whose first tokens were just written (" dr" -> "agon"). A word stops being pushed as soon as the story
-    holds it or an inflection of it (data/requests.contains_word), so the bias fades word by word."""
+    word whose first tokens were just written (" dr" -> "agon"). A word stops being pushed as soon as its tokens are
+    written or the story holds an inflection of it (data/requests.contains_word): the bias fades word by word."""
 
     def __init__(self, tok: TextTokenizer, words, strength: float = 4.0, complete: float = 8.0, ramp: int = 24):
         self.strength, self.complete, self.ramp = strength, complete, ramp
@@ -93,7 +93,8 @@ class WordBias:
         if not self.pending:
             return
         tail = self.tok.decode(self.ids[-24:])
-        for w in [w for w in self.pending if contains_word(tail, w)]:
+        for w in [w for w, variants in self.pending.items()
+                  if contains_word(tail, w) or any(self.ids[-len(seq):] == seq for seq in variants)]:
             del self.pending[w]
 
 
