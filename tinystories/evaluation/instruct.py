@@ -160,8 +160,8 @@ def format_instruct(r: dict) -> str:
 
 def _cmd_eval_instruct(args) -> int:
     from tinystories.core.args import write_json_report
-    from tinystories.evaluation.evaluate import pick_device
     from tinystories.inference.sampling import sampling_params
+    from tinystories.model.device import pick_device
 
     if not args.text:
         raise UserError("--instruct needs --text FILE: held-out stories to draw requests from and score "
@@ -172,7 +172,8 @@ def _cmd_eval_instruct(args) -> int:
     if params.max_new_tokens == 256:
         params.max_new_tokens = 200
     r = evaluate_instruct(args.checkpoint, args.text, args.num_stories, args.plain_checkpoint, params,
-                          args.word_bias, args.max_tokens or SCORE_TOKENS, pick_device(args.device), args.grammar)
+                          args.word_bias, args.max_tokens or SCORE_TOKENS, str(pick_device(args.device or "auto")),
+                          args.grammar)
     if args.json:
         write_json_report(args.json, r)
     print(format_instruct(r))
