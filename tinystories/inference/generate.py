@@ -83,8 +83,8 @@ def _cmd_generate(args) -> int:
         print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
               file=info)
 
-    if args.prompt is not None:
-        one(args.prompt)
+    if args.prompt is not None or req:  # a request without --prompt: one story, from the request alone
+        one(args.prompt or "")
         return 0
     print(f"{ck.path} ({model.num_params() / 1e6:.2f}M parameters). Type a story opening; an empty line starts "
           f"from nothing; Ctrl-D quits.", file=info)
