@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
+from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
 
 FEATURES = ["Dialogue", "Twist", "BadEnding", "MoralValue"]
 
@@ -313,3 +313,13 @@ def test_playground_asks_for_a_story(servers):
             assert page.locator("#output .tok").count() > 0
         finally:
             browser.close()
+
+
+def test_quickstart_instruct_does_not_reuse_a_plain_run(tmp_path):
+    from test_quickstart import _fake_run
+
+    out = tmp_path / "qs"
+    _fake_run(out)
+    one_line_error(run_cli("quickstart", "--out", out, "--data-dir", tmp_path / "data", "--data", DATA_DIR,
+                           "--minutes", "1", "--instruct"), "format plain (now instruct)", f"--out {out}-instruct")
+    assert not (tmp_path / "data").exists()
