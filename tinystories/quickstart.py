@@ -127,6 +127,9 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     print(f"total time: {(time.time() - t_start) / 60:.1f} min")
     print("\ncontinue with:")
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
+    if fmt == "instruct":
+        print(f"  tinystories generate --checkpoint {out} --words dragon,cookie,brave --features dialogue   "
+              "# a story on request (docs/instruct.md)")
     print(f"  tinystories serve --checkpoint {out}            # playground at http://127.0.0.1:8000")
     steps = int(ck.state.get("total_steps") or ck.step or 1000)
     print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   "
