@@ -151,8 +151,9 @@ def _add_data(sub) -> None:
                     "  tinystories data fetch --version v1\n"
                     "  tinystories data fetch --from ../shared/data/tinystories   # offline: local files\n",
                     "tinystories.data.prepare:_cmd_fetch")
-    p.add_argument("--version", default="v2", choices=["v1", "v2"],
-                   help="v2 = TinyStoriesV2-GPT4 (default), v1 = TinyStories")
+    p.add_argument("--version", default="v2", choices=["v1", "v2", "instruct"],
+                   help="v2 = TinyStoriesV2-GPT4 (default), v1 = TinyStories, instruct = the JSON shards with each "
+                        "story's request (words, features, summary), unpacked into DATA_DIR/raw/TinyStories_all_data")
     p.add_argument("--from", dest="source", help="local file or directory (.txt, .json, .jsonl) instead of downloading")
     p.add_argument("--data-dir", default="data", help="data directory (default: data)")
 
@@ -173,6 +174,9 @@ def _add_data(sub) -> None:
                    help="build only a part: the first units of the train text holding at least N tokens (a later "
                         "run with a larger N, or without --tokens, adds only what is missing)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
+    p.add_argument("--format", default="plain", choices=["plain", "instruct"],
+                   help="plain stories (default), or instruct: each story behind its request (`Words: ...`, "
+                        "`Features: ...`, `Summary: ...`, `Story: `), see docs/instruct.md")
 
     p = add_command(dsub, "verify", "check every byte of a token cache against the SHA-256 its manifest recorded",
                     "  tinystories data verify                    # every cache under data/cache\n"
@@ -255,7 +259,8 @@ def _add_generate(sub) -> None:
         "  tinystories generate --checkpoint runs/cpu --prompt \"Once upon a time\"\n"
         "  tinystories generate --checkpoint runs/cpu --prompt \"\" --temperature 0      # greedy, from nothing\n"
         "  tinystories generate --checkpoint runs/cpu --prompt \"Lily saw a\" --num-samples 8\n"
-        "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n",
+        "  tinystories generate --checkpoint runs/cpu --compile                # interactive, compiled decoding\n"
+        "  tinystories generate --checkpoint runs/instruct --words dragon,cookie,brave --features dialogue\n",
         "tinystories.inference.generate:_cmd_generate")
     p.add_argument("--checkpoint", required=True,
                    help="run directory (uses its best checkpoint) or checkpoint directory")
@@ -268,6 +273,22 @@ def _add_generate(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (torch.compile): 1.1-1.6x faster decoding on CPU after a "
                         "few seconds of compiling; worth it for many or long stories and interactive sessions")
+    _add_request_args(p)
+
+
+def _add_request_args(p) -> None:
+    """--words, --features, --summary, --word-bias: ask a model trained with data.format=instruct for a story."""
+    from tinystories.data.requests import FEATURES, WORD_BIAS
+
+    p.add_argument("--words", type=lambda v: [w for w in v.split(",") if w.strip()], default=[],
+                   help="up to three words the story should use, comma-separated (a model trained with "
+                        "data.format=instruct; docs/instruct.md)")
+    p.add_argument("--features", type=lambda v: [f for f in v.split(",") if f.strip()], default=[],
+                   help=f"features the story should have, comma-separated: {', '.join(f.lower() for f in FEATURES)}")
+    p.add_argument("--summary", default="", help="what the story should be about, in a sentence")
+    p.add_argument("--word-bias", type=float, default=WORD_BIAS,
+                   help=f"logit bonus for requested words not yet in the story, fading as they appear "
+                        f"(default {WORD_BIAS:g}; 0 = off)")
 
 
 def _tokens_or_all(value: str) -> int | None:
@@ -284,7 +305,9 @@ def _add_eval(sub) -> None:
         "--json eval.json\n"
         "  tinystories eval --checkpoint runs/tiny --num-stories 0     # likelihood only\n"
         "  tinystories eval --checkpoint runs/tiny --judge-url http://localhost:8000 --judge-model llama3\n"
-        "  tinystories eval --checkpoint runs/tiny --prompts held-out --show-grammar-errors 5   # real story starts\n",
+        "  tinystories eval --checkpoint runs/tiny --prompts held-out --show-grammar-errors 5   # real story starts\n"
+        "  tinystories eval --checkpoint runs/instruct --instruct --text ../shared/data/tinystories/"
+        "TinyStories-valid-head.txt --plain-checkpoint runs/plain\n",
         "tinystories.evaluation.evaluate:_cmd_eval")
     p.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or checkpoint directory")
     p.add_argument("--text", help="text file/directory to score (default: the validation split of the run's cache)")
@@ -314,6 +337,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-grammar", dest="grammar", action="store_false",
                    help="skip the grammar parser (Link Grammar's link-parser) rows")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--instruct", action="store_true",
+                   help="how well a model trained on requests follows them: --num-stories word triples and features "
+                        "drawn from the held-out --text, asked with and without decoding's word bias and without a "
+                        "request (docs/instruct.md)")
+    p.add_argument("--plain-checkpoint", help="with --instruct: a plain model trained for the same budget, beside it")
+    from tinystories.data.requests import WORD_BIAS
+
+    p.add_argument("--word-bias", type=float, default=WORD_BIAS,
+                   help=f"with --instruct: decoding's logit bonus for requested words (default {WORD_BIAS:g})")
 
 
 def _add_doctor(sub) -> None:
@@ -436,4 +468,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="training budget in minutes (default $QUICKSTART_MINUTES or 10)")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    p.add_argument("--instruct", action="store_true",
+                   help="train on stories behind their requests (data.format=instruct), so that `generate --words "
+                        "... --features ...` can ask for a story (docs/instruct.md)")
     p.add_argument("--data-dir", default="data", help="where downloads, tokenizers and caches go (default data)")

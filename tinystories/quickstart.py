@@ -77,21 +77,22 @@ def _check_same_request(out: Path, cfg) -> None:
                         f"delete it, or pass --out to train a new run elsewhere")
     old = load_config(out / "config.yaml")
     wanted = {"data": Path(str(cfg.data.source)).resolve(), "vocabulary": cfg.tokenizer.vocab_size,
-              "minutes": cfg.train.max_minutes}
+              "minutes": cfg.train.max_minutes, "format": cfg.data.format}
     had = {"data": Path(str(old.data.source)).resolve(), "vocabulary": old.tokenizer.vocab_size,
-           "minutes": old.train.max_minutes}
+           "minutes": old.train.max_minutes, "format": old.data.format}
     diff = [k for k in wanted if had[k] != wanted[k]]
     if diff:
         def show(v):
             return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
         said = "; ".join(f"{k} {show(had[k])} (now {show(wanted[k])})" for k in diff)
-        suffix = (f"{wanted['minutes']:g}min" if "minutes" in diff else
+        suffix = (f"{wanted['minutes']:g}min" if "minutes" in diff else wanted["format"] if "format" in diff else
                   Path(str(cfg.data.source)).stem if "data" in diff else f"v{wanted['vocabulary']}")
         raise UserError(f"{out} holds a run made with other settings: {said}; delete it, "
                         f"or pass --out {out}-{suffix} to train a new one next to it")
 
 
-def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3) -> int:
+def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, stories: int = 3,
+                   fmt: str = "plain") -> int:
     import torch
 
     from tinystories.data.prepare import ensure_cache, ensure_tokenizer, run_tokenizer_dir
@@ -101,7 +102,7 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     source = find_data(data, data_dir)
     stages.append(("data", time.time() - t_start))
     on_gpu = torch.cuda.is_available()
-    cfg = quickstart_config(source, minutes, out, data_dir, on_gpu)
+    cfg = quickstart_config(source, minutes, out, data_dir, on_gpu, fmt)
     latest = checkpoints_dir(out) / "latest"
     if latest.exists():
         _check_same_request(out, cfg)  # before any tokenizer or cache is built
@@ -128,6 +129,9 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     print(f"total time: {(time.time() - t_start) / 60:.1f} min")
     print("\ncontinue with:")
     print(f"  tinystories generate --checkpoint {out} --prompt \"Once upon a time\"")
+    if fmt == "instruct":
+        print(f"  tinystories generate --checkpoint {out} --words dragon,cookie,brave --features dialogue   "
+              "# a story on request (docs/instruct.md)")
     print(f"  tinystories serve --checkpoint {out}            # playground at http://127.0.0.1:8000")
     steps = int(ck.state.get("total_steps") or ck.step or 1000)
     print(f"  tinystories train --resume {out} --set train.max_steps={3 * steps}   "
@@ -136,22 +140,23 @@ def run_quickstart(data: str | None, minutes: float, out: Path, data_dir: Path, 
     return 0
 
 
-def quickstart_overrides(source, minutes: float, data_dir, vocab: int, cache_tokens: int | None) -> list[str]:
-    """What the quickstart sets on top of the shipped config: the data, the tokenizer's size, the time budget and
-    the part of the cache it can use."""
+def quickstart_overrides(source, minutes: float, data_dir, vocab: int, cache_tokens: int | None,
+                         fmt: str = "plain") -> list[str]:
+    """What the quickstart sets on top of the shipped config: the data and its format, the tokenizer's size, the
+    time budget and the part of the cache it can use."""
     return [f"data.source={source}", f"data.data_dir={data_dir}", f"tokenizer.vocab_size={vocab}",
             f"train.max_minutes={minutes}", "train.max_steps=null", "train.max_tokens=null", "train.epochs=null",
-            f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}"]
+            f"data.cache_tokens={'null' if cache_tokens is None else cache_tokens}", f"data.format={fmt}"]
 
 
-def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool):
+def quickstart_config(source: Path, minutes: float, out: Path, data_dir: Path, on_gpu: bool, fmt: str = "plain"):
     """The run's config: the GPU config or cpu.yaml (sized later, once the cache says how much text there is:
     size_for_cpu), with a tokenizer sized for the data, a time budget, a cache part the budget can use. Printed."""
     from tinystories.core.config import load_config
 
     cfg_path = pick_config(on_gpu)
     vocab = vocab_for(source)
-    overrides = quickstart_overrides(source, minutes, data_dir, vocab, cache_tokens_for(minutes, on_gpu))
+    overrides = quickstart_overrides(source, minutes, data_dir, vocab, cache_tokens_for(minutes, on_gpu), fmt)
     cfg = load_config(cfg_path, overrides)
     cfg.out_dir = str(out)
     print(f"config: {cfg_path.name} ({'GPU' if on_gpu else 'CPU'} found), {vocab}-token tokenizer, {minutes:g} min "
@@ -164,9 +169,10 @@ def size_for_cpu(cfg, minutes: float, vocab: int, data_tokens: int):
     the `data_tokens` the cache holds (sizing.py, from the recipe study). Prints the `model size:` line."""
     from tinystories.training.sizing import pick_config, sized_cpu_config
 
-    sized, why = sized_cpu_config(pick_config(False), quickstart_overrides(cfg.data.source, minutes, cfg.data.data_dir,
-                                  vocab, cfg.data.cache_tokens) + [f"tokenizer.path={cfg.tokenizer.path}"],
-                                  minutes, vocab, data_tokens)
+    overrides = quickstart_overrides(cfg.data.source, minutes, cfg.data.data_dir, vocab, cfg.data.cache_tokens,
+                                     cfg.data.format)
+    sized, why = sized_cpu_config(pick_config(False), overrides + [f"tokenizer.path={cfg.tokenizer.path}"], minutes,
+                                  vocab, data_tokens)
     sized.out_dir = cfg.out_dir
     print(f"model size: {why}")
     return sized
@@ -290,6 +296,7 @@ def _cmd_quickstart(args) -> int:
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes}: must be positive")
     try:
-        return run_quickstart(args.data, args.minutes, Path(args.out), Path(args.data_dir))
+        return run_quickstart(args.data, args.minutes, Path(args.out), Path(args.data_dir),
+                              fmt="instruct" if args.instruct else "plain")
     except KeyboardInterrupt:
         return _interrupted(Path(args.out))

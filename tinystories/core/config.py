@@ -85,6 +85,8 @@ class DataConfig(_Strict):
     # build only the first units of the cache holding at least this many train tokens (None: all of the text);
     # quickstart sets it from its time budget, a later larger value or null extends the same cache
     cache_tokens: int | None = None
+    # plain stories, or instruct: each story behind its request (words, features, summary; data/requests.py)
+    format: Literal["plain", "instruct"] = "plain"
 
     @field_validator("val_fraction")
     @classmethod

@@ -58,9 +58,12 @@ def _file_signature(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": size, "sample_sha256": sample_sha256(path, size)}
 
 
-def fingerprint(tok: TextTokenizer, files: list[Path], val_fraction: float, max_stories: int | None) -> str:
+def fingerprint(tok: TextTokenizer, files: list[Path], val_fraction: float, max_stories: int | None,
+                fmt: str = "plain") -> str:
     h = hashlib.sha256()
     h.update(f"format={FORMAT_VERSION};val_fraction={val_fraction};max_stories={max_stories}".encode())
+    if fmt != "plain":  # the text format (data/requests.py); plain keeps the fingerprints caches already have
+        h.update(f";text_format={fmt}".encode())
     h.update(tok.sha256.encode())
     for f in files:
         h.update(json.dumps(_file_signature(f), sort_keys=True).encode())
@@ -77,6 +80,7 @@ class Unit:
     start: int
     end: int
     mode: str
+    fmt: str = "plain"  # the text format the stories are rendered in (data/requests.py)
 
     @property
     def name(self) -> str:
@@ -87,7 +91,7 @@ class Unit:
         return self.end - self.start
 
 
-def plan_units(files: list[Path], holdout: bool) -> list[Unit]:
+def plan_units(files: list[Path], holdout: bool, fmt: str = "plain") -> list[Unit]:
     """Every unit of work, validation files first (small, and a part of the cache always has all of them)."""
     train_files, val_files = split_files(files)
     units: list[Unit] = []
@@ -98,7 +102,7 @@ def plan_units(files: list[Path], holdout: bool) -> list[Unit]:
             mode = file_mode(f)
             # validation files in smaller units: a part of the cache takes only the first ones
             for start, end in file_units(f, VAL_UNIT_BYTES if role == "val" else None):
-                units.append(Unit(n, role, str(f), start, end, mode))
+                units.append(Unit(n, role, str(f), start, end, mode, fmt))
                 n += 1
     return units
 
@@ -131,7 +135,7 @@ def build_unit(tok_path: str, cache_dir: str, unit: Unit, k: int, limit: int | N
     from tinystories.data.tokenizer import load_tokenizer
 
     tok = _WORKER_TOKENIZERS.get(tok_path) or _WORKER_TOKENIZERS.setdefault(tok_path, load_tokenizer(tok_path))
-    docs = unit_documents(Path(unit.path), unit.start, unit.end, unit.mode)
+    docs = unit_documents(Path(unit.path), unit.start, unit.end, unit.mode, unit.fmt)
     if limit is not None:
         docs = docs[:limit]
     by_split: dict[str, list[str]] = {"train": [], "val": []}
@@ -206,6 +210,7 @@ def prepare(
     progress=None,
     train_tokens: int | None = None,
     workers: int | None = None,
+    fmt: str = "plain",
 ) -> tuple[Path, bool]:
     """Build (or find) the cache for (tokenizer, source). Returns (cache directory, was it a cache hit).
 
@@ -213,7 +218,7 @@ def prepare(
     `progress(done_bytes, total_bytes)` is called as units finish. Finished units of an earlier, interrupted
     or smaller build are reused."""
     files = list_text_files(source)
-    fp = fingerprint(tok, files, val_fraction, max_stories)
+    fp = fingerprint(tok, files, val_fraction, max_stories, fmt)
     cache_dir = Path(cache_root) / fp
     mf = cache_dir / "manifest.json"
     if mf.is_file():
@@ -230,7 +235,7 @@ def prepare(
     train_files, val_files = split_files(files)
     holdout = not (val_files and train_files)
     k = max(2, round(1 / val_fraction)) if holdout and val_fraction > 0 else 0
-    units = plan_units(files, holdout)
+    units = plan_units(files, holdout, fmt)
     metas = _build(tok, cache_dir, units, k, dtype, max_stories, train_tokens, workers or default_workers(),
                    progress)
     used = [u for u in units if u.name in metas]
@@ -247,6 +252,7 @@ def prepare(
                     for f in files],
         "val_fraction": val_fraction,
         "max_stories": max_stories,
+        "text_format": fmt,
         "part": part,
         "splits": splits,
     }

@@ -141,7 +141,7 @@ def ensure_cache(cfg: RunConfig, tok, source: Path, log=print):
     t0 = time.time()
     bar = Progress("token cache", log)
     path, hit = prepare(tok, source, cache_root(cfg.data.data_dir), cfg.data.val_fraction, cfg.data.max_stories,
-                        progress=bar, train_tokens=cfg.data.cache_tokens)
+                        progress=bar, train_tokens=cfg.data.cache_tokens, fmt=cfg.data.format)
     bar.close()
     cache = TokenCache.open(path)
     sp = cache.manifest["splits"]
@@ -256,7 +256,8 @@ def _cmd_prepare(args) -> int:
     t0 = time.time()
     bar = Progress("tokenizing", lambda line: print(line, flush=True))
     path, hit = prepare(tok, source, cache_root(args.data_dir) if args.cache_dir is None else Path(args.cache_dir),
-                        args.val_fraction, args.max_stories, bar, train_tokens=args.tokens, workers=args.workers)
+                        args.val_fraction, args.max_stories, bar, train_tokens=args.tokens, workers=args.workers,
+                        fmt=args.format)
     bar.close()
     m = TokenCache.open(path).manifest
     secs = time.time() - t0

@@ -2,7 +2,8 @@
 
 Formats read (detected per file):
 - the official text format: a story, then a line `<|endoftext|>`;
-- JSON (llama2.c's `TinyStories_all_data/*.json`: a list of objects with a `story` field) and JSONL;
+- JSON (llama2.c's `TinyStories_all_data/*.json`: a list of objects with a `story` field, and with the official
+  request, `instruction` and `summary`, that the `instruct` format renders in front of the story) and JSONL;
 - plain text: documents separated by blank lines, or, when a file has no blank line at all, one paragraph
   per line, the whole file being one document.
 """
@@ -26,7 +27,10 @@ HUB_REPO = "roneneldan/TinyStories"
 HUB_FILES = {
     "v2": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
     "v1": ("TinyStories-train.txt", "TinyStories-valid.txt"),
+    "instruct": ("TinyStories_all_data.tar.gz",),  # the JSON shards with each story's request (data/requests.py)
 }
+SHARDS_DIR = "TinyStories_all_data"  # where `--version instruct` unpacks the archive, under the raw directory
+UNPACKED_RATIO = 4.5  # unpacked JSON bytes per byte of the archive, for the disk check
 DEFAULT_DATA_DIR = "data"
 _PEEK = 1 << 20
 
@@ -164,8 +168,23 @@ def _decode(path: Path, raw: bytes, offset: int) -> str:
         raise _decode_error(path, e, offset) from None
 
 
-def unit_documents(path: Path, start: int = 0, end: int | None = None, mode: str | None = None) -> list[str]:
-    """The stories in bytes [start, end) of a file (a range from `file_units`), stripped, empty ones dropped."""
+def unit_documents(path: Path, start: int = 0, end: int | None = None, mode: str | None = None,
+                   fmt: str = "plain") -> list[str]:
+    """The stories in bytes [start, end) of a file (a range from `file_units`), stripped, empty ones dropped.
+
+    fmt "instruct": each story behind its request (data/requests.py), the shards' own or one derived from it."""
+    records = unit_records(path, start, end, mode)
+    if fmt == "plain":
+        return [story for story, _ in records]
+    from tinystories.data.requests import render, request_of
+
+    return [story if is_line_per_story(story) else render(story, request_of(obj) if obj else None)
+            for story, obj in records]
+
+
+def unit_records(path: Path, start: int = 0, end: int | None = None,
+                 mode: str | None = None) -> list[tuple[str, dict | None]]:
+    """(story, its JSON object or None for text) for each story in bytes [start, end) of a file."""
     mode = mode or file_mode(path)
     if mode == "json":
         return list(_iter_json_documents(path))
@@ -177,8 +196,8 @@ def unit_documents(path: Path, start: int = 0, end: int | None = None, mode: str
         return list(_jsonl_documents(path, text, start))
     if mode == "one-document":
         text = text.strip()
-        return [text] if text else []
-    return [d for d in (p.strip() for p in _BOUNDARY[mode].split(text)) if d]
+        return [(text, None)] if text else []
+    return [(d, None) for d in (p.strip() for p in _BOUNDARY[mode].split(text)) if d]
 
 
 def _story_of(obj, path: Path, where: str) -> str:
@@ -208,7 +227,7 @@ def _json_loads(text: str, path: Path, where: str | None = None):
         raise UserError(f"{head} JSON nested too deeply to read (expected stories)") from None
 
 
-def _iter_json_documents(path: Path) -> Iterator[str]:
+def _iter_json_documents(path: Path) -> Iterator[tuple[str, dict | None]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -221,17 +240,18 @@ def _iter_json_documents(path: Path) -> Iterator[str]:
     for i, obj in enumerate(data):
         story = _story_of(obj, path, f"item {i}").strip()
         if story:
-            yield story
+            yield story, obj if isinstance(obj, dict) else None
 
 
-def _jsonl_documents(path: Path, text: str, offset: int) -> Iterator[str]:
+def _jsonl_documents(path: Path, text: str, offset: int) -> Iterator[tuple[str, dict | None]]:
     for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"line {i}" if offset == 0 else f"line {i} after byte {offset}"
-        story = _story_of(_json_loads(line, path, where), path, where).strip()
+        obj = _json_loads(line, path, where)
+        story = _story_of(obj, path, where).strip()
         if story:
-            yield story
+            yield story, obj if isinstance(obj, dict) else None
 
 
 def iter_file_documents(path: Path) -> Iterator[str]:
@@ -292,8 +312,8 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
     offline = (f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to download {HUB_REPO}: work offline with "
                f"local files, e.g. `tinystories data fetch --from ../shared/data/tinystories`")
     missing = [n for n in HUB_FILES[version] if not (raw_dir / n).is_file()]
-    if not missing:
-        return raw_dir
+    if not missing or (version == "instruct" and (raw_dir / SHARDS_DIR / ".complete").is_file()):
+        return _unpack_shards(raw_dir, log) if version == "instruct" else raw_dir
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"HF_HUB_OFFLINE is set, so {HUB_REPO} cannot be downloaded: unset it, or use local "
                         f"files, e.g. `tinystories data fetch --from ../shared/data/tinystories`")
@@ -302,7 +322,7 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
     try:
         metas = {name: _hub_metadata(name) for name in missing}
         left = {name: max((m.size or 0) - _part_size(raw_dir, name, m.etag), 0) for name, m in metas.items()}
-        need, free = sum(left.values()), shutil.disk_usage(raw_dir).free
+        need, free = sum(left.values()) + _unpacked_bytes(version, metas), shutil.disk_usage(raw_dir).free
         if need + DISK_MARGIN > free:
             raise UserError(f"{raw_dir}: downloading {', '.join(missing)} needs {(need + DISK_MARGIN) / 1e9:.2f} GB "
                             f"of free disk ({need / 1e9:.2f} GB of files + {DISK_MARGIN / 1e9:.1f} GB margin), "
@@ -312,6 +332,8 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
             log(f"downloading {HUB_REPO}/{name}: {(metas[name].size or 0) / 1e6:,.1f} MB"
                 + (f" (resuming at {have / 1e6:,.1f} MB)" if have else "") + f" -> {raw_dir / name}")
             _download(metas[name], raw_dir, name)
+        if version == "instruct":
+            _unpack_shards(raw_dir, log)
     except HfHubHTTPError as e:
         raise UserError(f"download of {HUB_REPO} failed ({str(e).splitlines()[0]})") from None
     except OSError as e:
@@ -328,6 +350,42 @@ def fetch(version: str = "v2", data_dir: str | Path = DEFAULT_DATA_DIR, source: 
 
 
 DISK_MARGIN = 100_000_000  # free space kept beyond the download itself
+
+
+def _unpacked_bytes(version: str, metas: dict) -> int:
+    """Disk the instruct archive takes once unpacked next to itself (0 for the text versions)."""
+    return int(sum(m.size or 0 for m in metas.values()) * UNPACKED_RATIO) if version == "instruct" else 0
+
+
+def _unpack_shards(raw_dir: Path, log=print) -> Path:
+    """Unpack the instruct archive's JSON shards into raw_dir/TinyStories_all_data, shard by shard (each written
+    atomically; shards already there are kept, so an interrupted unpacking resumes). The archive then goes."""
+    import tarfile
+
+    from tinystories.core.atomic import atomic_file
+
+    archive = raw_dir / HUB_FILES["instruct"][0]
+    dest = raw_dir / SHARDS_DIR
+    if not archive.is_file() or (dest / ".complete").is_file():
+        return raw_dir
+    dest.mkdir(exist_ok=True)
+    log(f"unpacking {archive.name} -> {dest}")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                name = Path(member.name).name
+                if not member.isfile() or not name.endswith(".json"):
+                    continue
+                if (dest / name).is_file() and (dest / name).stat().st_size == member.size:
+                    continue
+                with tar.extractfile(member) as src, atomic_file(dest / name, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 22)
+    except (tarfile.TarError, EOFError) as e:
+        raise UserError(f"{archive}: not a readable archive ({e}); delete it and run "
+                        f"`tinystories data fetch --version instruct` again") from None
+    write_text_atomic(dest / ".complete", "unpacked\n")
+    archive.unlink()
+    return raw_dir
 
 
 def _hub_metadata(name: str):

@@ -226,6 +226,10 @@ def format_result(r: dict, show_grammar_errors: int = 0) -> str:
 def _cmd_eval(args) -> int:
     from tinystories.core.args import check_report_path, write_json_report
 
+    if args.instruct:
+        from tinystories.evaluation.instruct import _cmd_eval_instruct
+
+        return _cmd_eval_instruct(args)
     if args.show_grammar_errors < 0:
         raise UserError(f"--show-grammar-errors {args.show_grammar_errors}: must be >= 0")
     if args.json:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tinystories.data.tokenizer import TextTokenizer
-from tinystories.inference.sampling import SamplingParams, StreamDecoder, next_tokens
+from tinystories.inference.sampling import SamplingParams, StreamDecoder, WordBias, next_tokens
 from tinystories.model.transformer import SlotKVCache, Transformer
 
 SHUTTING_DOWN = "the server is shutting down; retry later"
@@ -111,6 +111,7 @@ class Request:
     generator: torch.Generator | None = field(default=None, repr=False)
     stop_strings: StopStrings = field(default_factory=lambda: StopStrings([]), repr=False)
     top: tuple[list[int], list[float]] | None = field(default=None, repr=False)
+    bias: WordBias | None = field(default=None, repr=False)  # steers the story toward requested words
 
     @property
     def prompt_tokens(self) -> int:
@@ -391,7 +392,7 @@ class EngineCore:
             logits = self._logits[:n] if whole else self._logits[idx]
             seen = self._seen[:n] if whole else self._seen[idx]
             nxt, top_ids, top_probs = next_tokens(logits, req.params, [self._rows[b].generator for b in rows], seen,
-                                                  req.top_alternatives)
+                                                  req.top_alternatives, [self._rows[b].bias for b in rows])
             if whole:
                 tokens = nxt
             else:
@@ -411,6 +412,8 @@ class EngineCore:
             self._finish(req, "stop", out)
             return False
         req.token_ids.append(t)
+        if req.bias is not None:
+            req.bias.push(t)
         event: dict[str, Any] = {"type": "token", "id": t, "token": self.token_text(t)}
         if req.top_alternatives:
             ids, probs = req.top

@@ -93,9 +93,11 @@ class Engine:
         self._thread.start()
 
     def submit(self, ids: list[int], params: SamplingParams, top_alternatives: int = 0,
-               stop: list[str] | None = None) -> Job:
-        """Queue a request (call it on the event loop). QueueFull when the queue is full and every row busy."""
+               stop: list[str] | None = None, bias=None) -> Job:
+        """Queue a request (call it on the event loop). QueueFull when the queue is full and every row busy.
+        `bias`: a sampling.WordBias steering this request toward requested words."""
         job = Job(ids, params, top_alternatives, list(stop or []))
+        job.bias = bias
         job._engine = self
         with self._wake:
             self.core.submit(job)

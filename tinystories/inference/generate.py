@@ -10,6 +10,7 @@ import torch
 from tinystories.inference.sampling import (
     SamplingParams,
     StreamDecoder,
+    WordBias,
     compile_decoding_now,
     generate_texts,
     prompt_ids,
@@ -18,7 +19,7 @@ from tinystories.inference.sampling import (
 )
 
 
-def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout) -> dict:
+def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout, bias: WordBias | None = None) -> dict:
     """Print one story token by token (UTF-8 safe). Returns counts and speed."""
     ids = prompt_ids(tok, prompt)
     dec = StreamDecoder(tok, ids)
@@ -26,7 +27,7 @@ def stream_story(model, tok, prompt: str, params: SamplingParams, out=sys.stdout
     out.flush()
     n, ended = 0, False
     t0 = time.perf_counter()
-    for step in sample(model, [ids], params, tok.stop_ids):
+    for step in sample(model, [ids], params, tok.stop_ids, biases=[bias] if bias else None):
         t = int(step.tokens[0])
         if t in tok.stop_ids:
             ended = True
@@ -48,27 +49,33 @@ def _cmd_generate(args) -> int:
     params = sampling_params(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    from tinystories.data.requests import ask, request_lines
     from tinystories.model.device import pick_device
 
     model, ck = load_model(args.checkpoint, pick_device(args.device))
     tok = ck.tokenizer
+    req = ask(ck.cfg.data.format, args.words, args.features, args.summary, where=str(ck.path))
+    head = request_lines(req) if req else ""  # the request in front of each opening
     info = sys.stderr
     if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed
         compile_decoding_now(model, tok.doc_start_id, lambda line: print(line, file=info, flush=True))
 
     def one(prompt: str) -> None:
+        prompt = head + prompt
         n_prompt = len(prompt_ids(tok, prompt))
         if n_prompt >= model.cfg.max_seq_len:
             raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} "
                             f"tokens")
         if args.num_samples == 1:
-            r = stream_story(model, tok, prompt, params)
+            r = stream_story(model, tok, prompt, params,
+                             bias=WordBias(tok, req.words, args.word_bias) if req and args.word_bias > 0 else None)
             speed = r["tokens"] / max(r["seconds"], 1e-9)
             print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {speed:.0f} tokens/s"
                   f"{', end of story' if r['ended'] else ''}]", file=info)
             return
         t0 = time.perf_counter()
-        stories = generate_texts(model, tok, prompt, params, args.num_samples)
+        stories = generate_texts(model, tok, prompt, params, args.num_samples, req.words if req else (),
+                                 args.word_bias)
         secs = time.perf_counter() - t0
         for i, s in enumerate(stories, 1):
             print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
@@ -76,8 +83,8 @@ def _cmd_generate(args) -> int:
         print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
               file=info)
 
-    if args.prompt is not None:
-        one(args.prompt)
+    if args.prompt is not None or req:  # a request without --prompt: one story, from the request alone
+        one(args.prompt or "")
         return 0
     print(f"{ck.path} ({model.num_params() / 1e6:.2f}M parameters). Type a story opening; an empty line starts "
           f"from nothing; Ctrl-D quits.", file=info)

@@ -34,6 +34,23 @@ class Api:
     def __init__(self, engine: Engine, info: dict):
         self.engine, self.info, self.name = engine, info, info["name"]
 
+    def ask(self, req, prompt: str):
+        """(the prompt with the request's lines in front, a WordBias or None) for a body's words, features and
+        summary; a 400 when this model was not trained on requests or a feature is unknown."""
+        from tinystories.core.errors import UserError
+        from tinystories.data.requests import ask, request_lines
+        from tinystories.inference.sampling import WordBias
+
+        try:
+            asked = ask(self.info.get("text_format", "plain"), req.words, req.features, req.summary,
+                        where=f"the model {self.name}")
+        except UserError as e:
+            raise invalid("words" if "word" in str(e) else "features", str(e)) from None
+        if asked is None:
+            return prompt, None
+        bias = WordBias(self.engine.tok, asked.words, req.word_bias) if asked.words and req.word_bias > 0 else None
+        return request_lines(asked) + prompt, bias
+
     def prepare(self, prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:
         ctx = self.engine.context
         ids = prompt_ids(self.engine.tok, prompt)
@@ -45,12 +62,12 @@ class Api:
                           max_new_tokens)
         return ids, min(max_new_tokens, ctx - len(ids))  # prompt + output fit in the context
 
-    async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool):
+    async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool, bias=None):
         """(job, None) once the request has a row in the batch, else (None, the error response): 429 when the
         queue is full, 503 when it waited past --queue-timeout or the server is shutting down; a client that
         leaves while queued is dropped."""
         try:
-            job = self.engine.submit(ids, params, top_alternatives, stop)
+            job = self.engine.submit(ids, params, top_alternatives, stop, bias)
         except QueueFull as e:
             return None, error(429, f"{e}; retry in {RETRY_AFTER_S}s", openai, "rate_limit_error", "busy")
         except EngineClosed as e:
@@ -129,23 +146,24 @@ def native_router(api: Api) -> APIRouter:
         """Continue `prompt`. JSON by default; with `stream`, server-sent events:
         `event: token` (text piece, token id, alternatives when asked) ... then `event: done`
         (finish_reason, token counts, timing)."""
-        ids, max_new = api.prepare(req.prompt, req.max_new_tokens, "max_new_tokens")
+        prompt, bias = api.ask(req, req.prompt)
+        ids, max_new = api.prepare(prompt, req.max_new_tokens, "max_new_tokens")
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
                                 top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        job, refused = await api.start(request, ids, params, req.top_alternatives, req.stop, openai=False)
+        job, refused = await api.start(request, ids, params, req.top_alternatives, req.stop, openai=False, bias=bias)
         if refused:
             return refused
         if not req.stream:
             await api.result(request, job)
             if job.error:
                 return JSONResponse({"detail": f"generation failed: {job.error}"}, status_code=500)
-            return {"text": job.text, "prompt": req.prompt, "tokens": len(job.token_ids),
+            return {"text": job.text, "prompt": prompt, "tokens": len(job.token_ids),
                     "token_ids": job.token_ids, **api.final(job)}
 
         async def events() -> AsyncIterator[bytes]:
             try:
                 yield sse({"type": "start", "prompt_tokens": job.prompt_tokens, "max_new_tokens": max_new,
-                           "model": api.name}, "start")
+                           "model": api.name, "prompt": prompt}, "start")
                 async for ev in job.events():
                     yield sse(ev, "token")
                 yield sse({"type": "done", **api.final(job)}, "error" if job.error else "done")

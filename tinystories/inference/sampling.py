@@ -53,16 +53,84 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+class WordBias:
+    """A per-row logits processor that steers a story toward requested words it has not used yet.
+
+    Each step it adds `strength` (ramped up over the first `ramp` tokens, so that the story can start naturally)
+    to the first token of each word still missing (" dragon", " Dragon"), and `complete` to the next token of a
+    word whose first tokens were just written (" dr" -> "agon"). A word stops being pushed as soon as its tokens are
+    written or the story holds an inflection of it (data/requests.contains_word): the bias fades word by word."""
+
+    def __init__(self, tok: TextTokenizer, words, strength: float = 4.0, complete: float = 8.0, ramp: int = 24):
+        self.strength, self.complete, self.ramp = strength, complete, ramp
+        self.tok = tok
+        self.pending = {w: [ids for ids in (tok.encode(" " + f) for f in (w.lower(), w.capitalize())) if ids]
+                        for w in dict.fromkeys(words)}
+        self.ids: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def bias(self, vocab_size: int) -> dict[int, float]:
+        """{token id: logit bonus} for the next position."""
+        out: dict[int, float] = {}
+        ramp = min(1.0, (len(self.ids) + 1) / self.ramp) if self.ramp else 1.0
+        for variants in self.pending.values():
+            for seq in variants:
+                for k in range(min(len(seq) - 1, len(self.ids)), 0, -1):  # a word begun: complete it
+                    if self.ids[-k:] == seq[:k]:
+                        out[seq[k]] = max(out.get(seq[k], 0.0), self.complete)
+                        break
+                if seq[0] < vocab_size:
+                    out[seq[0]] = max(out.get(seq[0], 0.0), self.strength * ramp)
+        return out
+
+    def push(self, token: int) -> None:
+        """The token the row got; words the story now holds stop being pushed."""
+        from tinystories.data.requests import contains_word
+
+        self.ids.append(token)
+        if not self.pending:
+            return
+        tail = self.tok.decode(self.ids[-24:])
+        for w in [w for w, variants in self.pending.items()
+                  if contains_word(tail, w) or any(self.ids[-len(seq):] == seq for seq in variants)]:
+            del self.pending[w]
+
+
+def apply_word_bias(logits: torch.Tensor, biases: list[WordBias | None]) -> torch.Tensor:
+    """logits (B, V) plus each row's WordBias (None: that row is left alone)."""
+    if not any(biases):
+        return logits
+    logits = logits.float().clone()
+    for b, wb in enumerate(biases):
+        if wb:
+            for t, v in wb.bias(logits.size(-1)).items():
+                logits[b, t] += v
+    return logits
+
+
+def push_biases(biases: list[WordBias | None] | None, tokens: torch.Tensor) -> None:
+    """Give each row's WordBias the token the row got."""
+    for b, wb in enumerate(biases or ()):
+        if wb is not None:
+            wb.push(int(tokens[b]))
+
+
 def next_tokens(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | list[torch.Generator],
     seen: torch.Tensor,
     top_alternatives: int = 0,
+    biases: list[WordBias | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The next token of each row from its logits (B, V): repetition penalty, temperature, top-k, top-p, then a
-    draw from `generator` (one for the batch, as `sample` does, or one per row: the server's requests each
-    keep their own seed). Returns (tokens (B,), top_ids, top_probs) with the alternatives when asked."""
+    """The next token of each row from its logits (B, V): requested-word bias, repetition penalty, temperature,
+    top-k, top-p, then a draw from `generator` (one for the batch, as `sample` does, or one per row: the server's
+    requests each keep their own seed). Returns (tokens (B,), top_ids, top_probs) with the alternatives when
+    asked."""
+    if biases:
+        logits = apply_word_bias(logits, biases)
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     top_ids = top_probs = None
     if params.temperature == 0:
@@ -93,8 +161,10 @@ def sample(
     use_cache: bool = True,
     top_alternatives: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    biases: list[WordBias | None] | None = None,
 ) -> Iterator[Step]:
-    """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length)."""
+    """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length); `biases`: a
+    WordBias (or None) per row."""
     cfg = model.cfg
     device = model.rope.device
     if len({len(p) for p in prompts}) != 1 or not prompts[0]:
@@ -125,7 +195,8 @@ def sample(
     for _ in range(params.max_new_tokens):
         if should_stop is not None and should_stop():
             return
-        nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives)
+        nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives, biases)
+        push_biases(biases, nxt)
         yield Step(nxt, finished.clone(), top_ids, top_probs)
         if stop is not None:
             finished |= torch.isin(nxt, stop)
@@ -190,13 +261,16 @@ def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
 
 
 def generate_texts(
-    model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1
+    model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1,
+    words: tuple[str, ...] = (), word_bias: float = 0.0,
 ) -> list[dict]:
-    """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended."""
+    """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended.
+    `words` with `word_bias` > 0: each row steered toward those words (WordBias)."""
     ids = prompt_ids(tok, prompt)
     outs: list[list[int]] = [[] for _ in range(num_samples)]
     ended = [False] * num_samples
-    for step in sample(model, [ids] * num_samples, params, tok.stop_ids):
+    biases = [WordBias(tok, words, word_bias) for _ in range(num_samples)] if words and word_bias > 0 else None
+    for step in sample(model, [ids] * num_samples, params, tok.stop_ids, biases=biases):
         for b in range(num_samples):
             if step.finished[b]:
                 continue

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from tinystories.data.requests import WORD_BIAS
 from tinystories.inference.params import SamplingParams
 
 MAX_PROMPT_CHARS = 32_000
@@ -50,6 +51,13 @@ class GenerateRequest(BaseModel):
     top_alternatives: int = Field(0, ge=0, le=MAX_ALTERNATIVES,
                                   description="with each token, its most likely alternatives and probabilities")
     stop: list[Stop] = Field(default_factory=list, max_length=MAX_STOPS, description="stop at any of these strings")
+    words: list[Text] = Field(default_factory=list, max_length=3,
+                              description="up to three words the story should use (a model trained on requests)")
+    features: list[Text] = Field(default_factory=list, max_length=6,
+                                 description="dialogue, badending, moralvalue, twist, foreshadowing, conflict")
+    summary: Text = Field("", max_length=1000, description="what the story should be about, in a sentence")
+    word_bias: float = Field(WORD_BIAS, allow_inf_nan=False, ge=0.0, le=20.0,
+                             description="logit bonus for requested words not yet in the story (0 = off)")
 
 
 class CompletionRequest(BaseModel):
@@ -73,3 +81,9 @@ class CompletionRequest(BaseModel):
                                            description="not supported (0 only)")
     frequency_penalty: float | None = Field(0.0, allow_inf_nan=False, ge=0.0, le=0.0,
                                             description="not supported (0 only)")
+    # extra fields (the openai client's extra_body): a story on request, as in /v1/generate
+    words: list[Text] = Field(default_factory=list, max_length=3, description="up to three words the story should use")
+    features: list[Text] = Field(default_factory=list, max_length=6, description="features the story should have")
+    summary: Text = Field("", max_length=1000, description="what the story should be about")
+    word_bias: float = Field(WORD_BIAS, allow_inf_nan=False, ge=0.0, le=20.0,
+                             description="logit bonus for requested words (0 = off)")

@@ -124,6 +124,7 @@ def _model_info(name: str, model, ck, context: int, limits: dict) -> dict:
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "limits": {**limits, "max_alternatives": MAX_ALTERNATIVES},
+        "text_format": ck.cfg.data.format,  # "instruct": it takes words, features and a summary (docs/instruct.md)
     }
 
 

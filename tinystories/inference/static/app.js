@@ -11,6 +11,9 @@ const STARTERS = [
   "Max had a big box of toys. He",
 ];
 const SLIDERS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+// the features a model trained on requests knows (data/requests.py FEATURES), as the API takes them
+const FEATURES = [["dialogue", "Dialogue"], ["badending", "Bad ending"], ["moralvalue", "Moral"],
+  ["twist", "Twist"], ["foreshadowing", "Foreshadowing"], ["conflict", "Conflict"]];
 
 let controller = null; // AbortController of the running request
 let selected = null;
@@ -90,6 +93,7 @@ async function loadModel() {
     len.max = String(m.context - 8);
     if (Number(len.value) > m.context - 8) len.value = String(Math.min(200, m.context - 8));
     showSlider("max_new_tokens");
+    $("request").hidden = m.text_format !== "instruct"; // only a model trained on requests can follow one
   } catch (e) {
     $("model-info").textContent = "model info unavailable";
   }
@@ -169,7 +173,16 @@ function params() {
     max_new_tokens: Number($("max_new_tokens").value),
     stream: true,
     top_alternatives: 5,
+    ...request(),
   };
+}
+
+// The words and features asked for in the "Ask for a story" box (nothing when the model takes no requests).
+function request() {
+  if ($("request").hidden) return {};
+  const words = ["word1", "word2", "word3"].map((id) => $(id).value.trim()).filter((w) => w);
+  const features = [...document.querySelectorAll("#features input:checked")].map((c) => c.value);
+  return { words, features };
 }
 
 // Parse a server-sent-event stream from a fetch body; calls onEvent(name, data) per event.
@@ -240,6 +253,7 @@ async function generate() {
       throw new Error(msg);
     }
     await readSSE(r.body, (name, ev) => {
+      if (name === "start" && ev.prompt != null) promptSpan.textContent = ev.prompt; // with the request's lines
       if (name === "token") {
         if (first === null) { first = performance.now(); $("stat-ttft").textContent = ((first - t0) / 1000).toFixed(2) + " s"; }
         n += ev.id === null ? 0 : 1;
@@ -291,6 +305,15 @@ function init() {
     b.title = s;
     b.addEventListener("click", () => { $("prompt").value = s; $("prompt").focus(); });
     $("starters").append(b);
+  }
+  for (const [value, text] of FEATURES) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = value;
+    box.id = "feature-" + value;
+    label.append(box, " " + text);
+    $("features").append(label);
   }
   for (const name of SLIDERS) {
     $(name).addEventListener("input", () => showSlider(name));

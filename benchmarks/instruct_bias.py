@@ -1,0 +1,38 @@
+"""How strong should decoding's word bias be? Inclusion of requested words against the grammar of the sentences
+that hold them, for a model trained with data.format=instruct (the "request" condition of `eval --instruct`).
+
+    python benchmarks/instruct_bias.py --checkpoint runs/instruct \
+        --text ../shared/data/tinystories/TinyStories-valid-head.txt --bias 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tinystories.data.requests import request_lines
+from tinystories.evaluation.instruct import answer, follow_figures, grammar_figures, held_out_requests
+from tinystories.inference.sampling import SamplingParams
+from tinystories.model.checkpoint import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--bias", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    ap.add_argument("--num-stories", type=int, default=30)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    args = ap.parse_args()
+    model, ck = load_model(args.checkpoint, "cpu")
+    reqs = held_out_requests(args.text, args.num_stories)
+    for b in args.bias:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        answers = answer(model, ck.tokenizer, reqs, request_lines, b, params)
+        figs = follow_figures(answers) | grammar_figures(answers)
+        print(json.dumps({"word_bias": b, **{k: round(v, 3) if isinstance(v, float) else v for k, v in figs.items()}}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
