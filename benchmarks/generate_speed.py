@@ -2,6 +2,14 @@
 
     python benchmarks/generate_speed.py                      # cpu-sized and 23M seed configs
     python benchmarks/generate_speed.py --vs-transformers    # also HF LlamaForCausalLM.generate, same weights
+    python benchmarks/generate_speed.py --vs-llama-cpp --skip-cache-bench   # ours in each precision vs llama.cpp
+
+--vs-llama-cpp: for the quickstart shape (dim 256 x 6, 4K vocab) and the seed's 23M shape (dim 448 x 7, 10K
+vocab), random weights exported to GGUF (f32 and q8_0, `tinystories export --format gguf`'s writer), llama.cpp
+(llama-cpp-python, in a child process: native code that crashes takes only the child) against our compiled
+decoding in float32, bfloat16 (where the CPU has it natively) and int8; batch 1, greedy, the same prompt ids and
+length, --threads each (default 2), interleaved rounds, best of --repeats. Then how each precision moves bits per
+byte and greedy text on stories260K (imported from ../shared) and the validation head.
 
 --vs-transformers times our sampler twice: eager (the default of `tinystories generate`) and with compiled
 one-token steps (`generate --compile`, `serve --compile`: Transformer.compile_decoding()); the compile time is
@@ -30,6 +38,8 @@ from tinystories.core.config import ModelConfig  # noqa: E402
 from tinystories.inference.sampling import SamplingParams, sample  # noqa: E402
 from tinystories.model.transformer import Transformer  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+QUICKSTART_SHAPE = dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, max_seq_len=512)
 SEED_CONFIG = dict(vocab_size=10000, dim=448, n_layers=7, n_heads=7, hidden_dim=1408, max_seq_len=512)
 CPU_CONFIG = dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, max_seq_len=256)
 
@@ -203,6 +213,162 @@ def breakdown(args) -> None:
           f"({mb:.0f} MB, {mb / gemv:.0f} GB/s); eager step {eager:.2f} ms; compiled step {fast:.2f} ms")
 
 
+def _bpe_tokenizer(tmp: Path, vocab_size: int):
+    """A byte-level BPE trained on the shared train head, padded with unused tokens to exactly `vocab_size` (the
+    2 MB text runs out of merges near 8K; the GGUF needs a vocabulary as large as the model's)."""
+    from tinystories.data.prepare import train_tokenizer
+    from tinystories.data.tokenizer import load_tokenizer
+
+    out = tmp / f"tok{vocab_size}"
+    out.mkdir()
+    train_tokenizer(SHARED / "data" / "tinystories" / "TinyStories-train-head.txt", vocab_size, out, None)
+    tok = load_tokenizer(out)
+    if tok.vocab_size < vocab_size:
+        tok.tok.add_tokens([f"<unused{i}>" for i in range(vocab_size - tok.vocab_size)])
+        tok.tok.save(str(tok.path))
+        tok = load_tokenizer(out)
+    assert tok.vocab_size == vocab_size, tok.vocab_size
+    return tok
+
+
+def _llama_cpp_child(req_path: str, out_path: str) -> None:
+    """Child process: load a GGUF in llama.cpp, greedy-decode n_new tokens after the prompt ids, best of repeats."""
+    import json
+
+    import llama_cpp
+
+    req = json.loads(Path(req_path).read_text())
+    llm = llama_cpp.Llama(model_path=req["gguf"], n_ctx=len(req["prompt"]) + req["n_new"] + 8,
+                          n_threads=req["threads"], n_threads_batch=req["threads"], verbose=False, seed=0)
+
+    def run(n: int) -> tuple[float, list[int]]:
+        ids, t = [], time.perf_counter()
+        for tok in llm.generate(req["prompt"], temp=0.0, repeat_penalty=1.0, reset=True):
+            ids.append(int(tok))
+            if len(ids) == n:
+                return n / (time.perf_counter() - t), ids
+        raise AssertionError("llama.cpp stopped early")
+
+    run(8)
+    best, ids = max(run(req["n_new"]) for _ in range(req["repeats"]))
+    Path(out_path).write_text(json.dumps({"tps": best, "ids": ids}))
+
+
+def _llama_cpp(gguf: Path, prompt: list[int], new: int, threads: int, repeats: int = 1) -> dict:
+    """tokens/s and greedy ids of llama.cpp on `gguf`, run in a child process; {"error": ...} when it dies."""
+    import json
+    import signal
+    import subprocess
+
+    req, out = gguf.with_suffix(".req.json"), gguf.with_suffix(".out.json")
+    req.write_text(json.dumps({"gguf": str(gguf), "prompt": prompt, "n_new": new, "threads": threads,
+                               "repeats": repeats}))
+    try:
+        r = subprocess.run([sys.executable, __file__, "--llama-child", str(req), str(out)], capture_output=True,
+                           text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 600 s"}
+    if r.returncode != 0:
+        why = signal.Signals(-r.returncode).name if r.returncode < 0 else f"exit {r.returncode}"
+        return {"error": f"crashed ({why}): {(r.stderr.strip().splitlines() or [''])[-1][:120]}"}
+    return json.loads(out.read_text())
+
+
+def _ours(cfg: dict, name: str):
+    """The model in precision `name` (model/precision.py), its one-token step compiled and warmed up."""
+    from tinystories.model.precision import Precision, apply_precision
+
+    model = apply_precision(build(cfg), Precision(name))
+    return model.compile_decoding()
+
+
+def vs_llama_cpp_shape(label: str, cfg: dict, args, tmp: Path) -> None:
+    from tinystories.export.gguf import write_gguf
+    from tinystories.model.device import cpu_has_bf16
+
+    model = build(cfg)
+    tok = _bpe_tokenizer(tmp, cfg["vocab_size"])
+    ggufs = {}
+    for dtype in ("f32", "q8_0"):
+        ggufs[dtype] = tmp / f"{cfg['dim']}-{dtype}.gguf"
+        write_gguf(model, tok, ggufs[dtype], dtype)
+    prompt = prompt_for(model, args.prompt_tokens, 1)
+    new = args.new_tokens
+    names = ["float32", *(["bfloat16"] if cpu_has_bf16() else []), "int8"]
+    ours = {}
+    for name in names:
+        t = time.perf_counter()
+        ours[name] = _ours(cfg, name)
+        time_ours(ours[name], prompt, 8, True)
+        print(f"  {label}: {name} compiled in {time.perf_counter() - t:.0f}s", flush=True)
+    best: dict[str, float] = {}
+    ids: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    for _ in range(args.repeats):  # interleaved rounds: machine load hits every side alike
+        for dtype, path in ggufs.items():
+            if dtype in errors:
+                continue
+            r = _llama_cpp(path, prompt[0], new, args.threads)
+            if "error" in r:
+                errors[dtype] = r["error"]
+                continue
+            best[f"llama.cpp {dtype}"] = max(best.get(f"llama.cpp {dtype}", 0.0), r["tps"])
+            ids[f"llama.cpp {dtype}"] = r["ids"]
+        for name, m in ours.items():
+            tps, ids[name] = time_ours(m, prompt, new, True)
+            best[name] = max(best.get(name, 0.0), tps)
+    ref = best.get("llama.cpp f32")
+    print(f"| {label} | " + " | ".join(f"{k} {v:.0f}" for k, v in best.items()) + " |")
+    for name in names:
+        vs = f", {best[name] / ref:.2f}x llama.cpp f32" if ref else ""
+        q8 = best.get("llama.cpp q8_0")
+        vs8 = f", {best[name] / q8:.2f}x llama.cpp q8_0" if q8 else ""
+        same = "same greedy tokens as float32" if ids[name] == ids["float32"] else "greedy tokens differ from float32"
+        print(f"{label}: ours {name} {best[name]:.1f} tok/s{vs}{vs8} ({same})", flush=True)
+    for dtype in ggufs:
+        key = f"llama.cpp {dtype}"
+        if key in best:
+            same = "same greedy tokens as ours float32" if ids[key] == ids["float32"] else "greedy tokens differ"
+            print(f"{label}: {key} {best[key]:.1f} tok/s ({same})", flush=True)
+        else:
+            print(f"{label}: {key} {errors[dtype]}", flush=True)
+
+
+def precision_fidelity(args, tmp: Path) -> None:
+    """bits per byte and greedy text of each precision against float32, on stories260K and the validation head."""
+    import subprocess
+
+    from tinystories.core.defaults import OPENINGS
+    from tinystories.inference.generate import fidelity
+    from tinystories.model.checkpoint import load_model
+    from tinystories.model.precision import GREEDY_TOKENS, Precision, apply_precision
+
+    models = SHARED / "models" / "llama2c-stories260K"
+    ck_dir = tmp / "stories260K"
+    subprocess.run([sys.executable, "-m", "tinystories", "import", "llama2c", str(models / "stories260K.bin"),
+                    "--tokenizer", str(models / "tok512.model"), "--out", str(ck_dir)], check=True,
+                   capture_output=True)
+    text = (SHARED / "data" / "tinystories" / "TinyStories-valid-head.txt").read_text(encoding="utf-8")
+    reference, ck = load_model(ck_dir, "cpu")
+    for name in ("bfloat16", "int8"):
+        model = apply_precision(load_model(ck_dir, "cpu")[0], Precision(name))
+        f = fidelity(reference, model, ck.tokenizer, list(OPENINGS), text, args.bpb_tokens, GREEDY_TOKENS)
+        print(f"stories260K {name}: bits per byte {f['bpb']:.4f} vs float32 {f['bpb_float32']:.4f} "
+              f"({100 * f['bpb_change']:+.3f}%) on the first {args.bpb_tokens} tokens of the validation head; greedy "
+              f"equal to float32 for {GREEDY_TOKENS} tokens on {f['greedy_equal']} of {len(OPENINGS)} openings "
+              f"(tokens before the first difference: {f['greedy_same_tokens']})", flush=True)
+
+
+def vs_llama_cpp(args) -> None:
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, cfg in (("quickstart shape 5.9M", QUICKSTART_SHAPE), ("seed 23M shape", SEED_CONFIG)):
+            if args.only in (None, "cpu" if cfg is QUICKSTART_SHAPE else "seed"):
+                vs_llama_cpp_shape(label, cfg, args, Path(tmp))
+        if not args.skip_fidelity:
+            precision_fidelity(args, Path(tmp))
+
+
 def _seed_tokenizer(tmp: Path) -> Path:
     """A tokenizer.json with exactly 10,000 entries (the export needs one; its merges do not matter here)."""
     from tokenizers import Tokenizer, models
@@ -227,9 +393,19 @@ def main() -> None:
                     help="with --vs-transformers: also time transformers with a static cache and torch.compile")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time a batch-1 step against its weight matrix-vector products alone (seed shape)")
+    ap.add_argument("--vs-llama-cpp", action="store_true",
+                    help="ours in float32/bfloat16/int8 against llama.cpp f32/q8_0 on the same weights")
+    ap.add_argument("--threads", type=int, default=2, help="--vs-llama-cpp: threads for both sides (default 2)")
+    ap.add_argument("--bpb-tokens", type=int, default=65536,
+                    help="--vs-llama-cpp: validation-head tokens scored for the bits-per-byte change (default 65536)")
+    ap.add_argument("--skip-fidelity", action="store_true", help="--vs-llama-cpp: speed only")
+    ap.add_argument("--llama-child", nargs=2, metavar=("REQUEST", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--skip-cache-bench", action="store_true",
                     help="skip the cache table: only --vs-transformers and/or --breakdown")
     args = ap.parse_args()
+    if args.llama_child:
+        return _llama_cpp_child(*args.llama_child)
+    print(f"load: {os.getloadavg()[0]:.1f} (1-minute average), {os.cpu_count()} CPUs; {_cpu_kind()}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, greedy", flush=True)
     if not args.skip_cache_bench:
         name, cfg = cpu_config()
@@ -241,6 +417,18 @@ def main() -> None:
         breakdown(args)
     if args.vs_transformers:
         print(f"speedup_vs_transformers={vs_transformers(args):.2f}")
+    if args.vs_llama_cpp:
+        vs_llama_cpp(args)
+        print(f"load: {os.getloadavg()[0]:.1f} (1-minute average) at the end", flush=True)
+
+
+def _cpu_kind() -> str:
+    from tinystories.model.calibrate import cpu_name
+    from tinystories.model.device import cpu_bf16_feature
+
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{cpu_name()}, native bf16: {cpu_bf16_feature() or 'none'}"
+            + (f", ONEDNN_MAX_CPU_ISA={limit}" if limit else ""))
 
 
 if __name__ == "__main__":

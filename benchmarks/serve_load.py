@@ -6,6 +6,9 @@
     python benchmarks/serve_load.py --checkpoint CK --config "v0=--max-concurrent 4" --code v0=/tmp/old-checkout
     python benchmarks/serve_load.py --url http://127.0.0.1:8000              # an already running server
     python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,16,32,64   # the engine alone, no HTTP
+    python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,20 --dtypes float32,auto --rounds 3
+    python benchmarks/serve_load.py --checkpoint CK --clients 1,8,20 --config "f32=--dtype float32" \\
+        --config "auto=--dtype auto"                                         # the same over HTTP
 
 For each configuration (default: `old` = `--max-batch 1 --max-queue 0`, i.e. one generation at a time and a
 429 for everyone else, and `new` = the defaults: continuous batching and a queue) the script starts `tinystories
@@ -348,23 +351,31 @@ def print_row(r: dict) -> None:
 
 def engine_only(args) -> int:
     """The engine without HTTP: for each --max-batch in --engine-batches, 2 x batch requests (at least 16) of
-    --max-new-tokens each, submitted at once; prints aggregate tokens/s (how --max-batch's default was chosen)."""
+    --max-new-tokens each, submitted at once; prints aggregate tokens/s (how --max-batch's default was chosen). With
+    several --dtypes (model/precision.py), each batch size runs every precision in interleaved rounds, best of
+    --rounds (a busy machine slows both sides alike)."""
     import torch
 
     sys.path.insert(0, str(REPO))
     from tinystories.inference.frontend import Engine
     from tinystories.inference.sampling import SamplingParams, prompt_ids
     from tinystories.model.checkpoint import load_model
+    from tinystories.model.precision import inference_precision
 
     torch.set_num_threads(args.threads or 1)
-    model, ck = load_model(args.checkpoint, "cpu")
-    if args.compile:
-        model.compile_decoding()
+    models = {}
+    for dtype in args.dtypes.split(","):
+        model, ck = load_model(args.checkpoint, "cpu")
+        precision = inference_precision(model, torch.device("cpu"), dtype)
+        if args.compile:
+            model.compile_decoding()
+        models[precision.name] = model
+        print(precision.describe(), flush=True)
     if args.max_new_tokens > model.cfg.max_seq_len:
         raise BenchError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
                          f"{model.cfg.max_seq_len} tokens")
 
-    async def run(batch: int) -> tuple[int, float, float]:
+    async def run(model, batch: int) -> tuple[int, float, float]:
         engine = Engine(model, ck.tokenizer, max_batch=batch, max_queue=10_000)
         t0 = time.perf_counter()
         engine.warm_up()
@@ -380,12 +391,17 @@ def engine_only(args) -> int:
 
     print(f"engine only (no HTTP): {ck.path}, {'compiled' if args.compile else 'eager'}, "
           f"{args.max_new_tokens} new tokens per request, {torch.get_num_threads()} torch thread(s)\n"
-          f"measured on: {machine('cpu')}; device cpu, precision "
-          f"{str(next(model.parameters()).dtype).removeprefix('torch.')}")
+          f"measured on: {machine('cpu')}; device cpu, load {os.getloadavg()[0]:.1f}")
     for batch in [int(b) for b in args.engine_batches.split(",")]:
-        tokens, secs, warm = asyncio.run(run(batch))
-        print(f"  --max-batch {batch:>3}: {tokens:>6,} tokens in {secs:5.2f} s = {tokens / secs:7.0f} tokens/s"
-              f"  (warm-up {warm:.1f} s)", flush=True)
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                tokens, secs, warm = asyncio.run(run(model, batch))
+                best[name] = max(best.get(name, 0.0), tokens / secs)
+        first = next(iter(best))
+        print(f"  --max-batch {batch:>3}: " + ", ".join(
+            f"{name} {tps:7.0f} tokens/s" + (f" ({tps / best[first]:.2f}x {first})" if name != first else "")
+            for name, tps in best.items()) + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
     return 0
 
 
@@ -420,6 +436,10 @@ def _main() -> int:
     ap.add_argument("--request-timeout", type=float, default=120.0, help="per-request limit in seconds")
     ap.add_argument("--engine-batches", default=None, metavar="B1,B2,...",
                     help="instead of HTTP load: the engine in-process at these --max-batch values (needs --checkpoint)")
+    ap.add_argument("--dtypes", default="float32", metavar="D1,D2",
+                    help="with --engine-batches: the precisions to compare (float32,bfloat16,int8,auto; default "
+                         "float32); the servers of --config take `--dtype D` among their flags")
+    ap.add_argument("--rounds", type=int, default=1, help="with --engine-batches: best of this many rounds")
     args = ap.parse_args()
     if args.engine_batches:
         if not args.checkpoint:

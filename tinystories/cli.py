@@ -21,6 +21,7 @@ from tinystories.core.defaults import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_STORIES,
+    INFERENCE_DTYPES,
     PROMPT_KINDS,
     REPORT_STORIES,
     SAMPLE_STORIES,
@@ -131,6 +132,14 @@ def add_command(sub, name: str, help: str, examples: str, func: str) -> argparse
 
 
 # --------------------------------------------------------------------------------------------------------- the commands
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype of generate, eval and serve: the weights' precision (model/precision.py)."""
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="float32",
+                   help="weights' precision: float32 (default, exact), bfloat16 (CPUs and GPUs with native bf16), "
+                        "int8 (weight-only), auto (the fastest on this device within 0.5%% (bf16) / 1%% (int8) "
+                        "bits per byte of float32); the startup line says which runs and why")
 
 
 def _stories_arg(value: str) -> int | None:
@@ -270,6 +279,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-samples", type=at_least(1), default=1, help="stories to sample in one batch (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
     p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for torch")
+    add_dtype_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (torch.compile): 1.1-1.6x faster decoding on CPU after a "
                         "few seconds of compiling; worth it for many or long stories and interactive sessions")
@@ -346,6 +356,7 @@ def _add_eval(sub) -> None:
 
     p.add_argument("--word-bias", type=float, default=WORD_BIAS,
                    help=f"with --instruct: decoding's logit bonus for requested words (default {WORD_BIAS:g})")
+    add_dtype_arg(p)
 
 
 def _add_doctor(sub) -> None:
@@ -452,6 +463,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the one-token decoding step at startup (torch.compile; a few seconds, falls back to "
                         "eager if it cannot): ~2x the tokens/s under load on CPU (default: on; --no-compile to skip)")
+    add_dtype_arg(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
 

@@ -33,3 +33,4 @@ SAMPLE_STORIES = 8  # stories sampled for the article and grammar checks
 # serve (inference/server.py)
 DEFAULT_MAX_BATCH = 16  # benchmarks/serve_load.py: see docs/playground.md
 DEFAULT_MAX_QUEUE = 256
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8", "auto")  # generate/eval/serve --dtype (model/precision.py)

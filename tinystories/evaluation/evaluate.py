@@ -144,13 +144,16 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
              num_stories: int = DEFAULT_STORIES, reference: str | Path | None = None,
              train_text: str | Path | None = None, sampling=None, judge_url: str | None = None,
              judge_model: str | None = None, judge_timeout: float = 60.0, device: str | None = None,
-             prompts: str = "openings", grammar: bool = True, show_grammar_errors: int = 0, log=print,
-             skip_tokens: int = 0) -> dict:
+             prompts: str = "openings", grammar: bool = True, show_grammar_errors: int = 0, dtype: str = "float32",
+             log=print, skip_tokens: int = 0) -> dict:
     """Evaluate a checkpoint: likelihood of `text` (default: the run's validation split after its first
     `skip_tokens` tokens, at most `max_tokens` tokens), `num_stories` sampled stories (SamplingParams `sampling`,
-    default its defaults) against real ones, and the LLM judge at `judge_url` when given. Returns every figure as
-    a dict (the JSON report)."""
+    default its defaults) against real ones, and the LLM judge at `judge_url` when given; the weights in precision
+    `dtype` (model/precision.py). Returns every figure as a dict (the JSON report)."""
+    import torch
+
     from tinystories.model.checkpoint import load_model
+    from tinystories.model.precision import inference_precision
 
     params = _checked_sampling(sampling, num_stories, max_tokens, judge_url, judge_model,
                                {"--text": text, "--reference": reference, "--train-text": train_text})
@@ -159,8 +162,12 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
                         f"to --text {text}")
     device = pick_device(device)
     model, ck = load_model(checkpoint, device)
+    precision = inference_precision(model, torch.device(device), dtype)
+    if precision.name != "float32" or dtype == "auto":
+        log(precision.describe())
     cache = open_run_cache(ck.state)
-    result: dict = {"checkpoint": str(ck.path), "step": ck.step, "device": device, "window": model.cfg.max_seq_len}
+    result: dict = {"checkpoint": str(ck.path), "step": ck.step, "device": device, "window": model.cfg.max_seq_len,
+                    "dtype": precision.name}
     result.update(_score_text(model, ck, cache, checkpoint, text, max_tokens, log, skip_tokens))
     result["sampling"] = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                           "top_k": params.top_k, "top_p": params.top_p, "seed": params.seed,
@@ -240,7 +247,7 @@ def _cmd_eval(args) -> int:
                       reference=args.reference, train_text=args.train_text, sampling=sampling_params(args),
                       judge_url=args.judge_url, judge_model=args.judge_model, judge_timeout=args.judge_timeout,
                       device=args.device, prompts=args.prompts, grammar=args.grammar,
-                      show_grammar_errors=args.show_grammar_errors, skip_tokens=args.skip_tokens)
+                      show_grammar_errors=args.show_grammar_errors, dtype=args.dtype, skip_tokens=args.skip_tokens)
     if args.json:
         write_json_report(args.json, result)
     print(format_result(result, show_grammar_errors=args.show_grammar_errors))

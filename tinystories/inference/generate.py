@@ -51,12 +51,17 @@ def _cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     from tinystories.data.requests import ask, request_lines
     from tinystories.model.device import pick_device
+    from tinystories.model.precision import inference_precision
 
-    model, ck = load_model(args.checkpoint, pick_device(args.device))
+    device = pick_device(args.device)
+    model, ck = load_model(args.checkpoint, device)
     tok = ck.tokenizer
     req = ask(ck.cfg.data.format, args.words, args.features, args.summary, where=str(ck.path))
     head = request_lines(req) if req else ""  # the request in front of each opening
     info = sys.stderr
+    precision = inference_precision(model, device, args.dtype)
+    if precision.name != "float32" or args.dtype == "auto":
+        print(precision.describe(), file=info, flush=True)
     if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed
         compile_decoding_now(model, tok.doc_start_id, lambda line: print(line, file=info, flush=True))
 
@@ -96,3 +101,34 @@ def _cmd_generate(args) -> int:
         one(prompt.rstrip("\n"))
         if params.seed is not None:
             params.seed += 1  # a new story for the same opening next time
+
+
+def greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
+    """The first `n` greedy tokens after `prompt` (fewer where the story ends)."""
+    params = SamplingParams(max_new_tokens=n, temperature=0.0)
+    out = []
+    for step in sample(model, [prompt_ids(tok, prompt)], params, tok.stop_ids):
+        out.append(int(step.tokens[0]))
+        if out[-1] in tok.stop_ids:
+            break
+    return out
+
+
+def fidelity(reference, model, tok, prompts: list[str], text: str, max_tokens: int, n: int = 50) -> dict:
+    """How `model` (another precision of `reference`'s weights) departs from it: bits per byte of the first
+    `max_tokens` tokens of `text` (one document) for both, their relative change, and for each prompt the number of
+    greedy tokens (of the first `n`) before the two first differ (n where they never do)."""
+    from tinystories.model.likelihood import encode_documents, likelihood
+
+    stream, _ = encode_documents(tok, [text])
+    stream = stream[: max_tokens + 1]
+    n_bytes = len(tok.decode(stream[1:].tolist()).encode("utf-8"))
+    ref_bpb = likelihood(reference, stream, n_bytes)["bits_per_byte"]
+    bpb = likelihood(model, stream, n_bytes)["bits_per_byte"]
+    same, equal = [], 0
+    for prompt in prompts:
+        a, b = greedy_ids(reference, tok, prompt, n), greedy_ids(model, tok, prompt, n)
+        same.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n if a == b else min(len(a), len(b))))
+        equal += a == b
+    return {"bpb_float32": ref_bpb, "bpb": bpb, "bpb_change": bpb / ref_bpb - 1, "greedy_same_tokens": same,
+            "greedy_equal": equal}

@@ -187,7 +187,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
           timeout_s: float = 60.0, cors_origins: list[str] | None = None, device: str = "cpu",
           log_level: str = "info", threads: int | None = None, compile_decoding: bool = True,
           max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout_s: float = 60.0,
-          batch_flag: str = "--max-batch", api_key: str | None = None) -> None:
+          batch_flag: str = "--max-batch", api_key: str | None = None, dtype: str = "float32") -> None:
     _check_options(port, max_batch, max_queue, timeout_s, queue_timeout_s, cors_origins, threads, batch_flag)
     import uvicorn
 
@@ -196,7 +196,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     # take the port before the (possibly slow) model load and compile: a port in use fails at once, in one line
     sockets = bind_sockets(host, port)
     port = sockets[0].getsockname()[1]  # --port 0: the port the system picked
-    model, ck = _load(checkpoint, device, threads)
+    model, ck = _load(checkpoint, device, threads, dtype)
     app = create_app(model, ck, max_batch, timeout_s, cors_origins, max_queue=max_queue,
                      queue_timeout_s=queue_timeout_s, api_key=api_key)
     if compile_decoding:  # before listening: no request waits on the compile
@@ -253,17 +253,22 @@ def _check_options(port: int, max_batch: int, max_queue: int, timeout_s: float, 
         raise UserError(f"--threads {threads}: must be at least 1")
 
 
-def _load(checkpoint: str, device: str, threads: int | None):
-    """(model, checkpoint) on the device; on a CPU, the decoding loop gets one torch thread unless --threads."""
+def _load(checkpoint: str, device: str, threads: int | None, dtype: str = "float32"):
+    """(model, checkpoint) on the device, weights in precision `dtype` (said on stdout); on a CPU, the decoding
+    loop gets one torch thread unless --threads."""
     import torch
 
     from tinystories.model.checkpoint import load_model
     from tinystories.model.device import pick_device
+    from tinystories.model.precision import inference_precision
 
     if threads or str(device).startswith("cpu"):
         # one torch thread for the decoding loop: the event loop (HTTP, server-sent events) needs the other core
         torch.set_num_threads(threads or 1)
-    return load_model(checkpoint, pick_device(device))
+    dev = pick_device(device)
+    model, ck = load_model(checkpoint, dev)
+    print(inference_precision(model, dev, dtype).describe(), flush=True)
+    return model, ck
 
 
 def _uvicorn_server(config, engine, ready: list[str]):
@@ -344,5 +349,5 @@ def _cmd_serve(args) -> int:
     max_batch = next((v for v in (args.max_batch, args.max_concurrent) if v is not None), DEFAULT_MAX_BATCH)
     api_key = resolve_api_key(getattr(args, "api_key", None), os.environ)
     serve(args.checkpoint, args.host, args.port, max_batch, args.timeout, args.cors_origin, args.device,
-          args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag, api_key)
+          args.log_level, args.threads, args.compile, args.max_queue, args.queue_timeout, flag, api_key, args.dtype)
     return 0

@@ -194,6 +194,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._compiled_step = None  # set by compile_decoding()
         self._compiled_step_ran = False
+        self.compile_options: dict = {}  # extra Inductor options for the compiled step (model/precision.py sets them)
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.register_buffer("rope_real", torch.view_as_real(self.rope).clone(), persistent=False)
         self.apply(self._init_weights)
@@ -272,7 +273,8 @@ class Transformer(nn.Module):
         per-op Python overhead that dominates a batch-1 step on CPU (benchmarks/generate_speed.py: ~1.3x
         faster at the 23M shape). dynamic=True: one graph for every batch size and cache position. Costs
         ~5 s of compiling on first use (more on a cold inductor cache); prompts (prefill) stay eager."""
-        self._compiled_step = torch.compile(self.forward, dynamic=True, options={"cpp_wrapper": True})
+        self._compiled_step = torch.compile(self.forward, dynamic=True,
+                                            options={"cpp_wrapper": True, **self.compile_options})
         self._compiled_step_ran = False
         return self
 

@@ -1,0 +1,118 @@
+"""Inference precision: the weights `generate`, `eval` and `serve` run with, and why (`--dtype`).
+
+`choose_precision(caps, pref)` is a pure function of what the device can do (`device.DeviceCaps`, built by hand in
+tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 | bfloat16 | int8).
+`apply_precision(model, precision)` converts a loaded float32 model in place; `inference_precision(...)` does both.
+
+| device | auto | why |
+|---|---|---|
+| CPU with AMX / AVX512-BF16 | bfloat16 weights, constants frozen into the compiled step | native bf16 matmuls |
+| CPU without them (AVX2, ARM) | int8 weight-only (torchao), per-row scales | a quarter of the bytes per token |
+| CUDA with bf16 (compute capability >= 8.0) | bfloat16 | native bf16 |
+| other CUDA GPUs, MPS | float32 | no measured gain |
+
+bfloat16: every weight and activation in bf16 (norms, rotary and the softmax of sampling in float32); the
+compiled one-token step is built with Inductor's `freezing`, which folds the weights into the graph and prepacks
+them for oneDNN's bf16 kernels. int8: torchao's `Int8WeightOnlyConfig` on every linear layer (the embedding
+stays float32; a tied output matrix gets its own int8 copy), activations float32.
+
+Tolerances the `auto` choices keep (measured by benchmarks/generate_speed.py --vs-llama-cpp, checked by
+tests/test_precision.py): bits per byte within `BPB_TOLERANCE` of float32 on the validation text, and greedy text
+equal to float32's for its first `GREEDY_TOKENS` tokens after at least `GREEDY_MIN_EQUAL` of the 10 story openings
+(stories260K: 9 of 10, "The sun was shining and" departs at token 19 in bf16 and at token 2 in int8; a tiny model
+trained for 80 steps, whose loops have near-tied tokens: 8 of 10 in bf16, 9 in int8). A precision the device
+lacks (bf16 on a CPU or GPU without native bf16, int8 outside CPU and CUDA) is a one-line error, not a slow run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tinystories.core.defaults import INFERENCE_DTYPES as PRECISIONS
+from tinystories.core.errors import UserError
+from tinystories.model.device import DeviceCaps, detect_caps
+from tinystories.model.transformer import Transformer
+
+BPB_TOLERANCE = {"float32": 0.0, "bfloat16": 0.005, "int8": 0.01}  # relative change of bits per byte vs float32
+GREEDY_TOKENS = 50  # greedy text compared with float32's over this many tokens after each of the 10 OPENINGS,
+GREEDY_MIN_EQUAL = 8  # and equal for at least this many of them
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The weights' precision and why it was chosen."""
+
+    name: str  # float32 | bfloat16 | int8
+    reason: str = ""
+
+    @property
+    def activations(self) -> torch.dtype:
+        """The dtype of activations and the KV cache."""
+        return torch.bfloat16 if self.name == "bfloat16" else torch.float32
+
+    @property
+    def compile_options(self) -> dict:
+        """Inductor options for the compiled one-token step."""
+        return {"freezing": True} if self.name == "bfloat16" else {}
+
+    def describe(self) -> str:
+        """One line: `precision bfloat16 (auto: native bf16 on this CPU, avx512_bf16)`."""
+        return f"precision {self.name}" + (f" ({self.reason})" if self.reason else "")
+
+
+def _onednn_limit() -> str:
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f", oneDNN limited to {limit}" if limit else ""
+
+
+def _auto(caps: DeviceCaps) -> Precision:
+    if caps.type == "cpu":
+        if caps.cpu_bf16:
+            return Precision("bfloat16", f"auto: native bf16 on this CPU, {caps.cpu_bf16}")
+        isa = f", best ISA {caps.cpu_isa}" if caps.cpu_isa else ""
+        return Precision("int8", f"auto: no native bf16 on this CPU{isa}{_onednn_limit()}; int8 weights read a "
+                                 f"quarter of the bytes")
+    if caps.type == "cuda" and caps.cuda_bf16:
+        return Precision("bfloat16", f"auto: native bf16 on {caps.label}")
+    return Precision("float32", f"auto: no faster precision measured on {caps.label}")
+
+
+def choose_precision(caps: DeviceCaps, pref: str = "auto") -> Precision:
+    """The precision for `caps` given --dtype `pref`; UserError for one the device lacks."""
+    if pref == "auto":
+        return _auto(caps)
+    if pref not in PRECISIONS:
+        raise UserError(f"--dtype {pref}: use one of {', '.join(PRECISIONS)}")
+    if pref == "bfloat16":
+        native = {"cpu": bool(caps.cpu_bf16), "cuda": caps.cuda_bf16, "mps": caps.mps_bf16}.get(caps.type, False)
+        if not native:
+            where = f"this CPU{_onednn_limit()}" if caps.type == "cpu" else caps.label
+            raise UserError(f"--dtype bfloat16: {where} has no native bf16 (it would be slower than float32); use "
+                            f"--dtype int8, float32 or auto")
+    if pref == "int8" and caps.type not in ("cpu", "cuda"):
+        raise UserError(f"--dtype int8: no int8 weight-only kernels on {caps.label}; use --dtype float32 or auto")
+    return Precision(pref, "--dtype")
+
+
+def apply_precision(model: Transformer, precision: Precision) -> Transformer:
+    """Convert a float32 model's weights to `precision`, in place (inference only: no training afterwards)."""
+    if precision.name == "bfloat16":
+        for p in model.parameters():  # not .to(dtype): the complex rotary table stays as it is
+            p.data = p.data.to(torch.bfloat16)
+    elif precision.name == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    model.compile_options = precision.compile_options
+    return model
+
+
+def inference_precision(model: Transformer, device: torch.device, pref: str = "auto",
+                        caps: DeviceCaps | None = None) -> Precision:
+    """Choose the precision for `device` and --dtype `pref`, and convert `model` to it."""
+    precision = choose_precision(caps or detect_caps(device), pref)
+    apply_precision(model, precision)
+    return precision
