@@ -281,7 +281,7 @@ def fuzz_row(url: str, examples: int) -> dict:
     return {"fault": f"server: schema fuzzing (schemathesis, every operation, valid and invalid, {examples} "
                      "examples each)",
             "injected": f"{out['requests']} requests", "survived": f"{out['requests'] - n5} ({statuses})",
-            "lost": "none" if not out["failures"] and not n5
+            "lost": "nothing" if not out["failures"] and not n5
             else f"{n5} 5xx, {len(out['failures'])} answers unlike the schema: {out['failures'][0][:300]}"}
 
 
@@ -303,7 +303,7 @@ def load_row(url: str, pid: int, clients: int, duration: float) -> dict:
             "injected": f"{n} requests ({kinds})",
             "survived": f"{n - len(tally.broken)}: {n5} 5xx, {busy} slots busy at the end ({h['cancelled']} "
                         f"cancelled), RSS {rss_warm:.0f} -> {rss_end:.0f} MB ({growth:+.1%})",
-            "lost": "none" if not lost else "; ".join(lost)}
+            "lost": "nothing" if not lost else "; ".join(lost)}
 
 
 def hostile_row(url: str) -> dict:
@@ -311,7 +311,7 @@ def hostile_row(url: str) -> dict:
     return {"fault": "server: hostile requests (2 MB body, prompt > context, NaN/negative/huge values, invalid "
                      "UTF-8, lone surrogate, long stop string, not JSON, no/wrong key)",
             "injected": str(n), "survived": f"{n - len(bad)} (each a 4xx with a message)",
-            "lost": "none" if not bad else "; ".join(bad)}
+            "lost": "nothing" if not bad else "; ".join(bad)}
 
 
 def main() -> int:
@@ -324,7 +324,7 @@ def main() -> int:
     print("| fault | injected | survived | lost |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['fault']} | {r['injected']} | {r['survived']} | {r['lost']} |")
-    return 0 if all(r["lost"] == "none" for r in rows) else 1
+    return 0 if all(r["lost"] == "nothing" for r in rows) else 1
 
 
 if __name__ == "__main__":
