@@ -288,7 +288,7 @@ def _add_generate(sub) -> None:
 
 def _add_request_args(p) -> None:
     """--words, --features, --summary, --word-bias: ask a model trained with data.format=instruct for a story."""
-    from tinystories.data.requests import FEATURES, WORD_BIAS
+    from tinystories.data.requests import FEATURES
 
     p.add_argument("--words", type=lambda v: [w for w in v.split(",") if w.strip()], default=[],
                    help="up to three words the story should use, comma-separated (a model trained with "
@@ -296,9 +296,14 @@ def _add_request_args(p) -> None:
     p.add_argument("--features", type=lambda v: [f for f in v.split(",") if f.strip()], default=[],
                    help=f"features the story should have, comma-separated: {', '.join(f.lower() for f in FEATURES)}")
     p.add_argument("--summary", default="", help="what the story should be about, in a sentence")
-    p.add_argument("--word-bias", type=float, default=WORD_BIAS,
-                   help=f"logit bonus for requested words not yet in the story, fading as they appear "
-                        f"(default {WORD_BIAS:g}; 0 = off)")
+    _add_word_bias_arg(p, "logit bonus for requested words not yet in the story, fading as they appear")
+
+
+def _add_word_bias_arg(p, what: str) -> None:
+    """--word-bias (generate, eval --instruct): decoding's bonus for requested words, default data/requests.py's."""
+    from tinystories.data.requests import WORD_BIAS
+
+    p.add_argument("--word-bias", type=float, default=WORD_BIAS, help=f"{what} (default {WORD_BIAS:g}; 0 = off)")
 
 
 def _tokens_or_all(value: str) -> int | None:
@@ -352,10 +357,7 @@ def _add_eval(sub) -> None:
                         "drawn from the held-out --text, asked with and without decoding's word bias and without a "
                         "request (docs/instruct.md)")
     p.add_argument("--plain-checkpoint", help="with --instruct: a plain model trained for the same budget, beside it")
-    from tinystories.data.requests import WORD_BIAS
-
-    p.add_argument("--word-bias", type=float, default=WORD_BIAS,
-                   help=f"with --instruct: decoding's logit bonus for requested words (default {WORD_BIAS:g})")
+    _add_word_bias_arg(p, "with --instruct: decoding's logit bonus for requested words")
     add_dtype_arg(p)
 
 
