@@ -223,10 +223,12 @@ def _bpe_tokenizer(tmp: Path, vocab_size: int):
     out.mkdir()
     train_tokenizer(SHARED / "data" / "tinystories" / "TinyStories-train-head.txt", vocab_size, out, None)
     tok = load_tokenizer(out)
-    if tok.vocab_size < vocab_size:
+    if tok.vocab_size < vocab_size:  # a new file: the trained one's recorded checksum stays true
         tok.tok.add_tokens([f"<unused{i}>" for i in range(vocab_size - tok.vocab_size)])
-        tok.tok.save(str(tok.path))
-        tok = load_tokenizer(out)
+        padded = tmp / f"tok{vocab_size}-padded"
+        padded.mkdir()
+        tok.tok.save(str(padded / "tokenizer.json"))
+        tok = load_tokenizer(padded)
     assert tok.vocab_size == vocab_size, tok.vocab_size
     return tok
 

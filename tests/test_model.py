@@ -14,7 +14,7 @@ from tinystories.inference.sampling import (
     generate_texts,
     sample,
 )
-from tinystories.model.transformer import KVCache, Transformer
+from tinystories.model.transformer import KVCache, Transformer, one_query_attention
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,21 @@ def test_kv_cache_matches_full_forward(model):
     pieces = [model(x[:, :17], cache=cache)[0], model(x[:, 17:30], cache=cache)[0]]  # prefill, then a chunk
     pieces += [model(x[:, t : t + 1], cache=cache)[0] for t in range(30, 40)]  # one token at a time
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_equals_sdpa(dtype):
+    """The decoding step's attention (one query per row, grouped heads, a per-row mask) against torch's SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, 4, 21, 16, generator=g).to(dtype) for _ in range(2))
+    mask = (torch.arange(21)[None, :] <= torch.tensor([20, 5, 0])[:, None])[:, None, None, :]  # rows at 20, 5, 0
+    for m in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                                                enable_gqa=True)
+        got = one_query_attention(q, k, v, m)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.allclose(got.float(), want, atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_greedy_with_cache_equals_full_recomputation(model):

@@ -10,7 +10,7 @@ import torch
 
 import tinystories.training.sizing as sizing
 from tinystories.core.config import CONFIG_DIR, load_config
-from tinystories.training.sizing import CPU_SHAPES, EVAL_SHARE, FRESH_PASSES, auto_config, choose_cpu_shape
+from tinystories.training.sizing import CPU_SHAPES, FRESH_PASSES, OVERHEAD_SHARE, auto_config, choose_cpu_shape
 
 SMALL, LARGE = CPU_SHAPES[0], CPU_SHAPES[-1]
 
@@ -21,7 +21,7 @@ def rates(small: float, large: float):
 
 
 def bought(tokens_per_s: float, minutes: float) -> float:
-    return minutes * 60 * (1 - EVAL_SHARE) * tokens_per_s
+    return minutes * 60 * (1 - OVERHEAD_SHARE) * tokens_per_s
 
 
 def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger():

@@ -6,15 +6,22 @@ tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 
 
 | device | auto | why |
 |---|---|---|
-| CPU with AMX / AVX512-BF16 | bfloat16 weights, constants frozen into the compiled step | native bf16 matmuls |
-| CPU without them (AVX2, ARM) | int8 weight-only (torchao), per-row scales | a quarter of the bytes per token |
+| any CPU | int8 weight-only (torchao), bf16 activations | a quarter of the bytes per token; measured fastest |
 | CUDA with bf16 (compute capability >= 8.0) | bfloat16 | native bf16 |
 | other CUDA GPUs, MPS | float32 | no measured gain |
 
-bfloat16: every weight and activation in bf16 (norms, rotary and the softmax of sampling in float32); the
-compiled one-token step is built with Inductor's `freezing`, which folds the weights into the graph and prepacks
-them for oneDNN's bf16 kernels. int8: torchao's `Int8WeightOnlyConfig` on every linear layer (the embedding
-stays float32; a tied output matrix gets its own int8 copy), activations float32.
+A batch-1 decoding step on a CPU reads every weight once, so its speed is the speed of the weight reads:
+float32 matrix-vector products run at ~9 GB/s on an AMD EPYC (Zen 4) through MKL, bfloat16 through oneDNN is
+1.4x faster and torch's int8 weight-only kernel (`_weight_int8pack_mm`) with bf16 activations 4-5x
+(benchmarks/generate_speed.py --vs-llama-cpp, docs/results.md). That kernel is slow with float32 activations, so
+int8 runs its activations in bf16 on every CPU: with native bf16 they are converted in hardware, without it in a
+few AVX2 instructions; the matrix products accumulate in float32 either way.
+
+bfloat16: every weight and activation in bf16 (norms, rotary, attention scores and the softmax of sampling in
+float32); the compiled one-token step is built with Inductor's `freezing`, which folds the weights into the graph
+and prepacks them for oneDNN's bf16 kernels. int8: the bf16 model with torchao's `Int8WeightOnlyConfig` on every
+linear layer (per-row scales; the embedding stays bf16; a tied output matrix gets its own int8 copy); on CUDA
+the activations stay float32.
 
 Tolerances the `auto` choices keep (measured by benchmarks/generate_speed.py --vs-llama-cpp, checked by
 tests/test_precision.py): bits per byte within `BPB_TOLERANCE` of float32 on the validation text, and greedy text
@@ -51,7 +58,7 @@ class Precision:
     @property
     def activations(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return torch.bfloat16 if self.name == "bfloat16" else torch.float32
+        return torch.float32 if self.name == "float32" else torch.bfloat16
 
     @property
     def compile_options(self) -> dict:
@@ -70,11 +77,10 @@ def _onednn_limit() -> str:
 
 def _auto(caps: DeviceCaps) -> Precision:
     if caps.type == "cpu":
-        if caps.cpu_bf16:
-            return Precision("bfloat16", f"auto: native bf16 on this CPU, {caps.cpu_bf16}")
-        isa = f", best ISA {caps.cpu_isa}" if caps.cpu_isa else ""
-        return Precision("int8", f"auto: no native bf16 on this CPU{isa}{_onednn_limit()}; int8 weights read a "
-                                 f"quarter of the bytes")
+        isa = caps.cpu_bf16 or caps.cpu_isa
+        return Precision("int8", f"auto: int8 weights read a quarter of the bytes per token, the fastest measured "
+                                 f"on CPUs with and without native bf16{f'; this one: {isa}' if isa else ''}"
+                                 f"{_onednn_limit()}")
     if caps.type == "cuda" and caps.cuda_bf16:
         return Precision("bfloat16", f"auto: native bf16 on {caps.label}")
     return Precision("float32", f"auto: no faster precision measured on {caps.label}")
@@ -99,10 +105,11 @@ def choose_precision(caps: DeviceCaps, pref: str = "auto") -> Precision:
 
 def apply_precision(model: Transformer, precision: Precision) -> Transformer:
     """Convert a float32 model's weights to `precision`, in place (inference only: no training afterwards)."""
-    if precision.name == "bfloat16":
+    on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+    if precision.name == "bfloat16" or (precision.name == "int8" and on_cpu):  # CUDA int8: float32 activations
         for p in model.parameters():  # not .to(dtype): the complex rotary table stays as it is
             p.data = p.data.to(torch.bfloat16)
-    elif precision.name == "int8":
+    if precision.name == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model, Int8WeightOnlyConfig())
