@@ -74,8 +74,8 @@ def test_stories260k_within_tolerance(s260, name):
     f = _fidelity(s260, name)
     assert 0.8 < f["bpb_float32"] < 1.3, f  # the real model, scored on real text (~1.1 on all of it)
     assert abs(f["bpb_change"]) <= BPB_TOLERANCE[name], f
-    # 9 of 10: "The sun was shining and" departs from float32 at token 19 in bf16, at token 2 in int8
-    assert f["greedy_equal"] >= 9, f
+    # bf16: 9 of 10 (one opening departs from float32 at token 7); int8 with bf16 activations: 8 of 10 (at 40 and 28)
+    assert f["greedy_equal"] >= (9 if name == "bfloat16" else GREEDY_MIN_EQUAL), f
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "int8"])

@@ -122,7 +122,7 @@ def _model_info(name: str, model, ck, context: int, limits: dict) -> dict:
         "val_bpb": _val_bpb(ck.state),
         "metrics": _finite(ck.state.get("metrics")),
         "device": str(next(model.parameters()).device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": model.precision_name or str(next(model.parameters()).dtype).removeprefix("torch."),
         "limits": {**limits, "max_alternatives": MAX_ALTERNATIVES},
         "text_format": ck.cfg.data.format,  # "instruct": it takes words, features and a summary (docs/instruct.md)
     }

@@ -212,6 +212,7 @@ class Transformer(nn.Module):
         self._compiled_step = None  # set by compile_decoding()
         self._compiled_step_ran = False
         self.compile_options: dict = {}  # extra Inductor options for the compiled step (model/precision.py sets them)
+        self.precision_name: str | None = None  # the inference precision model/precision.py applied, if any
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.register_buffer("rope_real", torch.view_as_real(self.rope).clone(), persistent=False)
         self.apply(self._init_weights)
