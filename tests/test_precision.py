@@ -35,6 +35,14 @@ def test_auto_choice_by_capabilities(caps, expected):
     assert p.describe().startswith(f"precision {expected} (auto: ")
 
 
+def test_auto_without_a_compiled_step_keeps_float32_on_cpu():
+    for caps in (ZEN4, AVX2):  # torchao's eager int8 is slower than float32
+        p = choose_precision(caps, "auto", compiled=False)
+        assert p.name == "float32" and "--compile" in p.describe()
+    assert choose_precision(H100, "auto", compiled=False).name == "bfloat16"
+    assert choose_precision(AVX2, "int8", compiled=False).name == "int8"  # asked for by name: as asked
+
+
 def test_explicit_choice_and_what_a_device_lacks():
     assert choose_precision(AVX2, "int8").name == "int8"
     assert choose_precision(ZEN4, "float32").describe() == "precision float32 (--dtype)"

@@ -34,7 +34,7 @@ FEATURE_ALIASES = {f.lower(): f for f in FEATURES} | {
     "bad-ending": "BadEnding", "bad_ending": "BadEnding", "moral": "MoralValue", "moral-value": "MoralValue",
     "moral_value": "MoralValue"}
 PLAIN_SHARE = 0.2  # stories rendered without any request
-WORD_BIAS = 4.0  # decoding's default logit bonus for requested words not yet used (inference/sampling.WordBias)
+WORD_BIAS = 6.0  # decoding's default logit bonus for requested words not yet used (inference/sampling.WordBias)
 KEEP = {"words": 0.9, "features": 0.8, "summary": 0.5}  # the chance each part is kept in a rendered request
 QUOTES = re.compile(r'["\u201c\u201d]')
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")

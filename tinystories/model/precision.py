@@ -6,7 +6,8 @@ tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 
 
 | device | auto | why |
 |---|---|---|
-| any CPU | int8 weight-only (torchao), bf16 activations | a quarter of the bytes per token; measured fastest |
+| any CPU, compiled step | int8 weight-only (torchao), bf16 activations | a quarter of the bytes; measured fastest |
+| any CPU, eager (`generate` without `--compile`, `eval`) | float32 | torchao's eager int8 was 0.8x float32 |
 | CUDA with bf16 (compute capability >= 8.0) | bfloat16 | native bf16 |
 | other CUDA GPUs, MPS | float32 | no measured gain |
 
@@ -76,7 +77,10 @@ def _onednn_limit() -> str:
     return f", oneDNN limited to {limit}" if limit else ""
 
 
-def _auto(caps: DeviceCaps) -> Precision:
+def _auto(caps: DeviceCaps, compiled: bool = True) -> Precision:
+    if caps.type == "cpu" and not compiled:
+        return Precision("float32", "auto: int8 is the fast precision with a compiled step (--compile); eager, its "
+                                    "kernels are slower than float32's on a CPU")
     if caps.type == "cpu":
         isa = caps.cpu_bf16 or caps.cpu_isa
         return Precision("int8", f"auto: int8 weights read a quarter of the bytes per token, the fastest measured "
@@ -87,10 +91,11 @@ def _auto(caps: DeviceCaps) -> Precision:
     return Precision("float32", f"auto: no faster precision measured on {caps.label}")
 
 
-def choose_precision(caps: DeviceCaps, pref: str = "auto") -> Precision:
-    """The precision for `caps` given --dtype `pref`; UserError for one the device lacks."""
+def choose_precision(caps: DeviceCaps, pref: str = "auto", compiled: bool = True) -> Precision:
+    """The precision for `caps` given --dtype `pref` (`compiled`: decoding runs the compiled one-token step);
+    UserError for one the device lacks."""
     if pref == "auto":
-        return _auto(caps)
+        return _auto(caps, compiled)
     if pref not in PRECISIONS:
         raise UserError(f"--dtype {pref}: use one of {', '.join(PRECISIONS)}")
     if pref == "bfloat16":
@@ -120,8 +125,9 @@ def apply_precision(model: Transformer, precision: Precision) -> Transformer:
 
 
 def inference_precision(model: Transformer, device: torch.device, pref: str = "auto",
-                        caps: DeviceCaps | None = None) -> Precision:
-    """Choose the precision for `device` and --dtype `pref`, and convert `model` to it."""
-    precision = choose_precision(caps or detect_caps(device), pref)
+                        caps: DeviceCaps | None = None, compiled: bool = True) -> Precision:
+    """Choose the precision for `device`, --dtype `pref` and whether decoding is `compiled`, and convert `model`
+    to it."""
+    precision = choose_precision(caps or detect_caps(device), pref, compiled)
     apply_precision(model, precision)
     return precision
