@@ -23,14 +23,18 @@ MIN_STORY_CHARS = 200  # held-out stories shorter than this give no request
 SCORE_TOKENS = 131_072  # validation tokens scored for bits per byte
 
 
-def held_out_requests(text: str, n: int) -> list:
-    """n requests derived from stories spread evenly over `text`; Dialogue asked for every other one."""
+def held_out_requests(text: str, n: int, tuning: bool = False) -> list:
+    """n requests derived from stories spread evenly over `text`; Dialogue asked for every other one. `tuning`:
+    from the stories the same call without it does not pick, to choose settings on text that is not reported."""
     from dataclasses import replace
 
     from tinystories.data.requests import derive_request
     from tinystories.evaluation.stories import read_documents, split_long_documents
 
     stories = [s for s in split_long_documents(read_documents(text, "--text")) if len(s) >= MIN_STORY_CHARS]
+    if tuning:
+        reported = {i * len(stories) // n for i in range(n)}
+        stories = [s for i, s in enumerate(stories) if i not in reported]
     picked = [stories[i * len(stories) // n] for i in range(n)] if len(stories) >= n else stories
     reqs = [derive_request(s) for s in picked]
     reqs = [replace(r, features=("Dialogue",) if i % 2 == 0 else ()) for i, r in enumerate(reqs) if len(r.words) == 3]
