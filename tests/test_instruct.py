@@ -215,6 +215,23 @@ def test_word_bias_fades_once_a_word_is_written(tok4k):
     assert not wb and wb.bias(tok.vocab_size) == {}
 
 
+def test_dialogue_bias_opens_a_quote_then_fades(tok4k):
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.inference.sampling import WordBias
+
+    tok = load_tokenizer(tok4k)
+    quotes = {tok.encode(' "')[0], tok.encode('"')[0]}
+    assert not WordBias(tok, [], strength=3.0, ramp=0)  # no words, no dialogue: nothing to steer
+    wb = WordBias(tok, [], strength=3.0, ramp=0, dialogue=True)
+    assert wb and all(wb.bias(tok.vocab_size)[q] == 3.0 for q in quotes)
+    for t in tok.encode(" Lily said hello."):
+        wb.push(t)
+    assert set(wb.bias(tok.vocab_size)) == quotes  # no quotation yet: still pushed
+    for t in tok.encode(' She said, "Hi!"'):
+        wb.push(t)
+    assert not wb and wb.bias(tok.vocab_size) == {}
+
+
 def test_eval_instruct_reports_every_figure(checkpoints, tmp_path):
     out = tmp_path / "instruct.json"
     r = run_cli("eval", "--checkpoint", checkpoints["instruct"], "--instruct", "--text", VALID_HEAD,

@@ -53,7 +53,8 @@ def answer(model, tok, reqs: list, prompt_of, bias: float, params) -> list[dict]
     out = []
     for i, req in enumerate(reqs):
         prompt = prompt_of(req)
-        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req.words, bias)[0]
+        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req.words, bias,
+                           dialogue="Dialogue" in req.features)[0]
         out.append({"story": parse_rendered(s["text"])[1], "ended": s["ended"], "request": req})
     return out
 

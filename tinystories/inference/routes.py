@@ -48,7 +48,9 @@ class Api:
             raise invalid("words" if "word" in str(e) else "features", str(e)) from None
         if asked is None:
             return prompt, None
-        bias = WordBias(self.engine.tok, asked.words, req.word_bias) if asked.words and req.word_bias > 0 else None
+        dialogue = "Dialogue" in asked.features
+        bias = (WordBias(self.engine.tok, asked.words, req.word_bias, dialogue=dialogue)
+                if (asked.words or dialogue) and req.word_bias > 0 else None)
         return request_lines(asked) + prompt, bias
 
     def prepare(self, prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:

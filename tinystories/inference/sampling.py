@@ -59,17 +59,21 @@ class WordBias:
     Each step it adds `strength` (ramped up over the first `ramp` tokens, so that the story can start naturally)
     to the first token of each word still missing (" dragon", " Dragon"), and `complete` to the next token of a
     word whose first tokens were just written (" dr" -> "agon"). A word stops being pushed as soon as its tokens are
-    written or the story holds an inflection of it (data/requests.contains_word): the bias fades word by word."""
+    written or the story holds an inflection of it (data/requests.contains_word): the bias fades word by word.
+    `dialogue` (the request asks for it): the tokens that open a quotation get the same ramped bonus until the story
+    holds a quotation mark."""
 
-    def __init__(self, tok: TextTokenizer, words, strength: float = 4.0, complete: float = 8.0, ramp: int = 24):
+    def __init__(self, tok: TextTokenizer, words, strength: float = 4.0, complete: float = 8.0, ramp: int = 24,
+                 dialogue: bool = False):
         self.strength, self.complete, self.ramp = strength, complete, ramp
         self.tok = tok
         self.pending = {w: [ids for ids in (tok.encode(" " + f) for f in (w.lower(), w.capitalize())) if ids]
                         for w in dict.fromkeys(words)}
+        self.quote = sorted({ids[0] for ids in (tok.encode(q) for q in (' "', '"')) if ids}) if dialogue else []
         self.ids: list[int] = []
 
     def __bool__(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.quote)
 
     def bias(self, vocab_size: int) -> dict[int, float]:
         """{token id: logit bonus} for the next position."""
@@ -83,6 +87,9 @@ class WordBias:
                         break
                 if seq[0] < vocab_size:
                     out[seq[0]] = max(out.get(seq[0], 0.0), self.strength * ramp)
+        for t in self.quote:
+            if t < vocab_size:
+                out[t] = max(out.get(t, 0.0), self.strength * ramp)
         return out
 
     def push(self, token: int) -> None:
@@ -90,6 +97,8 @@ class WordBias:
         from tinystories.data.requests import contains_word
 
         self.ids.append(token)
+        if self.quote and '"' in self.tok.decode([token]):
+            self.quote = []
         if not self.pending:
             return
         tail = self.tok.decode(self.ids[-24:])
@@ -262,14 +271,15 @@ def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
 
 def generate_texts(
     model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1,
-    words: tuple[str, ...] = (), word_bias: float = 0.0,
+    words: tuple[str, ...] = (), word_bias: float = 0.0, dialogue: bool = False,
 ) -> list[dict]:
     """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended.
-    `words` with `word_bias` > 0: each row steered toward those words (WordBias)."""
+    `words` (and `dialogue`) with `word_bias` > 0: each row steered toward those words and a quotation (WordBias)."""
     ids = prompt_ids(tok, prompt)
     outs: list[list[int]] = [[] for _ in range(num_samples)]
     ended = [False] * num_samples
-    biases = [WordBias(tok, words, word_bias) for _ in range(num_samples)] if words and word_bias > 0 else None
+    biases = ([WordBias(tok, words, word_bias, dialogue=dialogue) for _ in range(num_samples)]
+              if (words or dialogue) and word_bias > 0 else None)
     for step in sample(model, [ids] * num_samples, params, tok.stop_ids, biases=biases):
         for b in range(num_samples):
             if step.finished[b]:
