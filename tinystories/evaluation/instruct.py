@@ -31,11 +31,14 @@ def held_out_requests(text: str, n: int, tuning: bool = False) -> list:
     from tinystories.data.requests import derive_request
     from tinystories.evaluation.stories import read_documents, split_long_documents
 
+    def spread(k: int) -> list[int]:  # n indices spread evenly over k stories
+        return [i * k // n for i in range(n)]
+
     stories = [s for s in split_long_documents(read_documents(text, "--text")) if len(s) >= MIN_STORY_CHARS]
     if tuning:
-        reported = {i * len(stories) // n for i in range(n)}
+        reported = set(spread(len(stories)))
         stories = [s for i, s in enumerate(stories) if i not in reported]
-    picked = [stories[i * len(stories) // n] for i in range(n)] if len(stories) >= n else stories
+    picked = [stories[i] for i in spread(len(stories))] if len(stories) >= n else stories
     reqs = [derive_request(s) for s in picked]
     reqs = [replace(r, features=("Dialogue",) if i % 2 == 0 else ()) for i, r in enumerate(reqs) if len(r.words) == 3]
     if not reqs:
@@ -53,8 +56,7 @@ def answer(model, tok, reqs: list, prompt_of, bias: float, params) -> list[dict]
     out = []
     for i, req in enumerate(reqs):
         prompt = prompt_of(req)
-        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req.words, bias,
-                           dialogue="Dialogue" in req.features)[0]
+        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req, bias)[0]
         out.append({"story": parse_rendered(s["text"])[1], "ended": s["ended"], "request": req})
     return out
 

@@ -14,6 +14,7 @@ from tinystories.inference.sampling import (
     compile_decoding_now,
     generate_texts,
     prompt_ids,
+    request_bias,
     sample,
     sampling_params,
 )
@@ -73,15 +74,13 @@ def _cmd_generate(args) -> int:
                             f"tokens")
         if args.num_samples == 1:
             r = stream_story(model, tok, prompt, params,
-                             bias=WordBias(tok, req.words, args.word_bias, dialogue="Dialogue" in req.features)
-                             if req and args.word_bias > 0 else None)
+                             bias=request_bias(tok, req, args.word_bias))
             speed = r["tokens"] / max(r["seconds"], 1e-9)
             print(f"[{r['tokens']} tokens in {r['seconds']:.2f}s, {speed:.0f} tokens/s"
                   f"{', end of story' if r['ended'] else ''}]", file=info)
             return
         t0 = time.perf_counter()
-        stories = generate_texts(model, tok, prompt, params, args.num_samples, req.words if req else (),
-                                 args.word_bias, dialogue=bool(req) and "Dialogue" in req.features)
+        stories = generate_texts(model, tok, prompt, params, args.num_samples, req, args.word_bias)
         secs = time.perf_counter() - t0
         for i, s in enumerate(stories, 1):
             print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")

@@ -39,7 +39,7 @@ class Api:
         summary; a 400 when this model was not trained on requests or a feature is unknown."""
         from tinystories.core.errors import UserError
         from tinystories.data.requests import ask, request_lines
-        from tinystories.inference.sampling import WordBias
+        from tinystories.inference.sampling import request_bias
 
         try:
             asked = ask(self.info.get("text_format", "plain"), req.words, req.features, req.summary,
@@ -48,10 +48,7 @@ class Api:
             raise invalid("words" if "word" in str(e) else "features", str(e)) from None
         if asked is None:
             return prompt, None
-        dialogue = "Dialogue" in asked.features
-        bias = (WordBias(self.engine.tok, asked.words, req.word_bias, dialogue=dialogue)
-                if (asked.words or dialogue) and req.word_bias > 0 else None)
-        return request_lines(asked) + prompt, bias
+        return request_lines(asked) + prompt, request_bias(self.engine.tok, asked, req.word_bias)
 
     def prepare(self, prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:
         ctx = self.engine.context

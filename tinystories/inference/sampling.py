@@ -107,6 +107,15 @@ class WordBias:
             del self.pending[w]
 
 
+def request_bias(tok: TextTokenizer, request, strength: float) -> WordBias | None:
+    """Decoding's bias for a Request (data/requests.py): its words, and a quotation when it asks for Dialogue;
+    None when the request is empty, steers nothing, or `strength` (--word-bias) is off."""
+    dialogue = bool(request) and "Dialogue" in request.features
+    if not request or strength <= 0 or not (request.words or dialogue):
+        return None
+    return WordBias(tok, request.words, strength, dialogue=dialogue)
+
+
 def apply_word_bias(logits: torch.Tensor, biases: list[WordBias | None]) -> torch.Tensor:
     """logits (B, V) plus each row's WordBias (None: that row is left alone)."""
     if not any(biases):
@@ -271,15 +280,15 @@ def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
 
 def generate_texts(
     model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1,
-    words: tuple[str, ...] = (), word_bias: float = 0.0, dialogue: bool = False,
+    request=None, word_bias: float = 0.0,
 ) -> list[dict]:
     """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended.
-    `words` (and `dialogue`) with `word_bias` > 0: each row steered toward those words and a quotation (WordBias)."""
+    `request` (data/requests.Request) with `word_bias` > 0: each row steered toward its words (request_bias)."""
     ids = prompt_ids(tok, prompt)
     outs: list[list[int]] = [[] for _ in range(num_samples)]
     ended = [False] * num_samples
-    biases = ([WordBias(tok, words, word_bias, dialogue=dialogue) for _ in range(num_samples)]
-              if (words or dialogue) and word_bias > 0 else None)
+    biases = [request_bias(tok, request, word_bias) for _ in range(num_samples)]
+    biases = biases if any(biases) else None
     for step in sample(model, [ids] * num_samples, params, tok.stop_ids, biases=biases):
         for b in range(num_samples):
             if step.finished[b]:
