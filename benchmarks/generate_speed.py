@@ -12,8 +12,9 @@ length, --threads each (default 2), interleaved rounds, best of --repeats. Then 
 byte and greedy text on stories260K (imported from ../shared) and the validation head.
 
 --vs-transformers times our sampler twice: eager (the default of `tinystories generate`) and with compiled
-one-token steps (`generate --compile`, `serve --compile`: Transformer.compile_decoding()); the compile time is
-printed, not hidden, and is excluded from tokens/s as HF's warm-up is. The last line is the compiled speedup.
+one-token steps (`generate --compile`, `serve --compile`: model/exported_step.compile_for_decoding, ahead of time
+with AOTInductor on a CPU; `TINYSTORIES_AOT=0` times torch.compile's step instead); the compile time is printed, not
+hidden, and is excluded from tokens/s as HF's warm-up is. The last line is the compiled speedup.
 
 Random weights, greedy decoding, a ~150-token prompt plus 256 new tokens (~400 tokens of context; a 256-token
 context gets a 64-token prompt and 192 new). Without the cache, sampling.sample(use_cache=False) recomputes the
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tinystories.core.config import ModelConfig  # noqa: E402
 from tinystories.inference.sampling import SamplingParams, sample  # noqa: E402
+from tinystories.model.exported_step import compile_for_decoding  # noqa: E402
 from tinystories.model.transformer import Transformer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -86,6 +88,12 @@ def time_ours(model, prompts, new: int, use_cache: bool) -> tuple[float, list[in
     return len(prompts) * new / dt, toks
 
 
+def compile_step(model: Transformer) -> Transformer:
+    """`model` with its one-token step compiled as `generate --compile` compiles it."""
+    compile_for_decoding(model)
+    return model
+
+
 def compile_seconds(compiled: Transformer, prompts: list[list[int]]) -> float:
     """Seconds of a first short generation with a compile_decoding() model: its step gets compiled."""
     t = time.perf_counter()
@@ -95,7 +103,7 @@ def compile_seconds(compiled: Transformer, prompts: list[list[int]]) -> float:
 
 def bench_config(name: str, cfg: dict, args) -> None:
     model = build(cfg)
-    compiled = build(cfg).compile_decoding()
+    compiled = compile_step(build(cfg))
     n_params = model.num_params() / 1e6
     plen, new = lengths(model, args.prompt_tokens, args.new_tokens)
     for batch in (1, 8):
@@ -141,7 +149,7 @@ def vs_transformers(args) -> float:
     run_hf(8)
     time_ours(model, prompts, 8, True)
     torch._dynamo.reset()  # compile from scratch (inductor's on-disk cache still applies), as a new process would
-    compiled = build(SEED_CONFIG).compile_decoding()  # the same weights (same seed), its own compiled step
+    compiled = compile_step(build(SEED_CONFIG))  # the same weights (same seed), its own compiled step
     compile_s = compile_seconds(compiled, prompts)
     best = {"transformers": 0.0, "eager": 0.0, "compiled": 0.0}
     tokens = {}
@@ -206,7 +214,7 @@ def breakdown(args) -> None:
                    for _ in range(3))
         mb = sum(w.numel() for w in weights) * 4 / 1e6
         eager = min(step_ms(model) for _ in range(3))
-        compiled = build(SEED_CONFIG).compile_decoding()
+        compiled = compile_step(build(SEED_CONFIG))
         step_ms(compiled)
         fast = min(step_ms(compiled) for _ in range(3))
     print(f"seed 23M batch 1 step at position 150: {len(weights)} weight matrix-vector products alone {gemv:.2f} ms "
@@ -281,7 +289,7 @@ def _ours(cfg: dict, name: str):
     from tinystories.model.precision import Precision, apply_precision
 
     model = apply_precision(build(cfg), Precision(name))
-    return model.compile_decoding()
+    return compile_step(model)
 
 
 def vs_llama_cpp_shape(label: str, cfg: dict, args, tmp: Path) -> None:

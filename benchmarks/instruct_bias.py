@@ -11,9 +11,11 @@ left out), so that the default bias is chosen on text other than the text its fi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
-from tinystories.data.requests import request_lines
+from tinystories.data import requests
+from tinystories.data.requests import BIAS_RANK, CANDIDATES, request_lines
 from tinystories.evaluation.instruct import answer, follow_figures, grammar_figures, held_out_requests
 from tinystories.inference.sampling import SamplingParams
 from tinystories.model.checkpoint import load_model
@@ -24,6 +26,10 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--text", required=True)
     ap.add_argument("--bias", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    ap.add_argument("--plausible", type=int, nargs="+", default=[BIAS_RANK],
+                    help="ranks a word's first token must reach before it is pushed (0: always pushed)")
+    ap.add_argument("--candidates", type=int, nargs="+", default=[CANDIDATES],
+                    help="stories drawn per request, the best kept (sampling.pick_candidate)")
     ap.add_argument("--num-stories", type=int, default=30)
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--reported", action="store_true",
@@ -32,12 +38,13 @@ def main() -> None:
     args = ap.parse_args()
     model, ck = load_model(args.checkpoint, "cpu")
     reqs = held_out_requests(args.text, args.num_stories, tuning=not args.reported)
-    for b in args.bias:
+    for b, rank, n in itertools.product(args.bias, args.plausible, args.candidates):
+        requests.BIAS_RANK = rank  # read by sampling.request_bias
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
-        answers = answer(model, ck.tokenizer, reqs, request_lines, b, params)
+        answers = answer(model, ck.tokenizer, reqs, request_lines, b, params, n)
         figs = follow_figures(answers) | grammar_figures(answers)
-        print(json.dumps({"word_bias": b, **{k: round(v, 3) if isinstance(v, float) else v for k, v in figs.items()}}),
-              flush=True)
+        print(json.dumps({"word_bias": b, "plausible": rank, "candidates": n,
+                          **{k: round(v, 3) if isinstance(v, float) else v for k, v in figs.items()}}), flush=True)
 
 
 if __name__ == "__main__":

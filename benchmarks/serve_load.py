@@ -360,6 +360,7 @@ def engine_only(args) -> int:
     from tinystories.inference.frontend import Engine
     from tinystories.inference.sampling import SamplingParams, prompt_ids
     from tinystories.model.checkpoint import load_model
+    from tinystories.model.exported_step import compile_for_decoding
     from tinystories.model.precision import inference_precision
 
     torch.set_num_threads(args.threads or 1)
@@ -368,7 +369,7 @@ def engine_only(args) -> int:
         model, ck = load_model(args.checkpoint, "cpu")
         precision = inference_precision(model, torch.device("cpu"), dtype)
         if args.compile:
-            model.compile_decoding()
+            compile_for_decoding(model)
         models[precision.name] = model
         print(precision.describe(), flush=True)
     if args.max_new_tokens > model.cfg.max_seq_len:

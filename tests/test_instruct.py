@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import DATA_DIR, TRAIN_HEAD, VALID_HEAD, one_line_error, run_cli
 
@@ -205,14 +206,14 @@ def test_word_bias_fades_once_a_word_is_written(tok4k):
     tok = load_tokenizer(tok4k)
     wb = WordBias(tok, ["dragon", "cookie"], strength=3.0, ramp=0)
     dragon = tok.encode(" dragon")
-    assert wb.bias(tok.vocab_size)[dragon[0]] == 3.0
+    assert wb.bias(torch.zeros(tok.vocab_size))[dragon[0]] == 3.0
     for t in tok.encode(" The dragon"):
         wb.push(t)
-    left = wb.bias(tok.vocab_size)
+    left = wb.bias(torch.zeros(tok.vocab_size))
     assert dragon[0] not in left and tok.encode(" cookie")[0] in left
     for t in tok.encode(" ate cookies."):
         wb.push(t)
-    assert not wb and wb.bias(tok.vocab_size) == {}
+    assert not wb and wb.bias(torch.zeros(tok.vocab_size)) == {}
 
 
 def test_dialogue_bias_opens_a_quote_then_fades(tok4k):
@@ -223,13 +224,13 @@ def test_dialogue_bias_opens_a_quote_then_fades(tok4k):
     quotes = {tok.encode(' "')[0], tok.encode('"')[0]}
     assert not WordBias(tok, [], strength=3.0, ramp=0)  # no words, no dialogue: nothing to steer
     wb = WordBias(tok, [], strength=3.0, ramp=0, dialogue=True)
-    assert wb and all(wb.bias(tok.vocab_size)[q] == 3.0 for q in quotes)
+    assert wb and all(wb.bias(torch.zeros(tok.vocab_size))[q] == 3.0 for q in quotes)
     for t in tok.encode(" Lily said hello."):
         wb.push(t)
-    assert set(wb.bias(tok.vocab_size)) == quotes  # no quotation yet: still pushed
+    assert set(wb.bias(torch.zeros(tok.vocab_size))) == quotes  # no quotation yet: still pushed
     for t in tok.encode(' She said, "Hi!"'):
         wb.push(t)
-    assert not wb and wb.bias(tok.vocab_size) == {}
+    assert not wb and wb.bias(torch.zeros(tok.vocab_size)) == {}
 
 
 def test_eval_instruct_reports_every_figure(checkpoints, tmp_path):
@@ -340,3 +341,39 @@ def test_quickstart_instruct_does_not_reuse_a_plain_run(tmp_path):
     one_line_error(run_cli("quickstart", "--out", out, "--data-dir", tmp_path / "data", "--data", DATA_DIR,
                            "--minutes", "1", "--instruct"), "format plain (now instruct)", f"--out {out}-instruct")
     assert not (tmp_path / "data").exists()
+
+
+def test_word_bias_waits_until_the_word_is_plausible(tok4k):
+    import torch
+
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.inference.sampling import WordBias
+
+    tok = load_tokenizer(tok4k)
+    dragon = tok.encode(" dragon")[0]
+    wb = WordBias(tok, ["dragon"], strength=3.0, ramp=0, plausible=10)
+    logits = torch.arange(tok.vocab_size, dtype=torch.float32)  # token i has logit i
+    logits[dragon] = -1.0  # the least likely token: not pushed
+    assert dragon not in wb.bias(logits)
+    logits[dragon] = float(tok.vocab_size)  # the likeliest: pushed
+    assert wb.bias(logits)[dragon] == 3.0
+
+
+def test_pick_candidate_prefers_what_was_asked_then_likelihood():
+    from tinystories.data.requests import Request
+    from tinystories.inference.sampling import pick_candidate
+
+    req = Request(words=("dragon", "cookie", "brave"), features=("Dialogue",))
+    head = "Words: dragon, cookie, brave\nFeatures: Dialogue\nStory: "
+
+    def story(text, logprob, tokens=10):
+        return {"text": head + text, "tokens": tokens, "ended": True, "logprob": logprob}
+
+    one_word = story("The dragon slept.", -5.0)
+    all_asked = story('The brave dragon ate a cookies. "Yum!" he said.', -30.0)
+    all_asked_likelier = story('A brave dragon baked cookies. "Hi," she said.', -20.0)
+    best = pick_candidate([one_word, all_asked, all_asked_likelier], req)
+    assert best["text"] == all_asked_likelier["text"] and "logprob" not in best
+    # per token: a longer story is not punished for its length
+    assert pick_candidate([story("The dragon slept.", -5.0, 2), story("The dragon slept well.", -6.0, 20)],
+                          req)["tokens"] == 20

@@ -163,3 +163,59 @@ def test_compiled_decoding_falls_back_to_eager(model, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "compiled decoding failed (InductorError: no working C++ compiler found)" in err
     assert err.count("warning") == 1 and not fallback.decoding_is_compiled
+
+
+def _copy(model: Transformer) -> Transformer:
+    twin = Transformer(model.cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_exported_step_matches_eager_and_is_reused(model, tmp_path, monkeypatch):
+    from tinystories.model.exported_step import compile_for_decoding
+    from tinystories.model.transformer import SlotKVCache
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    exported = _copy(model)
+    assert compile_for_decoding(exported) == "ahead of time (AOTInductor)"
+    assert exported.exported_step.compiled_now and exported.decoding_is_compiled
+    with torch.inference_mode():
+        for batch in (1, 3):  # every position of the context, one token at a time after a 5-token prompt
+            x = torch.randint(0, 300, (batch, model.cfg.max_seq_len))
+            eager = _teacher_forced_logits(model, x, prefix=5)
+            assert torch.allclose(_teacher_forced_logits(exported, x, prefix=5), eager, atol=1e-4)
+        # the server's cache: rows at their own positions, fewer rows than slots
+        caches = [SlotKVCache.empty(model.cfg, 4, "cpu", torch.float32, max_len=model.cfg.max_seq_len + 1)
+                  for _ in range(2)]
+        for m, cache in zip((model, exported), caches):
+            for b, n in enumerate((6, 11, 3)):
+                m.decode(torch.arange(n)[None] + b, cache.slot(b))
+        positions = torch.tensor([6, 11, 3])
+        for _ in range(4):
+            out = []
+            for m, cache in zip((model, exported), caches):
+                cache.positions, cache.span, cache.uniform = positions, int(positions.max()) + 1, False
+                out.append(m.decode(positions[:, None] % 300, cache))
+            assert torch.allclose(out[0], out[1], atol=1e-4)
+            positions = positions + 1
+    again = _copy(model)  # the same weights: the compiled step is loaded from the cache, not compiled again
+    compile_for_decoding(again)
+    assert not again.exported_step.compiled_now and again.exported_step.path == exported.exported_step.path
+    other = Transformer(model.cfg).eval()  # other weights: another compiled step
+    compile_for_decoding(other)
+    assert other.exported_step.compiled_now and len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
+
+
+def test_exported_step_failure_falls_back_to_torch_compile(model, tmp_path, monkeypatch, capsys):
+    from tinystories.model import exported_step
+
+    def broken(*a, **k):
+        raise RuntimeError("AOTInductor: no working C++ compiler found")
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    monkeypatch.setattr(exported_step, "_export", broken)
+    fallback = _copy(model)
+    assert exported_step.compile_for_decoding(fallback) == "torch.compile"
+    assert fallback.exported_step is None and fallback._compiled_step is not None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ahead of time failed (AOTInductor: no working C++ compiler found)" in err

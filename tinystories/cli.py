@@ -300,10 +300,15 @@ def _add_request_args(p) -> None:
 
 
 def _add_word_bias_arg(p, what: str) -> None:
-    """--word-bias (generate, eval --instruct): decoding's bonus for requested words, default data/requests.py's."""
-    from tinystories.data.requests import WORD_BIAS
+    """--word-bias and --candidates (generate, eval --instruct): decoding's help with a request, defaults
+    data/requests.py's."""
+    from tinystories.data.requests import CANDIDATES, WORD_BIAS
 
     p.add_argument("--word-bias", type=float, default=WORD_BIAS, help=f"{what} (default {WORD_BIAS:g}; 0 = off)")
+    p.add_argument("--candidates", type=at_least(1), default=CANDIDATES, metavar="N",
+                   help=f"a story asked for with words or features is the best of N drawn together: the one that "
+                        f"has most of what was asked, then reads likeliest to the model (default {CANDIDATES}; 1 "
+                        f"streams a single story as it is written)")
 
 
 def _tokens_or_all(value: str) -> int | None:

@@ -8,6 +8,21 @@ import subprocess
 from pathlib import Path
 
 
+def cpu_flags_digest() -> str:
+    """A short digest of this CPU's feature flags (/proc/cpuinfo): code compiled for this CPU's instruction sets may
+    be reused only where it matches (two CPUs can share a model name and differ in AVX-512). "" when unknown."""
+    import hashlib
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_name() -> str:
     """The CPU's model name: lscpu's, else /proc/cpuinfo's, else what the platform says."""
     try:

@@ -35,6 +35,8 @@ FEATURE_ALIASES = {f.lower(): f for f in FEATURES} | {
     "moral_value": "MoralValue"}
 PLAIN_SHARE = 0.2  # stories rendered without any request
 WORD_BIAS = 6.0  # decoding's default logit bonus for requested words not yet used (inference/sampling.WordBias)
+BIAS_RANK = 200  # ... given only where the model ranks the word's first token among its 200 likeliest
+CANDIDATES = 8  # `generate` with a request: the best of this many stories drawn together (sampling.pick_candidate)
 KEEP = {"words": 0.9, "features": 0.8, "summary": 0.5}  # the chance each part is kept in a rendered request
 QUOTES = re.compile(r'["\u201c\u201d]')
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
@@ -287,6 +289,13 @@ def contains_word(story: str, word: str) -> bool:
     """Whether the story uses the word or one of its inflections (whole words, any case)."""
     forms = word_forms(word)
     return any(t.lower() in forms for t in _WORD.findall(story))
+
+
+def requests_met(story: str, req: Request) -> int:
+    """How many of the request's checkable asks the story meets: each requested word present, and a quotation
+    when it asks for Dialogue (the other features cannot be checked in text)."""
+    met = sum(contains_word(story, w) for w in req.words)
+    return met + ("Dialogue" in req.features and has_dialogue(story))
 
 
 def ask(fmt: str, words=(), features=(), summary: str = "", where: str = "this checkpoint") -> Request | None:

@@ -2,7 +2,8 @@
 
 Requests are drawn from held-out text: a word triple derived from each of N stories (data/requests.py), with
 `Dialogue` asked for every other one. Each request is answered three ways, with the same seeds:
-- "request": the product's default, the request plus decoding's word bias (sampling.WordBias);
+- "request": the product's default: the request, decoding's word bias (sampling.WordBias), and the best of
+  --candidates stories drawn together (sampling.pick_candidate);
 - "request, no bias": the request alone (what training taught);
 - "no request": an empty prompt (how often the words turn up anyway).
 A plain model (`--plain-checkpoint`, trained for the same budget) answers with an empty prompt beside them.
@@ -18,7 +19,7 @@ import time
 
 from tinystories.core.errors import UserError
 
-DEFAULT_REQUESTS = 30
+DEFAULT_REQUESTS = 60
 MIN_STORY_CHARS = 200  # held-out stories shorter than this give no request
 SCORE_TOKENS = 131_072  # validation tokens scored for bits per byte
 
@@ -46,8 +47,9 @@ def held_out_requests(text: str, n: int, tuning: bool = False) -> list:
     return reqs
 
 
-def answer(model, tok, reqs: list, prompt_of, bias: float, params) -> list[dict]:
-    """One story per request: {"story", "ended", "request"}. `prompt_of(request)` is the prompt."""
+def answer(model, tok, reqs: list, prompt_of, bias: float, params, candidates: int = 1) -> list[dict]:
+    """One story per request: {"story", "ended", "request"}. `prompt_of(request)` is the prompt; `candidates`: the
+    best of that many (sampling.pick_candidate)."""
     from dataclasses import replace
 
     from tinystories.data.requests import parse_rendered
@@ -56,7 +58,8 @@ def answer(model, tok, reqs: list, prompt_of, bias: float, params) -> list[dict]
     out = []
     for i, req in enumerate(reqs):
         prompt = prompt_of(req)
-        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req, bias)[0]
+        s = generate_texts(model, tok, prompt, replace(params, seed=params.seed + i), 1, req, bias,
+                           candidates)[0]
         out.append({"story": parse_rendered(s["text"])[1], "ended": s["ended"], "request": req})
     return out
 
@@ -110,33 +113,35 @@ def _mean(xs: list) -> float | None:
 
 def evaluate_instruct(checkpoint: str, text: str, n: int = DEFAULT_REQUESTS, plain_checkpoint: str | None = None,
                       sampling=None, word_bias: float | None = None, max_tokens: int = SCORE_TOKENS,
-                      device: str = "cpu", grammar: bool = True, log=print) -> dict:
+                      device: str = "cpu", grammar: bool = True, log=print, candidates: int | None = None) -> dict:
     """Every figure of `eval --instruct` as a dict: {"conditions": {name: figures}, "requests": [...], ...}."""
-    from tinystories.data.requests import WORD_BIAS, ask, request_lines
+    from tinystories.data.requests import CANDIDATES, WORD_BIAS, ask, request_lines
     from tinystories.inference.sampling import SamplingParams
     from tinystories.model.checkpoint import load_model
 
     params = (sampling or SamplingParams(max_new_tokens=200)).validate()
     params.seed = 1234 if params.seed is None else params.seed
     bias = WORD_BIAS if word_bias is None else word_bias
+    candidates = CANDIDATES if candidates is None else candidates
     model, ck = load_model(checkpoint, device)
     ask(ck.cfg.data.format, ("word",), where=str(ck.path))  # a plain model: the one-line error
     reqs = held_out_requests(text, n)
-    runs = {"request": (request_lines, bias), "request, no bias": (request_lines, 0.0),
-            "no request": (lambda r: "", 0.0)}
+    runs = {"request": (request_lines, bias, candidates), "request, no bias": (request_lines, 0.0, 1),
+            "no request": (lambda r: "", 0.0, 1)}
     result: dict = {"checkpoint": str(ck.path), "step": ck.step, "text": str(text), "word_bias": bias,
+                    "candidates": candidates,
                     "sampling": {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                                  "max_new_tokens": params.max_new_tokens, "seed": params.seed},
                     "requests": [{"words": r.words, "features": r.features} for r in reqs], "conditions": {}}
     models = [("instruct", model, ck, runs)]
     if plain_checkpoint:
         pm, pck = load_model(plain_checkpoint, device)
-        models.append(("plain model", pm, pck, {"plain model, no request": (lambda r: "", 0.0)}))
+        models.append(("plain model", pm, pck, {"plain model, no request": (lambda r: "", 0.0, 1)}))
     for label, m, c, conds in models:
         t0 = time.time()
         bpb = bits_per_byte(m, c.tokenizer, text, max_tokens)
-        for name, (prompt_of, b) in conds.items():
-            answers = answer(m, c.tokenizer, reqs, prompt_of, b, params)
+        for name, (prompt_of, b, k) in conds.items():
+            answers = answer(m, c.tokenizer, reqs, prompt_of, b, params, k)
             figs = follow_figures(answers) | (grammar_figures(answers) if grammar else {}) | {"bits_per_byte": bpb}
             figs["example"] = {"request": prompt_of(reqs[0]), "story": answers[0]["story"]}
             result["conditions"][name] = figs
@@ -154,7 +159,7 @@ def format_instruct(r: dict) -> str:
     conds = r["conditions"]
     width = max(18, *(len(c) + 2 for c in conds))
     lines = [f"checkpoint {r['checkpoint']} (step {r['step']}); {len(r['requests'])} requests from {r['text']}; "
-             f"word bias {r['word_bias']:g}, temperature {r['sampling']['temperature']:g}",
+             f"word bias {r['word_bias']:g}, best of {r['candidates']}, temperature {r['sampling']['temperature']:g}",
              f"{'':28}" + "".join(f"{c:>{width}}" for c in conds)]
     for key, label in ROWS:
         cells = [conds[c].get(key) for c in conds]
@@ -180,7 +185,7 @@ def _cmd_eval_instruct(args) -> int:
         params.max_new_tokens = 200
     r = evaluate_instruct(args.checkpoint, args.text, args.num_stories, args.plain_checkpoint, params,
                           args.word_bias, args.max_tokens or SCORE_TOKENS, str(pick_device(args.device or "auto")),
-                          args.grammar)
+                          args.grammar, candidates=args.candidates)
     if args.json:
         write_json_report(args.json, r)
     print(format_instruct(r))

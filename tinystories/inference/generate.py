@@ -72,7 +72,8 @@ def _cmd_generate(args) -> int:
         if n_prompt >= model.cfg.max_seq_len:
             raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.cfg.max_seq_len} "
                             f"tokens")
-        if args.num_samples == 1:
+        k = args.candidates if req else 1
+        if args.num_samples == 1 and k == 1:
             r = stream_story(model, tok, prompt, params,
                              bias=request_bias(tok, req, args.word_bias))
             speed = r["tokens"] / max(r["seconds"], 1e-9)
@@ -80,8 +81,14 @@ def _cmd_generate(args) -> int:
                   f"{', end of story' if r['ended'] else ''}]", file=info)
             return
         t0 = time.perf_counter()
-        stories = generate_texts(model, tok, prompt, params, args.num_samples, req, args.word_bias)
+        stories = generate_texts(model, tok, prompt, params, args.num_samples, req, args.word_bias, k)
         secs = time.perf_counter() - t0
+        if args.num_samples == 1:  # the best of k candidates, printed as a streamed story would be
+            s = stories[0]
+            print(s["text"])
+            print(f"[the best of {k} stories: {s['tokens']} tokens; {k} stories in {secs:.2f}s"
+                  f"{', end of story' if s['ended'] else ''}]", file=info)
+            return
         for i, s in enumerate(stories, 1):
             print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
         total = sum(s["tokens"] for s in stories)

@@ -30,6 +30,7 @@ class Step:
     finished: torch.Tensor  # (B,) bool: this sequence had already stopped before this step
     top_ids: torch.Tensor | None = None  # (B, k) most likely alternatives, when asked for
     top_probs: torch.Tensor | None = None  # (B, k) their probabilities (after temperature)
+    logprobs: torch.Tensor | None = None  # (B,) log-probability of `tokens` under the model alone (no bias), when asked
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -61,11 +62,12 @@ class WordBias:
     word whose first tokens were just written (" dr" -> "agon"). A word stops being pushed as soon as its tokens are
     written or the story holds an inflection of it (data/requests.contains_word): the bias fades word by word.
     `dialogue` (the request asks for it): the tokens that open a quotation get the same ramped bonus until the story
-    holds a quotation mark."""
+    holds a quotation mark. `plausible` > 0: a word's first token is pushed only where the model already ranks it
+    among its `plausible` likeliest next tokens, so that words land where they can fit the sentence."""
 
     def __init__(self, tok: TextTokenizer, words, strength: float = 4.0, complete: float = 8.0, ramp: int = 24,
-                 dialogue: bool = False):
-        self.strength, self.complete, self.ramp = strength, complete, ramp
+                 dialogue: bool = False, plausible: int = 0):
+        self.strength, self.complete, self.ramp, self.plausible = strength, complete, ramp, plausible
         self.tok = tok
         self.pending = {w: [ids for ids in (tok.encode(" " + f) for f in (w.lower(), w.capitalize())) if ids]
                         for w in dict.fromkeys(words)}
@@ -75,8 +77,13 @@ class WordBias:
     def __bool__(self) -> bool:
         return bool(self.pending or self.quote)
 
-    def bias(self, vocab_size: int) -> dict[int, float]:
-        """{token id: logit bonus} for the next position."""
+    def bias(self, logits: torch.Tensor) -> dict[int, float]:
+        """{token id: logit bonus} for the next position, given the row's logits (V,). With `plausible` set, a
+        word's first token is pushed only where the model already ranks it among its `plausible` likeliest."""
+        vocab_size = logits.size(-1)
+        floor = None
+        if self.plausible and self.plausible < vocab_size:
+            floor = float(logits.topk(self.plausible).values[-1])
         out: dict[int, float] = {}
         ramp = min(1.0, (len(self.ids) + 1) / self.ramp) if self.ramp else 1.0
         for variants in self.pending.values():
@@ -85,7 +92,7 @@ class WordBias:
                     if self.ids[-k:] == seq[:k]:
                         out[seq[k]] = max(out.get(seq[k], 0.0), self.complete)
                         break
-                if seq[0] < vocab_size:
+                if seq[0] < vocab_size and (floor is None or float(logits[seq[0]]) >= floor):
                     out[seq[0]] = max(out.get(seq[0], 0.0), self.strength * ramp)
         for t in self.quote:
             if t < vocab_size:
@@ -110,10 +117,12 @@ class WordBias:
 def request_bias(tok: TextTokenizer, request, strength: float) -> WordBias | None:
     """Decoding's bias for a Request (data/requests.py): its words, and a quotation when it asks for Dialogue;
     None when the request is empty, steers nothing, or `strength` (--word-bias) is off."""
+    from tinystories.data.requests import BIAS_RANK
+
     dialogue = bool(request) and "Dialogue" in request.features
     if not request or strength <= 0 or not (request.words or dialogue):
         return None
-    return WordBias(tok, request.words, strength, dialogue=dialogue)
+    return WordBias(tok, request.words, strength, dialogue=dialogue, plausible=BIAS_RANK)
 
 
 def apply_word_bias(logits: torch.Tensor, biases: list[WordBias | None]) -> torch.Tensor:
@@ -123,7 +132,7 @@ def apply_word_bias(logits: torch.Tensor, biases: list[WordBias | None]) -> torc
     logits = logits.float().clone()
     for b, wb in enumerate(biases):
         if wb:
-            for t, v in wb.bias(logits.size(-1)).items():
+            for t, v in wb.bias(logits[b]).items():
                 logits[b, t] += v
     return logits
 
@@ -180,9 +189,11 @@ def sample(
     top_alternatives: int = 0,
     should_stop: Callable[[], bool] | None = None,
     biases: list[WordBias | None] | None = None,
+    logprobs: bool = False,
 ) -> Iterator[Step]:
     """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length); `biases`: a
-    WordBias (or None) per row."""
+    WordBias (or None) per row; `logprobs`: each Step carries the chosen tokens' log-probabilities under the model's
+    own distribution (before bias, penalty and temperature)."""
     cfg = model.cfg
     device = model.rope.device
     if len({len(p) for p in prompts}) != 1 or not prompts[0]:
@@ -215,7 +226,8 @@ def sample(
             return
         nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives, biases)
         push_biases(biases, nxt)
-        yield Step(nxt, finished.clone(), top_ids, top_probs)
+        lp = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0] if logprobs else None
+        yield Step(nxt, finished.clone(), top_ids, top_probs, lp)
         if stop is not None:
             finished |= torch.isin(nxt, stop)
         if bool(finished.all()):
@@ -233,18 +245,25 @@ def sample(
         logits = logits[:, -1, :]
 
 
-def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str], None]) -> None:
-    """model.compile_decoding(), then compile it at once with a 2-token greedy sample, so that the seconds of
-    compiling are spent (and reported) up front instead of inside the first story or request."""
+def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str], None],
+                         warm_up: Callable[[], None] | None = None) -> None:
+    """Compile the one-token step (model/exported_step.compile_for_decoding) and run it at once, with `warm_up()` or a
+    3-token greedy sample, so that the seconds of compiling are spent (and reported) up front instead of inside the
+    first story or request."""
     import time
 
+    from tinystories.model.exported_step import compile_for_decoding
+
     t0 = time.perf_counter()
-    log("compiling the decoding step (torch.compile)...")
-    model.compile_decoding()
-    for _ in sample(model, [[start_id]], SamplingParams(max_new_tokens=2, temperature=0.0)):
-        pass
+    log("compiling the decoding step...")
+    how = compile_for_decoding(model, log)
+    if warm_up is not None:
+        warm_up()
+    else:
+        for _ in sample(model, [[start_id]], SamplingParams(max_new_tokens=3, temperature=0.0)):
+            pass
     if model.decoding_is_compiled:  # else decode() printed why and stays eager
-        log(f"compiled in {time.perf_counter() - t0:.1f}s")
+        log(f"compiled in {time.perf_counter() - t0:.1f}s ({how})")
 
 
 class StreamDecoder:
@@ -280,28 +299,45 @@ def prompt_ids(tok: TextTokenizer, prompt: str) -> list[int]:
 
 def generate_texts(
     model: Transformer, tok: TextTokenizer, prompt: str, params: SamplingParams, num_samples: int = 1,
-    request=None, word_bias: float = 0.0,
+    request=None, word_bias: float = 0.0, candidates: int = 1,
 ) -> list[dict]:
     """Sample `num_samples` continuations of `prompt` as text (batched). Returns text and whether each ended.
-    `request` (data/requests.Request) with `word_bias` > 0: each row steered toward its words (request_bias)."""
+    `request` (data/requests.Request) with `word_bias` > 0: each row steered toward its words (request_bias).
+    `candidates` > 1 with a request: each story is the best of that many drawn together (pick_candidate)."""
     ids = prompt_ids(tok, prompt)
-    outs: list[list[int]] = [[] for _ in range(num_samples)]
-    ended = [False] * num_samples
-    biases = [request_bias(tok, request, word_bias) for _ in range(num_samples)]
+    k = candidates if request and candidates > 1 else 1
+    rows = num_samples * k
+    outs: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
+    logp = [0.0] * rows
+    biases = [request_bias(tok, request, word_bias) for _ in range(rows)]
     biases = biases if any(biases) else None
-    for step in sample(model, [ids] * num_samples, params, tok.stop_ids, biases=biases):
-        for b in range(num_samples):
+    for step in sample(model, [ids] * rows, params, tok.stop_ids, biases=biases, logprobs=k > 1):
+        for b in range(rows):
             if step.finished[b]:
                 continue
             t = int(step.tokens[b])
+            if k > 1:
+                logp[b] += float(step.logprobs[b])
             if t in tok.stop_ids:
                 ended[b] = True
             else:
                 outs[b].append(t)
-    return [
-        {"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e}
-        for o, e in zip(outs, ended)
-    ]
+    stories = [{"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e,
+                "logprob": lp} for o, e, lp in zip(outs, ended, logp)]
+    return [pick_candidate(stories[i * k : (i + 1) * k], request) for i in range(num_samples)] if k > 1 else stories
+
+
+def pick_candidate(stories: list[dict], request) -> dict:
+    """The story that meets most of the request (data/requests.requests_met); among those, the one the model finds
+    likeliest per token without the bias, i.e. where the requested words sit most naturally."""
+    from tinystories.data.requests import parse_rendered, requests_met
+
+    def key(s: dict) -> tuple:
+        return requests_met(parse_rendered(s["text"])[1], request), s["logprob"] / max(1, s["tokens"] + s["ended"])
+
+    best = max(stories, key=key)
+    return {k: v for k, v in best.items() if k != "logprob"}
 
 
 def decode_continuation(tok: TextTokenizer, prefix: list[int], ids: list[int]) -> str:

@@ -27,7 +27,6 @@ unless --cors-origin is given, and no request field names a file: the checkpoint
 import asyncio
 import contextlib
 import math
-import time
 from pathlib import Path
 
 from tinystories.core.defaults import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
@@ -192,6 +191,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     import uvicorn
 
     from tinystories.inference.guards import exposure_warning
+    from tinystories.inference.sampling import compile_decoding_now
 
     # take the port before the (possibly slow) model load and compile: a port in use fails at once, in one line
     sockets = bind_sockets(host, port)
@@ -199,13 +199,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     model, ck = _load(checkpoint, device, threads, dtype, compile_decoding)
     app = create_app(model, ck, max_batch, timeout_s, cors_origins, max_queue=max_queue,
                      queue_timeout_s=queue_timeout_s, api_key=api_key)
-    if compile_decoding:  # before listening: no request waits on the compile
-        t0 = time.perf_counter()
-        print("compiling the decoding step (torch.compile)...", flush=True)
-        model.compile_decoding()
-        app.state.engine.warm_up()  # the batched step, for one row and for several
-        if model.decoding_is_compiled:  # else decode() printed why and stays eager
-            print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+    if compile_decoding:  # before listening: no request waits on the compile; warmed up for one row and several
+        compile_decoding_now(model, ck.tokenizer.doc_start_id, lambda line: print(line, flush=True),
+                             app.state.engine.warm_up)
     shown = f"[{host}]" if ":" in host else host
     ready = [f"serving {ck.path} ({model.num_params():,} parameters, context {ck.cfg.model.max_seq_len}) "
              f"on http://{shown}:{port}/  (API schema: /openapi.json, docs: /docs)"]

@@ -35,13 +35,18 @@ def machine_key() -> str:
             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
 
 
+def cache_root() -> Path:
+    """Where measurements and compiled artifacts of this machine are kept: $TINYSTORIES_CACHE or
+    ~/.cache/tinystories."""
+    return Path(os.environ.get("TINYSTORIES_CACHE", Path.home() / ".cache" / "tinystories"))
+
+
 def cached_measure(kind: str, key: str, measure: Callable[[], float],
                    announce: Callable[[], None] | None = None) -> float:
     """`measure()` once per machine and `key`, then read back from ~/.cache/tinystories/ (or $TINYSTORIES_CACHE).
     A figure measured while other work shared the CPU is too low to keep: it is used once and measured again next
     time. `announce()` is called before a measurement (not for a figure read back)."""
-    root = Path(os.environ.get("TINYSTORIES_CACHE", Path.home() / ".cache" / "tinystories"))
-    path = root / f"{kind}-{hashlib.sha256(f'{machine_key()}|{key}'.encode()).hexdigest()[:16]}.json"
+    path = cache_root() / f"{kind}-{hashlib.sha256(f'{machine_key()}|{key}'.encode()).hexdigest()[:16]}.json"
     try:
         return float(json.loads(path.read_text())["value"])
     except (OSError, ValueError, KeyError):

@@ -210,6 +210,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._compiled_step = None  # set by compile_decoding()
+        self.exported_step = None  # a step compiled ahead of time (model/exported_step.py), used where it fits
         self._compiled_step_ran = False
         self.compile_options: dict = {}  # extra Inductor options for the compiled step (model/precision.py sets them)
         self.precision_name: str | None = None  # the inference precision model/precision.py applied, if any
@@ -298,12 +299,14 @@ class Transformer(nn.Module):
 
     @property
     def decoding_is_compiled(self) -> bool:
-        """compile_decoding() was called and has not fallen back to eager."""
-        return self._compiled_step is not None
+        """compile_decoding() was called and has not fallen back to eager, or a step compiled ahead of time is set."""
+        return self._compiled_step is not None or self.exported_step is not None
 
     def decode(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache) -> torch.Tensor:
         """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T); with a
         SlotKVCache, one token per row at the rows' own positions (the caller advances them)."""
+        if self.exported_step is not None and self.exported_step.fits(tokens, cache):
+            return self.exported_step(tokens, cache)
         if self._compiled_step is not None and tokens.size(1) == 1 and (isinstance(cache, SlotKVCache)
                                                                        or cache.length > 0):
             try:  # compiling happens on the first call; without a working C++ toolchain, stay eager
