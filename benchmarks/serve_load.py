@@ -9,6 +9,9 @@
     python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,20 --dtypes float32,auto --rounds 3
     python benchmarks/serve_load.py --checkpoint CK --clients 1,8,20 --config "f32=--dtype float32" \\
         --config "auto=--dtype auto"                                         # the same over HTTP
+    python benchmarks/serve_load.py --checkpoint CK --clients 1,8,20 \
+        --config "f32-torch.compile=TINYSTORIES_AOT=0 --dtype float32" --config "int8=--dtype int8"
+                                      # leading NAME=VALUE words of a config are the server's environment
 
 For each configuration (default: `old` = `--max-batch 1 --max-queue 0`, i.e. one generation at a time and a
 429 for everyone else, and `new` = the defaults: continuous batching and a queue) the script starts `tinystories
@@ -34,6 +37,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -265,6 +269,11 @@ def free_port() -> int:
 
 
 def start_server(args, flags: list[str], code: Path, checkpoint: str) -> tuple[subprocess.Popen, str]:
+    """Start `tinystories serve` with `flags`; leading NAME=VALUE words are its environment (TINYSTORIES_AOT=0)."""
+    extra = {}
+    while flags and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", flags[0]):
+        name, value = flags.pop(0).split("=", 1)
+        extra[name] = value
     port = free_port()
     cmd = [sys.executable, "-m", "tinystories", "serve", "--checkpoint", str(Path(checkpoint).resolve()),
            "--port", str(port), "--timeout", str(args.request_timeout), "--log-level", "warning", *flags]
@@ -272,7 +281,7 @@ def start_server(args, flags: list[str], code: Path, checkpoint: str) -> tuple[s
         cmd += ["--threads", str(args.threads)]
     if not args.compile:
         cmd.append("--no-compile")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(code), **extra}
     proc = subprocess.Popen(cmd, cwd=code, env=env)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300

@@ -78,26 +78,24 @@ class WordBias:
         return bool(self.pending or self.quote)
 
     def bias(self, logits: torch.Tensor) -> dict[int, float]:
-        """{token id: logit bonus} for the next position, given the row's logits (V,). With `plausible` set, a
-        word's first token is pushed only where the model already ranks it among its `plausible` likeliest."""
-        vocab_size = logits.size(-1)
-        floor = None
-        if self.plausible and self.plausible < vocab_size:
-            floor = float(logits.topk(self.plausible).values[-1])
-        out: dict[int, float] = {}
-        ramp = min(1.0, (len(self.ids) + 1) / self.ramp) if self.ramp else 1.0
+        """{token id: logit bonus} for the next position, given the row's logits (V,). Mid-word (a requested word's
+        first tokens were just written) only its next token is pushed; otherwise the first token of each missing
+        word, where the model ranks it among its `plausible` likeliest (when set), and an opening quotation."""
+        done = {}
         for variants in self.pending.values():
             for seq in variants:
                 for k in range(min(len(seq) - 1, len(self.ids)), 0, -1):  # a word begun: complete it
                     if self.ids[-k:] == seq[:k]:
-                        out[seq[k]] = max(out.get(seq[k], 0.0), self.complete)
+                        done[seq[k]] = self.complete
                         break
-                if seq[0] < vocab_size and (floor is None or float(logits[seq[0]]) >= floor):
-                    out[seq[0]] = max(out.get(seq[0], 0.0), self.strength * ramp)
-        for t in self.quote:
-            if t < vocab_size:
-                out[t] = max(out.get(t, 0.0), self.strength * ramp)
-        return out
+        if done:
+            return done
+        vocab_size = logits.size(-1)
+        floor = float(logits.topk(self.plausible).values[-1]) if 0 < self.plausible < vocab_size else None
+        push = self.strength * (min(1.0, (len(self.ids) + 1) / self.ramp) if self.ramp else 1.0)
+        firsts = {seq[0] for variants in self.pending.values() for seq in variants if seq[0] < vocab_size}
+        out = {t: push for t in firsts if floor is None or float(logits[t]) >= floor}
+        return out | {t: push for t in self.quote if t < vocab_size}
 
     def push(self, token: int) -> None:
         """The token the row got; words the story now holds stop being pushed."""
