@@ -39,7 +39,7 @@ def main() -> None:
     model, ck = load_model(args.checkpoint, "cpu")
     reqs = held_out_requests(args.text, args.num_stories, tuning=not args.reported)
     for b, rank, n in itertools.product(args.bias, args.plausible, args.candidates):
-        requests.BIAS_RANK = rank  # read by sampling.request_bias
+        requests.BIAS_RANK = rank  # read by sampling.request_bias (which applies it to best-of-N only)
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
         answers = answer(model, ck.tokenizer, reqs, request_lines, b, params, n)
         figs = follow_figures(answers) | grammar_figures(answers)

@@ -244,7 +244,8 @@ def test_eval_instruct_reports_every_figure(checkpoints, tmp_path):
     for label in ("requested words present", "stories with all three", "dialogue, asked", "bits per byte"):
         assert label in r.stdout
     rep = json.loads(out.read_text())
-    assert set(rep["conditions"]) == {"request", "request, no bias", "no request", "plain model, no request"}
+    assert set(rep["conditions"]) == {"request", "request, one story", "request, no bias", "no request",
+                                      "plain model, no request"}
     assert len(rep["requests"]) == 4 and all(len(q["words"]) == 3 for q in rep["requests"])
     assert rep["conditions"]["request"]["words_present"] > rep["conditions"]["no request"]["words_present"]
     one_line_error(run_cli("eval", "--checkpoint", checkpoints["plain"], "--instruct", "--text", VALID_HEAD),

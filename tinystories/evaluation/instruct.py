@@ -1,9 +1,10 @@
 """`tinystories eval --instruct`: how well a model trained on requests (data.format=instruct) follows them.
 
 Requests are drawn from held-out text: a word triple derived from each of N stories (data/requests.py), with
-`Dialogue` asked for every other one. Each request is answered three ways, with the same seeds:
+`Dialogue` asked for every other one. Each request is answered four ways, with the same seeds:
 - "request": the product's default: the request, decoding's word bias (sampling.WordBias), and the best of
   --candidates stories drawn together (sampling.pick_candidate);
+- "request, one story": the bias alone, on a single story (what the server streams);
 - "request, no bias": the request alone (what training taught);
 - "no request": an empty prompt (how often the words turn up anyway).
 A plain model (`--plain-checkpoint`, trained for the same budget) answers with an empty prompt beside them.
@@ -126,8 +127,8 @@ def evaluate_instruct(checkpoint: str, text: str, n: int = DEFAULT_REQUESTS, pla
     model, ck = load_model(checkpoint, device)
     ask(ck.cfg.data.format, ("word",), where=str(ck.path))  # a plain model: the one-line error
     reqs = held_out_requests(text, n)
-    runs = {"request": (request_lines, bias, candidates), "request, no bias": (request_lines, 0.0, 1),
-            "no request": (lambda r: "", 0.0, 1)}
+    runs = {"request": (request_lines, bias, candidates), "request, one story": (request_lines, bias, 1),
+            "request, no bias": (request_lines, 0.0, 1), "no request": (lambda r: "", 0.0, 1)}
     result: dict = {"checkpoint": str(ck.path), "step": ck.step, "text": str(text), "word_bias": bias,
                     "candidates": candidates,
                     "sampling": {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,

@@ -82,18 +82,7 @@ def _cmd_generate(args) -> int:
             return
         t0 = time.perf_counter()
         stories = generate_texts(model, tok, prompt, params, args.num_samples, req, args.word_bias, k)
-        secs = time.perf_counter() - t0
-        if args.num_samples == 1:  # the best of k candidates, printed as a streamed story would be
-            s = stories[0]
-            print(s["text"])
-            print(f"[the best of {k} stories: {s['tokens']} tokens; {k} stories in {secs:.2f}s"
-                  f"{', end of story' if s['ended'] else ''}]", file=info)
-            return
-        for i, s in enumerate(stories, 1):
-            print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
-        total = sum(s["tokens"] for s in stories)
-        print(f"[{args.num_samples} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
-              file=info)
+        print_stories(stories, k, time.perf_counter() - t0, info)
 
     if args.prompt is not None or req:  # a request without --prompt: one story, from the request alone
         one(args.prompt or "")
@@ -108,6 +97,21 @@ def _cmd_generate(args) -> int:
         one(prompt.rstrip("\n"))
         if params.seed is not None:
             params.seed += 1  # a new story for the same opening next time
+
+
+def print_stories(stories: list[dict], candidates: int, secs: float, info) -> None:
+    """Stories on stdout, the counts on `info`; one story (the best of `candidates`) as a streamed one reads."""
+    if len(stories) == 1:
+        s = stories[0]
+        print(s["text"])
+        print(f"[the best of {candidates} stories: {s['tokens']} tokens; {candidates} stories in {secs:.2f}s"
+              f"{', end of story' if s['ended'] else ''}]", file=info)
+        return
+    for i, s in enumerate(stories, 1):
+        print(f"--- story {i}{' (end of story)' if s['ended'] else ''}\n{s['text']}")
+    total = sum(s["tokens"] for s in stories)
+    print(f"[{len(stories)} stories, {total} tokens in {secs:.2f}s, {total / max(secs, 1e-9):.0f} tokens/s]",
+          file=info)
 
 
 def greedy_ids(model, tok, prompt: str, n: int) -> list[int]:

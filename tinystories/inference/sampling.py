@@ -112,15 +112,17 @@ class WordBias:
             del self.pending[w]
 
 
-def request_bias(tok: TextTokenizer, request, strength: float) -> WordBias | None:
+def request_bias(tok: TextTokenizer, request, strength: float, candidates: int = 1) -> WordBias | None:
     """Decoding's bias for a Request (data/requests.py): its words, and a quotation when it asks for Dialogue;
-    None when the request is empty, steers nothing, or `strength` (--word-bias) is off."""
+    None when the request is empty, steers nothing, or `strength` (--word-bias) is off. When the best of several
+    `candidates` is kept, a word is pushed only where it is plausible (data/requests.BIAS_RANK): the choice among
+    the candidates makes up the words this leaves out; a single story is pushed wherever a word is missing."""
     from tinystories.data.requests import BIAS_RANK
 
     dialogue = bool(request) and "Dialogue" in request.features
     if not request or strength <= 0 or not (request.words or dialogue):
         return None
-    return WordBias(tok, request.words, strength, dialogue=dialogue, plausible=BIAS_RANK)
+    return WordBias(tok, request.words, strength, dialogue=dialogue, plausible=BIAS_RANK if candidates > 1 else 0)
 
 
 def apply_word_bias(logits: torch.Tensor, biases: list[WordBias | None]) -> torch.Tensor:
@@ -189,9 +191,8 @@ def sample(
     biases: list[WordBias | None] | None = None,
     logprobs: bool = False,
 ) -> Iterator[Step]:
-    """Generate up to params.max_new_tokens tokens after each prompt (all prompts the same length); `biases`: a
-    WordBias (or None) per row; `logprobs`: each Step carries the chosen tokens' log-probabilities under the model's
-    own distribution (before bias, penalty and temperature)."""
+    """Up to params.max_new_tokens tokens after each prompt (all the same length); `biases`: a WordBias (or None)
+    per row; `logprobs`: Steps carry the tokens' log-probabilities before bias, penalty and temperature."""
     cfg = model.cfg
     device = model.rope.device
     if len({len(p) for p in prompts}) != 1 or not prompts[0]:
@@ -202,11 +203,7 @@ def sample(
         raise UserError(f"the prompt is {seq.size(1)} tokens, longer than the model's context of {ctx} tokens")
     B = seq.size(0)
     gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
-    dtype = next(model.parameters()).dtype
+    gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
     seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
     if params.repetition_penalty != 1.0:
         seen.scatter_(1, seq, True)
@@ -216,7 +213,7 @@ def sample(
 
     # one spare slot: the filled part of the cache is then never the whole buffer, a case torch.compile would
     # specialise (and recompile) for when a story reaches the end of the context
-    cache = KVCache.empty(cfg, B, device, dtype, max_len=ctx + 1) if use_cache else None
+    cache = KVCache.empty(cfg, B, device, next(model.parameters()).dtype, max_len=ctx + 1) if use_cache else None
     logits = model.decode(seq, cache) if use_cache else model(seq)[0]
     logits = logits[:, -1, :]
     for _ in range(params.max_new_tokens):
@@ -308,7 +305,7 @@ def generate_texts(
     outs: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows
     logp = [0.0] * rows
-    biases = [request_bias(tok, request, word_bias) for _ in range(rows)]
+    biases = [request_bias(tok, request, word_bias, k) for _ in range(rows)]
     biases = biases if any(biases) else None
     for step in sample(model, [ids] * rows, params, tok.stop_ids, biases=biases, logprobs=k > 1):
         for b in range(rows):
