@@ -258,7 +258,7 @@ def compile_decoding_now(model: Transformer, start_id: int, log: Callable[[str],
         for _ in sample(model, [[start_id]], SamplingParams(max_new_tokens=3, temperature=0.0)):
             pass
     if model.decoding_is_compiled:  # else decode() printed why and stays eager
-        log(f"compiled in {time.perf_counter() - t0:.1f}s ({how})")
+        log(f"compiled in {time.perf_counter() - t0:.1f}s, {how}")
 
 
 class StreamDecoder:
