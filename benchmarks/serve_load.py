@@ -7,6 +7,8 @@
     python benchmarks/serve_load.py --url http://127.0.0.1:8000              # an already running server
     python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,16,32,64   # the engine alone, no HTTP
     python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,20 --dtypes float32,auto --rounds 3
+    python benchmarks/serve_load.py --checkpoint CK --engine-batches 1,8,20 \
+        --dtypes float32:torch.compile,float32,int8 --rounds 3     # torch.compile's step against ahead of time
     python benchmarks/serve_load.py --checkpoint CK --clients 1,8,20 --config "f32=--dtype float32" \\
         --config "auto=--dtype auto"                                         # the same over HTTP
     python benchmarks/serve_load.py --checkpoint CK --clients 1,8,20 \
@@ -374,12 +376,15 @@ def engine_only(args) -> int:
 
     torch.set_num_threads(args.threads or 1)
     models = {}
-    for dtype in args.dtypes.split(","):
+    for entry in args.dtypes.split(","):  # "float32", or "float32:torch.compile" for torch.compile's step
+        dtype, _, how = entry.partition(":")
         model, ck = load_model(args.checkpoint, "cpu")
         precision = inference_precision(model, torch.device("cpu"), dtype)
-        if args.compile:
-            compile_for_decoding(model)
-        models[precision.name] = model
+        if args.compile and how == "torch.compile":
+            model.compile_decoding()
+        elif args.compile:
+            how = compile_for_decoding(model)
+        models[precision.name + (f" ({how})" if args.compile else "")] = model
         print(precision.describe(), flush=True)
     if args.max_new_tokens > model.cfg.max_seq_len:
         raise BenchError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context of "
@@ -448,7 +453,8 @@ def _main() -> int:
                     help="instead of HTTP load: the engine in-process at these --max-batch values (needs --checkpoint)")
     ap.add_argument("--dtypes", default="float32", metavar="D1,D2",
                     help="with --engine-batches: the precisions to compare (float32,bfloat16,int8,auto; default "
-                         "float32); the servers of --config take `--dtype D` among their flags")
+                         "float32; D:torch.compile compiles that one with torch.compile instead of ahead of time); "
+                         "the servers of --config take `--dtype D` among their flags")
     ap.add_argument("--rounds", type=int, default=1, help="with --engine-batches: best of this many rounds")
     args = ap.parse_args()
     if args.engine_batches:

@@ -126,6 +126,11 @@ class Engine:
         self.core.warm_up()
 
     def _run(self) -> None:
+        import torch
+
+        # the thread count set on the main thread (serve --threads) is a per-thread OpenMP setting: without this,
+        # this thread's parallel regions would use every core, the server's event loop's among them
+        torch.set_num_threads(torch.get_num_threads())
         while True:
             with self._wake:
                 while not self.core.busy and not self.core.closed:

@@ -10,7 +10,7 @@ The step is the model's own continuous-batching step (`Transformer._slot_step`),
 Compiling takes ~20-40 s on 2 cores, so the library is cached in ~/.cache/tinystories/aoti/ (or
 $TINYSTORIES_CACHE), keyed by the weights, the precision, the shape, torch's version and the machine
 (calibrate.machine_key and the CPU's feature flags: Inductor compiles for this CPU's instruction sets), and loads
-in well under a second after. $TINYSTORIES_AOT=0 keeps torch.compile's step.
+in a second or two after. $TINYSTORIES_AOT=0 keeps torch.compile's step.
 """
 
 from __future__ import annotations
