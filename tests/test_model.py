@@ -204,6 +204,25 @@ def test_exported_step_matches_eager_and_is_reused(model, tmp_path, monkeypatch)
     other = Transformer(model.cfg).eval()  # other weights: another compiled step
     compile_for_decoding(other)
     assert other.exported_step.compiled_now and len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
+    exported.exported_step.path.write_bytes(b"not a package")  # damaged: compiled again, not a failure
+    repaired = _copy(model)
+    assert compile_for_decoding(repaired) == "ahead of time (AOTInductor)" and repaired.exported_step.compiled_now
+    x = torch.randint(0, 300, (1, 12))
+    with torch.inference_mode():
+        assert torch.allclose(_teacher_forced_logits(repaired, x, 4), _teacher_forced_logits(model, x, 4), atol=1e-4)
+
+
+def test_exported_step_cache_keeps_the_most_recently_used(tmp_path):
+    import os
+
+    from tinystories.model.exported_step import prune_cache
+
+    steps = [tmp_path / f"step-{i}.pt2" for i in range(6)]
+    for i, p in enumerate(steps):
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))  # step-5 the most recent
+    prune_cache(tmp_path, keep=steps[0], most=3)  # the one just compiled, and the two most recent others
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0.pt2", "step-4.pt2", "step-5.pt2"]
 
 
 def test_exported_step_failure_falls_back_to_torch_compile(model, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,8 @@ The step is the model's own continuous-batching step (`Transformer._slot_step`),
 Compiling takes ~20-40 s on 2 cores, so the library is cached in ~/.cache/tinystories/aoti/ (or
 $TINYSTORIES_CACHE), keyed by the weights, the precision, the shape, torch's version and the machine
 (calibrate.machine_key and the CPU's feature flags: Inductor compiles for this CPU's instruction sets), and loads
-in a second or two after. $TINYSTORIES_AOT=0 keeps torch.compile's step.
+in a second or two after; the 16 most recently used are kept, and a damaged one is compiled again.
+$TINYSTORIES_AOT=0 keeps torch.compile's step.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tinystories.model.calibrate import cache_root, machine_key
 from tinystories.model.transformer import KVCache, SlotKVCache, Transformer
 
 MAX_ROWS = 256  # the largest batch (and number of cache slots) the exported step accepts
+KEEP_STEPS = 16  # compiled steps kept in the cache folder, the most recently used (one per model and precision)
 
 
 class _Step(nn.Module):
@@ -87,19 +89,35 @@ def _export(model: Transformer, capacity: int, dtype: torch.dtype, path: Path) -
             os.unlink(tmp)
 
 
+def prune_cache(folder: Path, keep: Path, most: int = KEEP_STEPS) -> None:
+    """Delete all but the `most` most recently used compiled steps in `folder` (never `keep`)."""
+    steps = sorted(folder.glob("step-*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in steps if p != keep][max(0, most - 1):]:
+        old.unlink(missing_ok=True)
+
+
 class ExportedStep:
     """The compiled step of one model on the CPU, for caches of `capacity` positions; call it as decode() would."""
 
     def __init__(self, model: Transformer, capacity: int, dtype: torch.dtype, log=None):
         path = package_path(model, capacity)
-        self.compiled_now = not path.is_file()
-        if self.compiled_now:
+        self.compiled_now = False
+        self.runner = None
+        if path.is_file():
+            try:
+                self.runner = torch._inductor.aoti_load_package(str(path))
+                os.utime(path)  # recently used: kept by prune_cache
+            except Exception:  # damaged (a copied cache, a disk error): compiled again below
+                path.unlink(missing_ok=True)
+        if self.runner is None:
             if log:
                 log(f"compiling the decoding step ahead of time (AOTInductor, cached in {path.parent})...")
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)  # torch's own pytree
                 _export(model, capacity, dtype, path)
-        self.runner = torch._inductor.aoti_load_package(str(path))
+            self.compiled_now = True
+            prune_cache(path.parent, keep=path)
+            self.runner = torch._inductor.aoti_load_package(str(path))
         self.capacity = capacity
         self.path = path
         self._span = torch.empty(capacity)
