@@ -360,23 +360,28 @@ def test_word_bias_waits_until_the_word_is_plausible(tok4k):
     assert dragon not in wb.bias(logits)
     logits[dragon] = float(tok.vocab_size)  # the likeliest: pushed
     assert wb.bias(logits)[dragon] == 3.0
+    wb.push(tok.encode(" the")[0])  # not the pushed token: nothing written by the bias
+    wb.bias(logits)
+    wb.push(dragon)
+    assert wb.pushed == [1]  # the position the bias wrote
 
 
 def test_pick_candidate_prefers_what_was_asked_then_likelihood():
     from tinystories.data.requests import Request
-    from tinystories.inference.sampling import pick_candidate
+    from tinystories.inference.sampling import naturalness, pick_candidate
 
     req = Request(words=("dragon", "cookie", "brave"), features=("Dialogue",))
     head = "Words: dragon, cookie, brave\nFeatures: Dialogue\nStory: "
 
-    def story(text, logprob, tokens=10):
-        return {"text": head + text, "tokens": tokens, "ended": True, "logprob": logprob}
+    def story(text, logprob):
+        return {"text": head + text, "tokens": 10, "ended": True, "logprob": logprob}
 
-    one_word = story("The dragon slept.", -5.0)
-    all_asked = story('The brave dragon ate a cookies. "Yum!" he said.', -30.0)
-    all_asked_likelier = story('A brave dragon baked cookies. "Hi," she said.', -20.0)
+    one_word = story("The dragon slept.", -0.5)
+    all_asked = story('The brave dragon ate a cookies. "Yum!" he said.', -3.0)
+    all_asked_likelier = story('A brave dragon baked cookies. "Hi," she said.', -2.0)
     best = pick_candidate([one_word, all_asked, all_asked_likelier], req)
     assert best["text"] == all_asked_likelier["text"] and "logprob" not in best
-    # per token: a longer story is not punished for its length
-    assert pick_candidate([story("The dragon slept.", -5.0, 2), story("The dragon slept well.", -6.0, 20)],
-                          req)["tokens"] == 20
+    # per token, and the tokens the bias wrote count once more: a forced word that did not fit costs
+    assert naturalness([-1.0, -1.0, -1.0, -1.0], []) == -1.0
+    assert naturalness([-1.0, -1.0, -5.0, -1.0], [2]) == -2.0 - 5.0
+    assert naturalness([-1.0] * 20, []) == naturalness([-1.0] * 5, [])

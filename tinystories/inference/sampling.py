@@ -73,6 +73,8 @@ class WordBias:
                         for w in dict.fromkeys(words)}
         self.quote = sorted({ids[0] for ids in (tok.encode(q) for q in (' "', '"')) if ids}) if dialogue else []
         self.ids: list[int] = []
+        self.offered: dict[int, float] = {}  # the last bonuses given (bias())
+        self.pushed: list[int] = []  # the positions whose token had a bonus: where the bias wrote
 
     def __bool__(self) -> bool:
         return bool(self.pending or self.quote)
@@ -89,18 +91,23 @@ class WordBias:
                         done[seq[k]] = self.complete
                         break
         if done:
+            self.offered = done
             return done
         vocab_size = logits.size(-1)
         floor = float(logits.topk(self.plausible).values[-1]) if 0 < self.plausible < vocab_size else None
         push = self.strength * (min(1.0, (len(self.ids) + 1) / self.ramp) if self.ramp else 1.0)
         firsts = {seq[0] for variants in self.pending.values() for seq in variants if seq[0] < vocab_size}
         out = {t: push for t in firsts if floor is None or float(logits[t]) >= floor}
-        return out | {t: push for t in self.quote if t < vocab_size}
+        self.offered = out | {t: push for t in self.quote if t < vocab_size}
+        return self.offered
 
     def push(self, token: int) -> None:
         """The token the row got; words the story now holds stop being pushed."""
         from tinystories.data.requests import contains_word
 
+        if token in self.offered:
+            self.pushed.append(len(self.ids))
+        self.offered = {}
         self.ids.append(token)
         if self.quote and '"' in self.tok.decode([token]):
             self.quote = []
@@ -304,7 +311,7 @@ def generate_texts(
     rows = num_samples * k
     outs: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows
-    logp = [0.0] * rows
+    logp: list[list[float]] = [[] for _ in range(rows)]
     biases = [request_bias(tok, request, word_bias, k) for _ in range(rows)]
     biases = biases if any(biases) else None
     for step in sample(model, [ids] * rows, params, tok.stop_ids, biases=biases, logprobs=k > 1):
@@ -313,23 +320,34 @@ def generate_texts(
                 continue
             t = int(step.tokens[b])
             if k > 1:
-                logp[b] += float(step.logprobs[b])
+                logp[b].append(float(step.logprobs[b]))
             if t in tok.stop_ids:
                 ended[b] = True
             else:
                 outs[b].append(t)
     stories = [{"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e,
-                "logprob": lp} for o, e, lp in zip(outs, ended, logp)]
+                "logprob": naturalness(lp, biases[b].pushed if biases and biases[b] else [])}
+               for b, (o, e, lp) in enumerate(zip(outs, ended, logp))]
     return [pick_candidate(stories[i * k : (i + 1) * k], request) for i in range(num_samples)] if k > 1 else stories
 
 
+def naturalness(logprobs: list[float], pushed: list[int]) -> float:
+    """How naturally a story reads to the model without the bias: its mean log-probability per token, plus the mean
+    over the tokens the bias wrote (0 when it wrote none), so that a word forced where it does not fit counts."""
+    if not logprobs:
+        return 0.0
+    mean = sum(logprobs) / len(logprobs)
+    at = [logprobs[i] for i in pushed if i < len(logprobs)]
+    return mean + (sum(at) / len(at) if at else 0.0)
+
+
 def pick_candidate(stories: list[dict], request) -> dict:
-    """The story that meets most of the request (data/requests.requests_met); among those, the one the model finds
-    likeliest per token without the bias, i.e. where the requested words sit most naturally."""
+    """The story that meets most of the request (data/requests.requests_met); among those, the one whose "logprob"
+    (generate_texts: its `naturalness`) is highest, i.e. where the requested words sit most naturally."""
     from tinystories.data.requests import parse_rendered, requests_met
 
     def key(s: dict) -> tuple:
-        return requests_met(parse_rendered(s["text"])[1], request), s["logprob"] / max(1, s["tokens"] + s["ended"])
+        return requests_met(parse_rendered(s["text"])[1], request), s["logprob"]
 
     best = max(stories, key=key)
     return {k: v for k, v in best.items() if k != "logprob"}
