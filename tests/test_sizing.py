@@ -86,3 +86,16 @@ def test_training_rate_is_measured_once_per_machine(monkeypatch, tmp_path):
     assert again == rate and len(said) == 1  # read back: not timed again
     other = sizing.training_rate(tiny, 512, cfg, torch.float32, compile=False, log=lambda *a, **k: said.append(a))
     assert other > 0 and len(said) == 2  # another vocabulary is another measurement
+
+
+def test_a_measurement_leaves_the_global_random_state_alone(tmp_path, monkeypatch):
+    # a resumed run re-measures when the machine was busy (nothing cached); its restored random state must survive
+    import torch
+
+    from tinystories.model import calibrate
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    value = calibrate.cached_measure("test-rng", "k", lambda: float(torch.randn(4).sum()) * 0 + 1.0)
+    assert value == 1.0 and torch.equal(torch.random.get_rng_state(), before)

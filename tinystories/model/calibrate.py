@@ -54,7 +54,10 @@ def cached_measure(kind: str, key: str, measure: Callable[[], float],
     if announce:
         announce()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    value = measure()
+    # the global random state is left as it was: a run that resumes re-measures when the figure was not cached (a
+    # busy machine), and its restored random state must then be the one its dropout and data order continue from
+    with torch.random.fork_rng(devices=[]):
+        value = measure()
     cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     if cpu_share < BUSY_SHARE or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         return value
