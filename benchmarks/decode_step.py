@@ -29,7 +29,6 @@ from generate_speed import QUICKSTART_SHAPE, SEED_CONFIG, _cpu_kind, build, prom
 
 from tinystories.model.exported_step import ExportedStep  # noqa: E402
 from tinystories.model.precision import Precision, apply_precision  # noqa: E402
-from tinystories.model.transformer import KVCache  # noqa: E402
 
 SHAPES = {"quickstart": QUICKSTART_SHAPE, "23M": SEED_CONFIG}
 
@@ -38,7 +37,7 @@ def step_alone(model, prompt: list[list[int]], new: int) -> float:
     """Tokens/s of the compiled library called `new` times after the prompt, the same token each time."""
     step = model.exported_step
     with torch.inference_mode():
-        cache = KVCache.empty(model.cfg, 1, "cpu", model.tok_embeddings.weight.dtype, max_len=step.capacity)
+        cache = model.new_cache(1)
         model.decode(torch.tensor(prompt), cache)
         n = len(prompt[0])
         tok, pos = torch.tensor([[5]]), torch.tensor([n])
@@ -52,7 +51,7 @@ def one(shape: str, name: str, args) -> None:
     cfg = SHAPES[shape]
     compiled = apply_precision(build(cfg), Precision(name)).compile_decoding()
     ahead = apply_precision(build(cfg), Precision(name))
-    ahead.exported_step = ExportedStep(ahead, ahead.cfg.max_seq_len + 1, ahead.tok_embeddings.weight.dtype)
+    ahead.exported_step = ExportedStep(ahead, ahead.decoding_capacity, ahead.cache_dtype)
     prompt = prompt_for(compiled, 150, 1)
     for m in (compiled, ahead):
         time_ours(m, prompt, 8, True)  # compile and warm up

@@ -184,8 +184,6 @@ def vs_transformers(args) -> float:
 
 def breakdown(args) -> None:
     """Where a batch-1 step of the seed shape goes: the weight matrix-vector products alone, then a whole step."""
-    from tinystories.model.transformer import KVCache
-
     model = build(SEED_CONFIG)
     weights = [p for n, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in n]
     weights.append(model.output.weight)  # tied with the embedding, read once per step by the output layer
@@ -200,7 +198,7 @@ def breakdown(args) -> None:
         return (time.perf_counter() - t) / n * 1e3
 
     def step_ms(m) -> float:
-        cache = KVCache.empty(m.cfg, 1, "cpu", torch.float32, max_len=m.cfg.max_seq_len + 1)
+        cache = m.new_cache(1)
         m.decode(torch.randint(3, m.cfg.vocab_size, (1, 150)), cache)
         tok = torch.tensor([[5]])
 

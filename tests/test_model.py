@@ -123,7 +123,7 @@ def test_generate_cli_compiled_equals_eager(random_checkpoint):
 
 def _teacher_forced_logits(model, x: torch.Tensor, prefix: int) -> torch.Tensor:
     """Logits of decoding x one token at a time after a `prefix`-token prompt, through model.decode."""
-    cache = KVCache.empty(model.cfg, x.size(0), "cpu", torch.float32, max_len=model.cfg.max_seq_len + 1)
+    cache = model.new_cache(x.size(0))
     pieces = [model.decode(x[:, :prefix], cache)]
     pieces += [model.decode(x[:, t : t + 1], cache) for t in range(prefix, x.size(1))]
     return torch.cat(pieces, dim=1)
@@ -173,7 +173,6 @@ def _copy(model: Transformer) -> Transformer:
 
 def test_exported_step_matches_eager_and_is_reused(model, tmp_path, monkeypatch):
     from tinystories.model.exported_step import compile_for_decoding
-    from tinystories.model.transformer import SlotKVCache
 
     monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
     exported = _copy(model)
@@ -185,8 +184,7 @@ def test_exported_step_matches_eager_and_is_reused(model, tmp_path, monkeypatch)
             eager = _teacher_forced_logits(model, x, prefix=5)
             assert torch.allclose(_teacher_forced_logits(exported, x, prefix=5), eager, atol=1e-4)
         # the server's cache: rows at their own positions, fewer rows than slots
-        caches = [SlotKVCache.empty(model.cfg, 4, "cpu", torch.float32, max_len=model.cfg.max_seq_len + 1)
-                  for _ in range(2)]
+        caches = [m.new_cache(4, slots=True) for m in (model, exported)]
         for m, cache in zip((model, exported), caches):
             for b, n in enumerate((6, 11, 3)):
                 m.decode(torch.arange(n)[None] + b, cache.slot(b))

@@ -34,7 +34,7 @@ import torch
 
 from tinystories.data.tokenizer import TextTokenizer
 from tinystories.inference.sampling import SamplingParams, StreamDecoder, WordBias, next_tokens
-from tinystories.model.transformer import SlotKVCache, Transformer
+from tinystories.model.transformer import Transformer
 
 SHUTTING_DOWN = "the server is shutting down; retry later"
 
@@ -165,9 +165,7 @@ class EngineCore:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.timeout_s, self.queue_timeout_s = timeout_s, queue_timeout_s
         self.device = model.rope.device
-        dtype = next(model.parameters()).dtype
-        # one spare position, as in sampling.sample: the read part is then never the whole buffer
-        self.cache = SlotKVCache.empty(model.cfg, max_batch, self.device, dtype, max_len=self.context + 1)
+        self.cache = model.new_cache(max_batch, slots=True)
         self._logits = torch.zeros(max_batch, model.cfg.vocab_size, device=self.device)
         self._seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=self.device)
         self._stop_ids = frozenset(tok.stop_ids)

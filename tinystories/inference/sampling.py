@@ -21,7 +21,7 @@ from tinystories.inference.params import (  # noqa: F401 (SamplingParams and the
     add_sampling_args,
     sampling_params,
 )
-from tinystories.model.transformer import KVCache, Transformer
+from tinystories.model.transformer import Transformer
 
 
 @dataclass
@@ -218,9 +218,7 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
     keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
 
-    # one spare slot: the filled part of the cache is then never the whole buffer, a case torch.compile would
-    # specialise (and recompile) for when a story reaches the end of the context
-    cache = KVCache.empty(cfg, B, device, next(model.parameters()).dtype, max_len=ctx + 1) if use_cache else None
+    cache = model.new_cache(B) if use_cache else None
     logits = model.decode(seq, cache) if use_cache else model(seq)[0]
     logits = logits[:, -1, :]
     for _ in range(params.max_new_tokens):

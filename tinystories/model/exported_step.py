@@ -149,9 +149,7 @@ def compile_for_decoding(model: Transformer, log=None) -> str:
     cpu = model.tok_embeddings.weight.device.type == "cpu"
     if cpu and os.environ.get("TINYSTORIES_AOT", "1") != "0":
         try:
-            # the caches sample() and the engine make: one spare position past the context
-            model.exported_step = ExportedStep(model, model.cfg.max_seq_len + 1,
-                                               model.tok_embeddings.weight.dtype, log)
+            model.exported_step = ExportedStep(model, model.decoding_capacity, model.cache_dtype, log)
             return "ahead of time (AOTInductor)"
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -286,6 +286,24 @@ class Transformer(nn.Module):
             h = layer(h, rot, cache, i, mask)
         return self.output(self.norm(h))
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the keys and values decoding caches: the activations' (int8 weights run bf16 activations)."""
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def decoding_capacity(self) -> int:
+        """Positions in a decoding cache: the context plus one spare, so that the part read is never the whole
+        buffer (a case torch.compile would specialise, and recompile for, when a story reaches the context's end).
+        The compiled steps are built for this capacity."""
+        return self.cfg.max_seq_len + 1
+
+    def new_cache(self, rows: int, slots: bool = False) -> KVCache | SlotKVCache:
+        """The cache that decoding uses: a KVCache of `rows` sequences in step, or with `slots` a SlotKVCache
+        whose rows each keep their own position (the server's engine)."""
+        kind = SlotKVCache if slots else KVCache
+        return kind.empty(self.cfg, rows, self.rope.device, self.cache_dtype, max_len=self.decoding_capacity)
+
     def compile_decoding(self) -> "Transformer":
         """Route one-token decoding steps through torch.compile: inductor fuses each layer's norms, rotary,
         cache writes and SwiGLU into a few C++ kernels around the matmuls, and its C++ wrapper removes the
