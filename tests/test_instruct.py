@@ -149,6 +149,49 @@ def test_prepare_format_changes_the_cache(tmp_path, tok4k, shards):
     assert "Words: shard, word" in text and "\nStory: " in text
 
 
+def test_story_only_loss_masks_exactly_the_request_lines(tmp_path, tok4k, shards):
+    """train.loss_on=story: on a real instruct cache, the unscored tokens of every document decode to its request
+    lines (through `Story:`), the rest to its story; a window judged with its lookback agrees with the whole
+    stream, and the sampler's targets are -1 exactly there."""
+    import numpy as np
+
+    from tinystories.data.cache import TokenCache
+    from tinystories.data.requests import RequestTokens
+    from tinystories.data.tokenizer import load_tokenizer
+    from tinystories.training.batches import WindowSampler
+
+    r = run_cli("data", "prepare", "--tokenizer", tok4k, "--from", shards, "--data-dir", tmp_path,
+                "--format", "instruct", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    done = next(line for line in r.stdout.splitlines() if line.startswith(("built in", "cache hit")))
+    cache = TokenCache.open(Path(done.split(": ", 1)[1].split()[0]))
+    tok = load_tokenizer(tok4k)
+    unscored = RequestTokens(tok)
+    ids = np.asarray(cache.split("train").stream()[:], dtype=np.int64)
+    mask = unscored(ids)
+    starts = list(np.flatnonzero(ids == tok.doc_start_id)) + [len(ids)]
+    asked = 0
+    for a, b in zip(starts, starts[1:]):
+        doc, m = ids[a + 1 : b], mask[a + 1 : b]
+        assert not mask[a] and (np.diff(m.astype(int)) <= 0).all()  # the request, then the story; its start scored
+        head, story = tok.decode(doc[m].tolist()), tok.decode(doc[~m].tolist())
+        if m.any():
+            asked += 1
+            assert head.startswith(("Words: ", "Features: ", "Summary: ", "Story:")) and head.endswith("\nStory:")
+            assert story.startswith(" ") and "Story:" not in story
+        else:
+            assert "\nStory:" not in story
+    assert 0.6 < asked / (len(starts) - 1) < 0.95  # a share of the stories stays plain
+    rng = np.random.default_rng(0)
+    for o in rng.integers(1, len(ids) - 300, 50):
+        lo = max(0, o - unscored.LOOKBACK)
+        assert (unscored(ids[lo : o + 257])[o - lo :] == mask[o : o + 257]).all()
+    sampler = WindowSampler(cache, 256, 8, seed=3, rank=0, device=torch.device("cpu"), unscored=unscored)
+    plain = WindowSampler(cache, 256, 8, seed=3, rank=0, device=torch.device("cpu"))
+    (x, y), (x0, y0) = sampler.get(5, 0), plain.get(5, 0)
+    assert torch.equal(x, x0) and ((y == -1) | (y == y0)).all() and 0 < int((y == -1).sum()) < y.numel() // 2
+
+
 def test_unpacking_the_instruct_archive_resumes(tmp_path, shards):
     from tinystories.data.text import HUB_FILES, SHARDS_DIR, _unpack_shards, list_text_files
 

@@ -315,3 +315,52 @@ def ask(fmt: str, words=(), features=(), summary: str = "", where: str = "this c
                         f"words, features or a summary; train one with `tinystories quickstart --instruct` or "
                         f"--set data.format=instruct, or give only a prompt")
     return req
+
+
+class RequestTokens:
+    """Which tokens of a packed token stream are request lines: the tokens after a rendered example's start-of-story
+    token, up to and including its `Story:`. Training with train.loss_on=story gives these tokens no loss, so the
+    model is taught to write the story it is asked for, not to write requests. The start token itself stays scored:
+    predicting it is how the model learns to end the story before it.
+
+    Works on any stretch of the stream: a window that starts inside a request is told so by the LOOKBACK tokens
+    before it (a request is a few dozen tokens). Checked once against a rendered example, so a tokenizer that
+    splits the `Story:` marker differently in context is refused instead of silently masking the wrong tokens."""
+
+    LOOKBACK = 512
+
+    def __init__(self, tok):
+        import numpy as np
+
+        from tinystories.core.errors import UserError
+
+        self.start = tok.doc_start_id
+        self.marker = np.array(tok.encode("Story:"), dtype=np.int64)
+        self.heads = np.array(sorted({tok.encode(h)[0] for h in ("Words:", "Features:", "Summary:", "Story:")}))
+        head = request_lines(Request(words=("jump", "ball", "red"), features=("Dialogue",), summary="A ball."))
+        example = np.array([self.start, *tok.encode(head + "Once upon a time.")], dtype=np.int64)
+        expected = len(tok.encode(head.removesuffix(" ")))
+        if int(self(example).sum()) != expected:
+            raise UserError(f"train.loss_on=story: the tokenizer {getattr(tok, 'path', '')} does not keep `Story:` "
+                            f"as the same tokens inside a request; use train.loss_on=all")
+
+    def __call__(self, ids):
+        """A bool array as long as `ids`: True where the token belongs to a request's lines."""
+        import numpy as np
+
+        ids = np.asarray(ids, dtype=np.int64)
+        n, m = len(ids), len(self.marker)
+        idx = np.arange(n)
+        ends = np.zeros(n, dtype=bool)  # the last token of each `Story:` marker
+        if n >= m:
+            windows = np.lib.stride_tricks.sliding_window_view(ids, m)
+            ends[m - 1:] = (windows == self.marker).all(axis=1)
+        starts = ids == self.start
+        opens = starts & np.isin(np.roll(ids, -1), self.heads)  # a document that begins with a request
+        opens[-1] = False
+        last_start = np.maximum.accumulate(np.where(starts, idx, -1))
+        last_open = np.maximum.accumulate(np.where(opens, idx, -1))
+        # the last marker end strictly before each position: the marker itself still belongs to the request
+        last_end = np.maximum.accumulate(np.where(ends, idx, -1))
+        last_end = np.concatenate([[-1], last_end[:-1]])
+        return (last_start >= 0) & (last_open == last_start) & (last_end < last_start) & ~starts

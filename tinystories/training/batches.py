@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tinystories.core.config import RunConfig
 from tinystories.core.errors import UserError
 from tinystories.data.cache import TokenCache
+from tinystories.data.requests import RequestTokens
 from tinystories.data.tokenizer import TextTokenizer
 from tinystories.model.device import Dist
 
@@ -119,7 +120,10 @@ class WindowSampler:
     """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
 
     def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
-                 world: int = 1):
+                 world: int = 1, unscored: RequestTokens | None = None):
+        """`unscored(ids)`: which tokens of a stretch of the stream get no loss (their targets become -1, the
+        loss's ignore_index); data/requests.RequestTokens for train.loss_on=story."""
+        self.unscored = unscored
         split = cache.split("train")
         self.shards = [s for s in split.shards if len(s) > seq_len + 1]
         if not self.shards:
@@ -138,16 +142,23 @@ class WindowSampler:
         rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
         shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
                      else np.zeros(self.batch, int))
-        rows = []
+        rows, masks = [], []
         for si in shard_idx:
             shard = self.shards[si]
             o = int(rng.integers(0, len(shard) - self.seq_len - 1))
             rows.append(shard[o : o + self.seq_len + 1])
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+            if self.unscored is not None:  # judged with the tokens before the window, which may start mid-request
+                lo = max(0, o - self.unscored.LOOKBACK)
+                masks.append(self.unscored(shard[lo : o + self.seq_len + 1])[o - lo + 1 :])
+        buf = np.stack(rows).astype(np.int64)
+        inputs, targets = buf[:, :-1], buf[:, 1:]
+        if masks:
+            targets = np.where(np.stack(masks), -1, targets)
+        pair = torch.from_numpy(np.stack([inputs, targets]))
         if self.pin:
-            buf = buf.pin_memory()
-        buf = buf.to(self.device, non_blocking=True)
-        return buf[:, :-1], buf[:, 1:]
+            pair = pair.pin_memory()
+        pair = pair.to(self.device, non_blocking=True)
+        return pair[0], pair[1]
 
 
 def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:

@@ -150,7 +150,13 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
         log(f"resumed from {resumed_from} at step {state.step}")
     if d.main:
         save_config(cfg, ensure_writable_dir(cfg.out_dir, "run") / "config.yaml")
-    sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world)
+    unscored = None
+    if t.loss_on == "story" and cfg.data.format == "instruct":
+        from tinystories.data.requests import RequestTokens
+
+        unscored = RequestTokens(tok)
+        log("loss: on the stories only (train.loss_on=story): request lines are context, not targets")
+    sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world, unscored)
     val_stream, val_bytes = validation_subset(cache, tok, t.eval_tokens)
     run = Run(cfg=cfg, d=d, log=log, device=device, policy=policy, amp=autocast_ctx(device, policy.dtype),
               scaler=policy.make_grad_scaler(t.loss_scale_init), skips=ScalerSkips(device),
