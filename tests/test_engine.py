@@ -18,6 +18,7 @@ from tinystories.inference.engine import (
     split_at_stop,
 )
 from tinystories.inference.sampling import SamplingParams
+from tinystories.model.transformer import Transformer
 
 # ------------------------------------------------------------------------------------------------ fakes
 
@@ -55,6 +56,10 @@ class FakeModel:
     def parameters(self):
         return iter([torch.zeros(1)])
 
+    cache_dtype = torch.float32
+    decoding_capacity = Transformer.decoding_capacity
+    new_cache = Transformer.new_cache  # the engine's cache, as the real model makes it
+
     def _next(self, history: torch.Tensor) -> torch.Tensor:
         h = [int(x) for x in history]
         script = self.scripts[h[1]]
@@ -63,7 +68,7 @@ class FakeModel:
         logits[script[n] if n < len(script) else EOS] = 100.0
         return logits
 
-    def decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
         if self.fail:
             raise RuntimeError("out of memory")
         k = cache.k[0]
@@ -77,7 +82,7 @@ class FakeModel:
         start, n = cache.length, tokens.size(1)  # a prefill into one row
         k[0, 0, start : start + n, 0] = tokens[0]
         cache.length += n
-        return self._next(k[0, 0, : start + n, 0])[None, None].expand(1, n, -1)
+        return self._next(k[0, 0, : start + n, 0])[None, None].expand(1, 1 if last_only else n, -1)
 
 
 class FakeClock:
@@ -316,10 +321,11 @@ def test_batched_tokens_equal_sample_alone_on_stories260k(s260, one_thread):
             ("Tom went to the park", SamplingParams(max_new_tokens=30, temperature=0.8, seed=7)),
             ("The sun", SamplingParams(max_new_tokens=30, temperature=0.0, repetition_penalty=1.3))]
     core = EngineCore(model, tok, max_batch=3)
-    reqs = [core.submit(Request(prompt_ids(tok, p), params)) for p, params in asks[:2]]
+    # with each token's log-probability under the model alone (what best-of-N in the server chooses by)
+    reqs = [core.submit(Request(prompt_ids(tok, p), params, logprobs=[])) for p, params in asks[:2]]
     core.step()
     core.step()
-    reqs += [core.submit(Request(prompt_ids(tok, p), params)) for p, params in asks[2:]]  # join mid-batch
+    reqs += [core.submit(Request(prompt_ids(tok, p), params, logprobs=[])) for p, params in asks[2:]]  # join mid-batch
     core.step()
     assert core.running == reqs[:3] and core.describe()["queued"] == 1
     while reqs[1].finish_reason is None:
@@ -327,11 +333,13 @@ def test_batched_tokens_equal_sample_alone_on_stories260k(s260, one_thread):
     assert core.running == [reqs[0], reqs[2]]  # Tom's row moved into Lily's; the queued one joins next step
     run(core)
     for (prompt, params), r in zip(asks, reqs):
-        alone = []
-        for step in sample(model, [prompt_ids(tok, prompt)], params, tok.stop_ids):
+        alone, logprobs = [], []
+        for step in sample(model, [prompt_ids(tok, prompt)], params, tok.stop_ids, logprobs=True):
+            logprobs.append(float(step.logprobs[0]))
             if int(step.tokens[0]) in tok.stop_ids:
                 break
             alone.append(int(step.tokens[0]))
         assert r.token_ids == alone, prompt
+        assert r.logprobs == pytest.approx(logprobs, abs=1e-4), prompt
         assert r.text == decode_continuation(tok, r.ids, r.token_ids)
         assert r.finish_reason == ("length" if len(alone) == params.max_new_tokens else "stop")

@@ -37,6 +37,7 @@ PLAIN_SHARE = 0.2  # stories rendered without any request
 WORD_BIAS = 6.0  # decoding's default logit bonus for requested words not yet used (inference/sampling.WordBias)
 BIAS_RANK = 200  # ... given only where the model ranks the word's first token among its 200 likeliest
 CANDIDATES = 8  # `generate` with a request: the best of this many stories drawn together (sampling.pick_candidate)
+AFTER_PUSH = 0  # ... judged by how likely the model finds each pushed word and this many tokens after it
 KEEP = {"words": 0.9, "features": 0.8, "summary": 0.5}  # the chance each part is kept in a rendered request
 QUOTES = re.compile(r'["\u201c\u201d]')
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
@@ -324,7 +325,8 @@ class RequestTokens:
     predicting it is how the model learns to end the story before it.
 
     Works on any stretch of the stream: a window that starts inside a request is told so by the LOOKBACK tokens
-    before it (a request is a few dozen tokens). Checked once against a rendered example, so a tokenizer that
+    before it (a request is a few dozen tokens), and its last tokens by the `lookahead` after it (a request's first
+    line is told by its whole head, `Words:`). Checked once against a rendered example, so a tokenizer that
     splits the `Story:` marker differently in context is refused instead of silently masking the wrong tokens."""
 
     LOOKBACK = 512
@@ -336,7 +338,8 @@ class RequestTokens:
 
         self.start = tok.doc_start_id
         self.marker = np.array(tok.encode("Story:"), dtype=np.int64)
-        self.heads = np.array(sorted({tok.encode(h)[0] for h in ("Words:", "Features:", "Summary:", "Story:")}))
+        self.heads = [np.array(tok.encode(h), dtype=np.int64) for h in ("Words:", "Features:", "Summary:", "Story:")]
+        self.lookahead = max(len(h) for h in self.heads)
         head = request_lines(Request(words=("jump", "ball", "red"), features=("Dialogue",), summary="A ball."))
         example = np.array([self.start, *tok.encode(head + "Once upon a time.")], dtype=np.int64)
         expected = len(tok.encode(head.removesuffix(" ")))
@@ -349,18 +352,28 @@ class RequestTokens:
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int64)
-        n, m = len(ids), len(self.marker)
-        idx = np.arange(n)
+        n, idx = len(ids), np.arange(len(ids))
         ends = np.zeros(n, dtype=bool)  # the last token of each `Story:` marker
-        if n >= m:
-            windows = np.lib.stride_tricks.sliding_window_view(ids, m)
-            ends[m - 1:] = (windows == self.marker).all(axis=1)
+        hit = _occurs(ids, self.marker)
+        ends[len(self.marker) - 1 :] = hit
         starts = ids == self.start
-        opens = starts & np.isin(np.roll(ids, -1), self.heads)  # a document that begins with a request
-        opens[-1] = False
+        opens = np.zeros(n, dtype=bool)  # a document that begins with a request line
+        for head in self.heads:
+            k = n - len(head)  # the start tokens with a whole head after them in `ids`
+            if k > 0:
+                opens[:k] |= starts[:k] & _occurs(ids[1:], head)
         last_start = np.maximum.accumulate(np.where(starts, idx, -1))
         last_open = np.maximum.accumulate(np.where(opens, idx, -1))
         # the last marker end strictly before each position: the marker itself still belongs to the request
         last_end = np.maximum.accumulate(np.where(ends, idx, -1))
         last_end = np.concatenate([[-1], last_end[:-1]])
         return (last_start >= 0) & (last_open == last_start) & (last_end < last_start) & ~starts
+
+
+def _occurs(ids, seq):
+    """Bool array over the positions where `seq` can start in `ids` (len(ids) - len(seq) + 1 of them, or none)."""
+    import numpy as np
+
+    if len(ids) < len(seq):
+        return np.zeros(0, dtype=bool)
+    return (np.lib.stride_tricks.sliding_window_view(ids, len(seq)) == seq).all(axis=1)

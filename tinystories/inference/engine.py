@@ -112,6 +112,10 @@ class Request:
     stop_strings: StopStrings = field(default_factory=lambda: StopStrings([]), repr=False)
     top: tuple[list[int], list[float]] | None = field(default=None, repr=False)
     bias: WordBias | None = field(default=None, repr=False)  # steers the story toward requested words
+    # when a list: each token's log-probability under the model alone (before bias, penalty and temperature), as
+    # sampling.sample(logprobs=True) gives them; the best of several candidates is chosen by them
+    logprobs: list[float] | None = field(default=None, repr=False)
+    _logprob: float = field(default=0.0, repr=False)  # the last sampled token's, until _accept takes it
 
     @property
     def prompt_tokens(self) -> int:
@@ -359,7 +363,7 @@ class EngineCore:
             self._rows.append(req)
             self._lengths.append(len(req.ids))
         ids = torch.tensor([req.ids], dtype=torch.long, device=self.device)
-        self._logits[b] = self.model.decode(ids, self.cache.slot(b))[0, -1].float()
+        self._logits[b] = self.model.decode(ids, self.cache.slot(b), last_only=True)[0, -1].float()
         if req.params.repetition_penalty != 1.0:
             self._seen[b].zero_()
             self._seen[b, ids[0]] = True
@@ -400,12 +404,18 @@ class EngineCore:
             if top_ids is not None:
                 for k, b in enumerate(rows):
                     self._rows[b].top = (top_ids[k].tolist(), top_probs[k].tolist())
+            if any(self._rows[b].logprobs is not None for b in rows):
+                lp = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0].tolist()
+                for k, b in enumerate(rows):
+                    self._rows[b]._logprob = lp[k]
         return tokens
 
     def _accept(self, req: Request, t: int, now: float, out: list[Event]) -> bool:
         """Give a request its new token t: events, stop strings, limits. False when the request is finished."""
         if req.first_token_at is None:
             req.first_token_at = now
+        if req.logprobs is not None:
+            req.logprobs.append(req._logprob)
         if t in self._stop_ids:
             self._finish(req, "stop", out)
             return False

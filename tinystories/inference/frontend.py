@@ -93,11 +93,13 @@ class Engine:
         self._thread.start()
 
     def submit(self, ids: list[int], params: SamplingParams, top_alternatives: int = 0,
-               stop: list[str] | None = None, bias=None) -> Job:
+               stop: list[str] | None = None, bias=None, logprobs: bool = False) -> Job:
         """Queue a request (call it on the event loop). QueueFull when the queue is full and every row busy.
-        `bias`: a sampling.WordBias steering this request toward requested words."""
+        `bias`: a sampling.WordBias steering this request toward requested words; `logprobs`: record each token's
+        log-probability under the model alone (job.logprobs)."""
         job = Job(ids, params, top_alternatives, list(stop or []))
         job.bias = bias
+        job.logprobs = [] if logprobs else None
         job._engine = self
         with self._wake:
             self.core.submit(job)

@@ -28,7 +28,7 @@ def openai_router(api: Api) -> APIRouter:
         """OpenAI-compatible text completion (`choices[0].text`, `usage`, streaming `data:` chunks and
         `data: [DONE]`). `model` is only a label."""
         prompt, stops = _prompt_and_stops(req)
-        prompt, bias = api.ask(req, prompt)
+        prompt, _, (bias,) = api.ask(req, prompt)
         ids, max_new = api.prepare(prompt, req.max_tokens or 16, "max_tokens")
         params = SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                                 top_k=None, top_p=req.top_p, repetition_penalty=1.0, seed=req.seed)

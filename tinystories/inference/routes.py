@@ -34,9 +34,10 @@ class Api:
     def __init__(self, engine: Engine, info: dict):
         self.engine, self.info, self.name = engine, info, info["name"]
 
-    def ask(self, req, prompt: str):
-        """(the prompt with the request's lines in front, a WordBias or None) for a body's words, features and
-        summary; a 400 when this model was not trained on requests or a feature is unknown."""
+    def ask(self, req, prompt: str, candidates: int = 1):
+        """(the prompt with the request's lines in front, the data/requests.Request or None, a WordBias or None for
+        each of `candidates` stories) for a body's words, features and summary; a 400 when this model was not
+        trained on requests or a feature is unknown."""
         from tinystories.core.errors import UserError
         from tinystories.data.requests import ask, request_lines
         from tinystories.inference.sampling import request_bias
@@ -47,8 +48,9 @@ class Api:
         except UserError as e:
             raise invalid("words" if "word" in str(e) else "features", str(e)) from None
         if asked is None:
-            return prompt, None
-        return request_lines(asked) + prompt, request_bias(self.engine.tok, asked, req.word_bias)
+            return prompt, None, [None] * candidates
+        biases = [request_bias(self.engine.tok, asked, req.word_bias, candidates) for _ in range(candidates)]
+        return request_lines(asked) + prompt, asked, biases
 
     def prepare(self, prompt: str, max_new_tokens: int, field_name: str) -> tuple[list[int], int]:
         ctx = self.engine.context
@@ -61,12 +63,13 @@ class Api:
                           max_new_tokens)
         return ids, min(max_new_tokens, ctx - len(ids))  # prompt + output fit in the context
 
-    async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool, bias=None):
+    async def start(self, request, ids, params, top_alternatives: int, stop: list[str], openai: bool, bias=None,
+                    logprobs: bool = False):
         """(job, None) once the request has a row in the batch, else (None, the error response): 429 when the
         queue is full, 503 when it waited past --queue-timeout or the server is shutting down; a client that
         leaves while queued is dropped."""
         try:
-            job = self.engine.submit(ids, params, top_alternatives, stop, bias)
+            job = self.engine.submit(ids, params, top_alternatives, stop, bias, logprobs)
         except QueueFull as e:
             return None, error(429, f"{e}; retry in {RETRY_AFTER_S}s", openai, "rate_limit_error", "busy")
         except EngineClosed as e:
@@ -145,11 +148,18 @@ def native_router(api: Api) -> APIRouter:
         """Continue `prompt`. JSON by default; with `stream`, server-sent events:
         `event: token` (text piece, token id, alternatives when asked) ... then `event: done`
         (finish_reason, token counts, timing)."""
-        prompt, bias = api.ask(req, req.prompt)
+        if req.candidates > 1 and req.stream:
+            raise invalid("candidates", "candidates > 1 needs stream: false (the best story is known only once "
+                          "every candidate has ended)", req.candidates)
+        prompt, asked, biases = api.ask(req, req.prompt, req.candidates)
         ids, max_new = api.prepare(prompt, req.max_new_tokens, "max_new_tokens")
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k or None,
                                 top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed)
-        job, refused = await api.start(request, ids, params, req.top_alternatives, req.stop, openai=False, bias=bias)
+        if asked is not None and req.candidates > 1:
+            job, refused = await best_of(api, request, ids, params, req, prompt, asked, biases)
+        else:
+            job, refused = await api.start(request, ids, params, req.top_alternatives, req.stop, openai=False,
+                                           bias=biases[0])
         if refused:
             return refused
         if not req.stream:
@@ -157,7 +167,7 @@ def native_router(api: Api) -> APIRouter:
             if job.error:
                 return JSONResponse({"detail": f"generation failed: {job.error}"}, status_code=500)
             return {"text": job.text, "prompt": prompt, "tokens": len(job.token_ids),
-                    "token_ids": job.token_ids, **api.final(job)}
+                    "token_ids": job.token_ids, **api.final(job), "candidates": len(biases) if asked else 1}
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -172,3 +182,29 @@ def native_router(api: Api) -> APIRouter:
         return event_stream(events())
 
     return router
+
+
+async def best_of(api: Api, request, ids, params, req, prompt: str, asked, biases) -> tuple:
+    """(the finished job of the best of len(biases) stories, None), as `generate --candidates` chooses
+    (sampling.pick_candidate), or (None, the refusal). Candidate i is seeded seed + i; they share the batch."""
+    from dataclasses import replace
+
+    from tinystories.inference.sampling import naturalness, pick_candidate
+
+    jobs = []
+    for i, bias in enumerate(biases):
+        seeded = replace(params, seed=None if params.seed is None else params.seed + i)
+        job, refused = await api.start(request, ids, seeded, req.top_alternatives, req.stop, openai=False,
+                                       bias=bias, logprobs=True)
+        if refused:
+            for other in jobs:
+                other.cancel()
+            return None, refused
+        jobs.append(job)
+    await asyncio.gather(*(api.result(request, job) for job in jobs))
+    failed = [job for job in jobs if job.error]
+    if failed:
+        return failed[0], None
+    stories = [{"text": prompt + job.text, "job": job,
+                "logprob": naturalness(job.logprobs, bias.pushed if bias else [])} for job, bias in zip(jobs, biases)]
+    return pick_candidate(stories, asked)["job"], None

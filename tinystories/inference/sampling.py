@@ -200,11 +200,9 @@ def sample(
 ) -> Iterator[Step]:
     """Up to params.max_new_tokens tokens after each prompt (all the same length); `biases`: a WordBias (or None)
     per row; `logprobs`: Steps carry the tokens' log-probabilities before bias, penalty and temperature."""
-    cfg = model.cfg
-    device = model.rope.device
+    cfg, device, ctx = model.cfg, model.rope.device, model.cfg.max_seq_len
     if len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise ValueError("prompts must be non-empty and of equal length")
-    ctx = cfg.max_seq_len
     seq = torch.tensor(prompts, dtype=torch.long, device=device)
     if seq.size(1) > ctx:
         raise UserError(f"the prompt is {seq.size(1)} tokens, longer than the model's context of {ctx} tokens")
@@ -218,8 +216,10 @@ def sample(
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
     keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
 
+    n = seq.size(1)
+    ids = torch.cat([seq, seq.new_empty(B, params.max_new_tokens)], dim=1)  # every token so far
     cache = model.new_cache(B) if use_cache else None
-    logits = model.decode(seq, cache) if use_cache else model(seq)[0]
+    logits = model.decode(seq, cache, last_only=True) if use_cache else model(seq, last_only=True)[0]
     logits = logits[:, -1, :]
     for _ in range(params.max_new_tokens):
         if should_stop is not None and should_stop():
@@ -227,19 +227,22 @@ def sample(
         nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives, biases)
         push_biases(biases, nxt)
         lp = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0] if logprobs else None
-        yield Step(nxt, finished.clone(), top_ids, top_probs, lp)
-        if stop is not None:
+        if stop is None:  # no row can finish: every step shares the one all-False `finished`
+            yield Step(nxt, finished, top_ids, top_probs, lp)
+        else:
+            yield Step(nxt, finished.clone(), top_ids, top_probs, lp)
             finished |= torch.isin(nxt, stop)
-        if bool(finished.all()):
-            return
+            if bool(finished.all()):
+                return
         if params.repetition_penalty != 1.0:
             seen.scatter_(1, nxt[:, None], True)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        ids[:, n] = nxt
+        n += 1
         if not use_cache:
-            logits, _ = model(seq[:, -ctx:])
+            logits, _ = model(ids[:, max(0, n - ctx) : n], last_only=True)
         elif cache.length + 1 > ctx:  # slide: rebuild the cache from the last `keep` tokens
             cache.length = 0
-            logits = model.decode(seq[:, -keep:], cache)
+            logits = model.decode(ids[:, n - keep : n], cache, last_only=True)
         else:
             logits = model.decode(nxt[:, None], cache)
         logits = logits[:, -1, :]
@@ -331,11 +334,15 @@ def generate_texts(
 
 def naturalness(logprobs: list[float], pushed: list[int]) -> float:
     """How naturally a story reads to the model without the bias: its mean log-probability per token, plus the mean
-    over the tokens the bias wrote (0 when it wrote none), so that a word forced where it does not fit counts."""
+    over the tokens the bias wrote and the data/requests.AFTER_PUSH tokens after each (0 when it wrote none), so
+    that a word forced where it does not fit, and the text that has to follow it, count."""
+    from tinystories.data import requests
+
     if not logprobs:
         return 0.0
     mean = sum(logprobs) / len(logprobs)
-    at = [logprobs[i] for i in pushed if i < len(logprobs)]
+    near = sorted({j for i in pushed for j in range(i, i + requests.AFTER_PUSH + 1) if j < len(logprobs)})
+    at = [logprobs[j] for j in near]
     return mean + (sum(at) / len(at) if at else 0.0)
 
 

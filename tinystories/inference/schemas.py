@@ -7,12 +7,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-from tinystories.data.requests import WORD_BIAS
+from tinystories.data.requests import CANDIDATES, WORD_BIAS
 from tinystories.inference.params import SamplingParams
 
 MAX_PROMPT_CHARS = 32_000
 MAX_ALTERNATIVES = 5
 MAX_STOPS = 4
+MAX_CANDIDATES = 16
 MAX_STOP_CHARS = 500  # each stop string: the hold-back scans it at every token
 
 _DEFAULT = SamplingParams()  # the sampling defaults of every command
@@ -58,6 +59,10 @@ class GenerateRequest(BaseModel):
     summary: Text = Field("", max_length=1000, description="what the story should be about, in a sentence")
     word_bias: float = Field(WORD_BIAS, allow_inf_nan=False, ge=0.0, le=20.0,
                              description="logit bonus for requested words not yet in the story (0 = off)")
+    candidates: int = Field(1, ge=1, le=MAX_CANDIDATES,
+                            description="with words or features, and without stream: draw this many stories and "
+                                        "answer the one that meets most of the request and reads most naturally "
+                                        f"(`generate` draws {CANDIDATES})")
 
 
 class CompletionRequest(BaseModel):

@@ -121,6 +121,7 @@ class ExportedStep:
         self.capacity = capacity
         self.path = path
         self._span = torch.empty(capacity)
+        self._positions = torch.arange(capacity)  # a batch-1 step's position: a slice, no new tensor
 
     def fits(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache) -> bool:
         """Whether this call is a one-token step the exported sizes cover."""
@@ -135,7 +136,8 @@ class ExportedStep:
         if isinstance(cache, SlotKVCache):
             return self.runner(tokens, cache.positions.contiguous(), self._span[: cache.span], cache.k, cache.v)
         n = cache.length
-        logits = self.runner(tokens, torch.full((tokens.size(0),), n), self._span[: n + 1], cache.k, cache.v)
+        positions = self._positions[n : n + 1] if tokens.size(0) == 1 else torch.full((tokens.size(0),), n)
+        logits = self.runner(tokens, positions, self._span[: n + 1], cache.k, cache.v)
         cache.length += 1
         return logits
 

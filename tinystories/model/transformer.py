@@ -250,9 +250,11 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
+        last_only: bool = False,
     ):
         """Return (logits, loss). With targets, logits are for every position and loss is the mean (or the
-        per-token losses with reduction='none'); with a cache, tokens continue the cached sequence."""
+        per-token losses with reduction='none'); with a cache, tokens continue the cached sequence; `last_only`:
+        logits (B, 1, V) of the last position alone (a prompt's, whose other positions nobody reads)."""
         if isinstance(cache, SlotKVCache):
             return self._slot_step(tokens, cache), None
         B, T = tokens.shape
@@ -263,7 +265,7 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, cache, i)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only and targets is None else h)
         if cache is not None:
             cache.length += T
         if targets is None:
@@ -320,9 +322,10 @@ class Transformer(nn.Module):
         """compile_decoding() was called and has not fallen back to eager, or a step compiled ahead of time is set."""
         return self._compiled_step is not None or self.exported_step is not None
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for `tokens` continuing the sequence held in `cache` (which advances by T); with a
-        SlotKVCache, one token per row at the rows' own positions (the caller advances them)."""
+        SlotKVCache, one token per row at the rows' own positions (the caller advances them). `last_only`: (B, 1, V),
+        the last position's alone: a prompt costs its output layer once, not once per token."""
         if self.exported_step is not None and self.exported_step.fits(tokens, cache):
             return self.exported_step(tokens, cache)
         if self._compiled_step is not None and tokens.size(1) == 1 and (isinstance(cache, SlotKVCache)
@@ -339,7 +342,7 @@ class Transformer(nn.Module):
             else:
                 self._compiled_step_ran = True
                 return logits
-        return self(tokens, cache=cache)[0]
+        return self(tokens, cache=cache, last_only=last_only)[0]
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (6N plus attention), as in the PaLM paper's MFU accounting."""

@@ -147,9 +147,9 @@ class WindowSampler:
             shard = self.shards[si]
             o = int(rng.integers(0, len(shard) - self.seq_len - 1))
             rows.append(shard[o : o + self.seq_len + 1])
-            if self.unscored is not None:  # judged with the tokens before the window, which may start mid-request
-                lo = max(0, o - self.unscored.LOOKBACK)
-                masks.append(self.unscored(shard[lo : o + self.seq_len + 1])[o - lo + 1 :])
+            if self.unscored is not None:  # judged with tokens around the window, which may start mid-request
+                lo, end = max(0, o - self.unscored.LOOKBACK), o + self.seq_len + 1
+                masks.append(self.unscored(shard[lo : end + self.unscored.lookahead])[o - lo + 1 : end - lo])
         buf = np.stack(rows).astype(np.int64)
         inputs, targets = buf[:, :-1], buf[:, 1:]
         if masks:
