@@ -192,6 +192,26 @@ def test_story_only_loss_masks_exactly_the_request_lines(tmp_path, tok4k, shards
     assert torch.equal(x, x0) and ((y == -1) | (y == y0)).all() and 0 < int((y == -1).sum()) < y.numel() // 2
 
 
+def test_instruct_training_scores_the_stories_only_by_default(tmp_path, tok4k, shards):
+    from conftest import REPO
+
+    def train(*extra):
+        out = tmp_path / f"run{len(extra)}"
+        sets = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=128", "train.batch_size=4",
+                "train.max_steps=3", "train.max_minutes=null", "train.eval_interval=3", "train.eval_tokens=512",
+                "train.compile=false", "train.dtype=float32", "train.sample_tokens=4", "data.format=instruct",
+                f"tokenizer.path={tok4k}", f"data.data_dir={tmp_path / 'data'}", *extra]
+        r = run_cli("train", "--config", REPO / "configs" / "cpu.yaml", "--out", out, "--data", shards,
+                    *[a for s in sets for a in ("--set", s)], timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout + r.stderr, (out / "config.yaml").read_text()
+
+    log, config = train()
+    assert "loss: on the stories only" in log and "loss_on: story" in config
+    log, config = train("train.loss_on=all")
+    assert "loss: on the stories only" not in log and "loss_on: all" in config
+
+
 def test_unpacking_the_instruct_archive_resumes(tmp_path, shards):
     from tinystories.data.text import HUB_FILES, SHARDS_DIR, _unpack_shards, list_text_files
 
@@ -447,6 +467,23 @@ def test_pick_candidate_prefers_what_was_asked_then_likelihood():
     assert naturalness([-1.0, -1.0, -1.0, -1.0], []) == -1.0
     assert naturalness([-1.0, -1.0, -5.0, -1.0], [2]) == -2.0 - 5.0
     assert naturalness([-1.0] * 20, []) == naturalness([-1.0] * 5, [])
+
+
+def test_the_choice_weighs_where_the_bias_wrote_even_once_it_is_done(checkpoints, monkeypatch):
+    """A WordBias with every word written is falsy (nothing left to push) but still knows where it wrote: the
+    choice among candidates must see those positions."""
+    from tinystories.data.requests import Request
+    from tinystories.inference import sampling
+    from tinystories.model.checkpoint import load_model
+
+    model, ck = load_model(checkpoints["instruct"], "cpu")
+    seen = []
+    real = sampling.naturalness
+    monkeypatch.setattr(sampling, "naturalness", lambda lp, pushed: seen.append(list(pushed)) or real(lp, pushed))
+    req = Request(words=("the",))
+    sampling.generate_texts(model, ck.tokenizer, "Words: the\nStory: ", sampling.SamplingParams(max_new_tokens=40,
+                            seed=0), 1, req, 20.0, candidates=2)
+    assert len(seen) == 2 and any(seen), seen
 
 
 def test_naturalness_weighs_the_tokens_after_a_pushed_word(monkeypatch):

@@ -140,8 +140,9 @@ class TrainConfig(_Strict):
     muon_momentum_warmup: int = 300
     muon_weight_decay: float = 0.0
     zero_init_residual: bool = False  # start wo and w2 at zero (each block starts as the identity)
-    # data.format=instruct: the loss on every token, or on the stories only (request lines are context)
-    loss_on: Literal["all", "story"] = "all"
+    # data.format=instruct: the loss on the stories only (request lines are context, data/requests.RequestTokens),
+    # or on every token; measured in docs/instruct.md
+    loss_on: Literal["story", "all"] = "story"
     lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # decay after warmup; wsd: constant, then linear
     cooldown_frac: float = 0.2  # wsd: the share of the run spent decaying to min_lr
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

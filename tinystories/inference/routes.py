@@ -206,5 +206,6 @@ async def best_of(api: Api, request, ids, params, req, prompt: str, asked, biase
     if failed:
         return failed[0], None
     stories = [{"text": prompt + job.text, "job": job,
-                "logprob": naturalness(job.logprobs, bias.pushed if bias else [])} for job, bias in zip(jobs, biases)]
+                "logprob": naturalness(job.logprobs, bias.pushed if bias is not None else [])}
+               for job, bias in zip(jobs, biases)]
     return pick_candidate(stories, asked)["job"], None

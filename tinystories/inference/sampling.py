@@ -327,7 +327,7 @@ def generate_texts(
             else:
                 outs[b].append(t)
     stories = [{"prompt": prompt, "text": prompt + decode_continuation(tok, ids, o), "tokens": len(o), "ended": e,
-                "logprob": naturalness(lp, biases[b].pushed if biases and biases[b] else [])}
+                "logprob": naturalness(lp, biases[b].pushed if biases and biases[b] is not None else [])}
                for b, (o, e, lp) in enumerate(zip(outs, ended, logp))]
     return [pick_candidate(stories[i * k : (i + 1) * k], request) for i in range(num_samples)] if k > 1 else stories
 
@@ -335,12 +335,15 @@ def generate_texts(
 def naturalness(logprobs: list[float], pushed: list[int]) -> float:
     """How naturally a story reads to the model without the bias: its mean log-probability per token, plus the mean
     over the tokens the bias wrote and the data/requests.AFTER_PUSH tokens after each (0 when it wrote none), so
-    that a word forced where it does not fit, and the text that has to follow it, count."""
+    that a word forced where it does not fit, and the text that has to follow it, count (AFTER_PUSH < 0: the mean
+    alone, for comparison)."""
     from tinystories.data import requests
 
     if not logprobs:
         return 0.0
     mean = sum(logprobs) / len(logprobs)
+    if requests.AFTER_PUSH < 0:
+        return mean
     near = sorted({j for i in pushed for j in range(i, i + requests.AFTER_PUSH + 1) if j < len(logprobs)})
     at = [logprobs[j] for j in near]
     return mean + (sum(at) / len(at) if at else 0.0)
