@@ -465,7 +465,7 @@ def test_pick_candidate_prefers_what_was_asked_then_likelihood():
     assert best["text"] == all_asked_likelier["text"] and "logprob" not in best
     # per token, and the tokens the bias wrote count once more: a forced word that did not fit costs
     assert naturalness([-1.0, -1.0, -1.0, -1.0], []) == -1.0
-    assert naturalness([-1.0, -1.0, -5.0, -1.0], [2]) == -2.0 - 5.0
+    assert naturalness([-1.0, -1.0, -5.0, -1.0], [2]) < naturalness([-1.0, -1.0, -5.0, -1.0], [])
     assert naturalness([-1.0] * 20, []) == naturalness([-1.0] * 5, [])
 
 
@@ -493,6 +493,8 @@ def test_naturalness_weighs_the_tokens_after_a_pushed_word(monkeypatch):
     lp = [-1.0, -1.0, -5.0, -3.0, -1.0, -1.0]  # a word pushed at 2 that the next token struggles to follow
     monkeypatch.setattr(requests, "AFTER_PUSH", 0)
     assert naturalness(lp, [2]) == -2.0 - 5.0
+    monkeypatch.setattr(requests, "AFTER_PUSH", -1)  # the mean alone
+    assert naturalness(lp, [2]) == -2.0
     monkeypatch.setattr(requests, "AFTER_PUSH", 2)
     assert naturalness(lp, [2]) == -2.0 - 3.0
     assert naturalness(lp, [2, 3]) == -2.0 - 2.5  # overlapping stretches count each token once
