@@ -153,9 +153,13 @@ def points(run: Path) -> list[dict]:
 
 
 def speed_class(sets: dict[str, str]) -> tuple:
-    """The overrides that change the time of a step (shape, batch, optimizer); lr, schedule, init and seed don't."""
-    return tuple(sorted((k, v) for k, v in sets.items() if k.startswith("model.") or k in (
-        "train.batch_size", "train.optimizer", "train.dtype", "train.compile", "tokenizer.vocab_size")))
+    """The overrides that change the time of a step (shape, batch, optimizer; dropout on or off, not its rate);
+    lr, schedule, init and seed don't."""
+    timed = {k: v for k, v in sets.items() if k.startswith("model.") or k in (
+        "train.batch_size", "train.optimizer", "train.dtype", "train.compile", "tokenizer.vocab_size")}
+    if "model.dropout" in timed:
+        timed["model.dropout"] = str(float(timed["model.dropout"]) > 0)
+    return tuple(sorted(timed.items()))
 
 
 def calibrate(name: str, sets: dict[str, str], a, data_dir: Path) -> tuple[float, int]:
