@@ -7,6 +7,7 @@ own API, POST /v1/generate (the OpenAI one is in inference/openai_api.py).
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -201,7 +202,9 @@ async def best_of(api: Api, request, ids, params, req, prompt: str, asked, biase
                 other.cancel()
             return None, refused
         jobs.append(job)
-    await asyncio.gather(*(api.result(request, job) for job in jobs))
+    # one watcher for the client's disconnect (the ASGI receive channel has one reader), cancelling every candidate
+    group = SimpleNamespace(cancel=lambda: [job.cancel() for job in jobs])
+    await unless_disconnected(request, group, asyncio.gather(*(job.result() for job in jobs)))
     failed = [job for job in jobs if job.error]
     if failed:
         return failed[0], None
