@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tinystories.data.tokenizer import TextTokenizer
-from tinystories.inference.sampling import SamplingParams, StreamDecoder, WordBias, next_tokens
+from tinystories.inference.sampling import SamplingParams, StreamDecoder, WordBias, next_tokens, token_logprobs
 from tinystories.model.transformer import Transformer
 
 SHUTTING_DOWN = "the server is shutting down; retry later"
@@ -405,7 +405,7 @@ class EngineCore:
                 for k, b in enumerate(rows):
                     self._rows[b].top = (top_ids[k].tolist(), top_probs[k].tolist())
             if any(self._rows[b].logprobs is not None for b in rows):
-                lp = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0].tolist()
+                lp = token_logprobs(logits, nxt).tolist()
                 for k, b in enumerate(rows):
                     self._rows[b]._logprob = lp[k]
         return tokens

@@ -151,6 +151,11 @@ def push_biases(biases: list[WordBias | None] | None, tokens: torch.Tensor) -> N
             wb.push(int(tokens[b]))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) log-probability of each row's token under its logits (B, V): the model alone, before any bias."""
+    return torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None])[:, 0]
+
+
 def next_tokens(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -226,7 +231,7 @@ def sample(
             return
         nxt, top_ids, top_probs = next_tokens(logits, params, gen, seen, top_alternatives, biases)
         push_biases(biases, nxt)
-        lp = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0] if logprobs else None
+        lp = token_logprobs(logits, nxt) if logprobs else None
         if stop is None:  # no row can finish: every step shares the one all-False `finished`
             yield Step(nxt, finished, top_ids, top_probs, lp)
         else:

@@ -42,6 +42,7 @@ from tinystories.core.config import RunConfig, save_config
 from tinystories.core.errors import UserError
 from tinystories.core.fmt import fmt_clock, fmt_count
 from tinystories.core.runs import checkpoints_dir
+from tinystories.data.requests import RequestTokens
 from tinystories.data.tokenizer import TextTokenizer
 from tinystories.model.checkpoint import (
     check_compatible,
@@ -152,8 +153,6 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
         save_config(cfg, ensure_writable_dir(cfg.out_dir, "run") / "config.yaml")
     unscored = None
     if t.loss_on == "story" and cfg.data.format == "instruct":
-        from tinystories.data.requests import RequestTokens
-
         unscored = RequestTokens(tok)
         log("loss: on the stories only (train.loss_on=story): request lines are context, not targets")
     sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world, unscored)
