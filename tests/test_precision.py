@@ -106,3 +106,45 @@ def test_generate_compiled_step_in_each_precision(s260, name):
     assert f"precision {name} (--dtype)" in r.stderr
     assert "compiled in" in r.stderr and "warning" not in r.stderr  # the one-token step ran compiled
     assert r.stdout.startswith("Once upon a time") and len(r.stdout.split()) > 10
+
+
+def test_int8_eager_products_run_the_int8_kernel(s260):
+    """Eager int8 products (a prompt, an uncompiled step) run torch's int8 kernel (precision.Int8Linear), not
+    torchao's eager path, a bf16 matmul slow without native bf16; both give the same logits up to bf16 rounding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinystories.model.precision import Int8Linear, Precision
+
+    model, ck = _load(s260)
+    apply_precision(model, Precision("int8"))
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    # q, k, v, o, w1, w3 of each layer and the head; w2 (input size 172) keeps bf16 weights
+    assert len(layers) == 6 * model.cfg.n_layers + 1 and model.cfg.ffn_dim == 172
+    assert all(type(b.feed_forward.w2) is torch.nn.Linear for b in model.layers)
+    ids = torch.tensor([ck.tokenizer.encode(VALID_HEAD.read_text(encoding="utf-8")[:600])])
+
+    def run(bf16_matmul_rows):
+        for m in layers:
+            m.bf16_matmul_rows = bf16_matmul_rows
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            prompt = model.decode(ids, model.new_cache(1))
+        ops = {e.key: e.count for e in prof.key_averages()}
+        return prompt.float(), ops
+
+    kernel, kernel_ops = run(None)  # a CPU without native bf16: the int8 kernel for every product
+    torchao, torchao_ops = run(1)  # torchao's bf16 matmul from one row on
+    n = model.cfg.n_layers  # the bf16 w2 layers: a bf16 matmul either way
+    assert kernel_ops.get("aten::_weight_int8pack_mm") == len(layers) and kernel_ops.get("aten::mm") == n
+    assert "aten::_weight_int8pack_mm" not in torchao_ops and torchao_ops.get("aten::mm") == len(layers) + n
+    assert ids.size(1) > 100 and kernel.shape == torchao.shape
+    assert (kernel - torchao).abs().max() < 0.05 * torchao.abs().max(), (kernel - torchao).abs().max()
+    assert (kernel.argmax(-1) == torchao.argmax(-1)).float().mean() > 0.95
+
+
+def test_int8_compiled_step_serves_several_rows_of_odd_sizes(s260):
+    """stories260K's FFN input size (172) is not a multiple of 16: torch's int8 kernel crashed the process on two
+    or more rows of it (a batch of samples, or the server's batched step), so that layer keeps bf16 weights."""
+    r = run_cli("generate", "--checkpoint", s260, "--prompt", "Once upon a time", "--temperature", "0.8",
+                "--max-new-tokens", "20", "--dtype", "int8", "--compile", "--num-samples", "4")
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.count("Once upon a time") == 4, r.stdout

@@ -10,7 +10,16 @@ import torch
 
 import tinystories.training.sizing as sizing
 from tinystories.core.config import CONFIG_DIR, load_config
-from tinystories.training.sizing import CPU_SHAPES, FRESH_PASSES, OVERHEAD_SHARE, auto_config, choose_cpu_shape
+from tinystories.training.sizing import (
+    CPU_SHAPES,
+    FRESH_PASSES,
+    MANY_PASSES_DROPOUT,
+    MANY_PASSES_MUON_WD,
+    OVERHEAD_SHARE,
+    Regularisation,
+    auto_config,
+    choose_cpu_shape,
+)
 
 SMALL, LARGE = CPU_SHAPES[0], CPU_SHAPES[-1]
 
@@ -27,26 +36,28 @@ def bought(tokens_per_s: float, minutes: float) -> float:
 def test_a_slow_cpu_gets_the_small_shape_and_a_fast_one_the_larger():
     assert LARGE.min_tokens > 0 and SMALL.min_tokens == 0
     edge = LARGE.min_tokens / bought(1.0, 10)  # the large shape's speed at which 10 minutes buy its min_tokens
-    shape, dropout, why = choose_cpu_shape(10, rates(2 * edge, 0.5 * edge), "CPU without native bf16 (float32)")
-    assert shape == SMALL and dropout == 0.0
+    shape, reg, why = choose_cpu_shape(10, rates(2 * edge, 0.5 * edge), "CPU without native bf16 (float32)")
+    assert shape == SMALL and reg == Regularisation(0.0, 0.0)
     assert why.startswith(f"CPU without native bf16 (float32), training measured at 192 x 4 {2 * edge / 1000:.1f}K "
                           f"tok/s, 256 x 6 {0.5 * edge / 1000:.1f}K tok/s: {SMALL.name} for 10 min "
                           f"(~{bought(2 * edge, 10) / 1e6:.1f}M tokens)")
-    assert why.endswith("no dropout (the data's size is not known yet)")
+    assert why.endswith("no regularisation (the data's size is not known yet)")
     assert choose_cpu_shape(10, rates(4 * edge, 1.1 * edge), "x")[0] == LARGE
     assert choose_cpu_shape(2, rates(4 * edge, 1.1 * edge), "x")[0] == SMALL  # the same machine, a short budget
 
 
-def test_passes_over_the_data_set_the_dropout():
+def test_passes_over_the_data_set_the_regularisation():
     speed = 8000.0  # tokens/s of both shapes: 10 minutes buy 4.56M tokens, the large shape
     tokens = bought(speed, 10)
-    shape, dropout, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 2)
-    assert shape == LARGE and dropout == 0.0 and why.endswith(
-        f"2.0 passes over the data: no dropout (<= {FRESH_PASSES:g} passes read as fresh text)")
-    _, dropout, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 8)
-    assert dropout == 0.1 and "8.0 passes over the data: dropout 0.1" in why
+    shape, reg, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 2)
+    assert shape == LARGE and reg == Regularisation(0.0, 0.0) and why.endswith(
+        f"2.0 passes over the data: no dropout or weight decay (<= {FRESH_PASSES:g} passes read as fresh text)")
+    _, reg, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / 8)
+    assert reg == Regularisation(MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD)
+    assert reg.dropout > 0 and reg.muon_weight_decay > 0
+    assert f"8.0 passes over the data: dropout {reg.dropout:g}, Muon weight decay {reg.muon_weight_decay:g}" in why
     # the edge itself reads as fresh text
-    assert choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / FRESH_PASSES)[1] == 0.0
+    assert choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / FRESH_PASSES)[1] == Regularisation()
 
 
 def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(monkeypatch, tmp_path):
@@ -55,6 +66,7 @@ def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(monkeypatch, tm
     cfg, why = auto_config(["train.max_minutes=5", "tokenizer.vocab_size=4096"])
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads) == (SMALL.dim, SMALL.n_layers, SMALL.n_heads)
     assert cfg.train.optimizer == "muon" and cfg.model.dropout == 0.0 and cfg.train.max_minutes == 5
+    assert cfg.train.muon_weight_decay == 0.0
     assert SMALL.name in why and "yours kept" not in why
     cfg, why = auto_config(["train.max_minutes=5", "model.dim=128", "model.n_heads=4", "train.optimizer=adamw"])
     assert (cfg.model.dim, cfg.model.n_heads, cfg.train.optimizer) == (128, 4, "adamw")
@@ -63,7 +75,8 @@ def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(monkeypatch, tm
     text = tmp_path / "stories.txt"
     text.write_text("Once upon a time there was a cat.\n" * 100)  # 3.5 KB, ~850 tokens; 5 min buy 28.5K
     cfg, why = auto_config(["train.max_minutes=5", f"data.source={text}"])
-    assert cfg.model.dropout == 0.1 and "passes over the data: dropout 0.1" in why
+    assert (cfg.model.dropout, cfg.train.muon_weight_decay) == (MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD)
+    assert f"passes over the data: dropout {MANY_PASSES_DROPOUT:g}, Muon weight decay" in why
     unsized = ["train.max_minutes=null", "train.max_steps=100"]
     cfg, why = auto_config(unsized)
     assert why.startswith("no time budget") and cfg == load_config(CONFIG_DIR / "cpu.yaml", unsized)

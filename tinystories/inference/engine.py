@@ -115,7 +115,6 @@ class Request:
     # when a list: each token's log-probability under the model alone (before bias, penalty and temperature), as
     # sampling.sample(logprobs=True) gives them; the best of several candidates is chosen by them
     logprobs: list[float] | None = field(default=None, repr=False)
-    _logprob: float = field(default=0.0, repr=False)  # the last sampled token's, until _accept takes it
 
     @property
     def prompt_tokens(self) -> int:
@@ -407,15 +406,14 @@ class EngineCore:
             if any(self._rows[b].logprobs is not None for b in rows):
                 lp = token_logprobs(logits, nxt).tolist()
                 for k, b in enumerate(rows):
-                    self._rows[b]._logprob = lp[k]
+                    if self._rows[b].logprobs is not None:
+                        self._rows[b].logprobs.append(lp[k])
         return tokens
 
     def _accept(self, req: Request, t: int, now: float, out: list[Event]) -> bool:
         """Give a request its new token t: events, stop strings, limits. False when the request is finished."""
         if req.first_token_at is None:
             req.first_token_at = now
-        if req.logprobs is not None:
-            req.logprobs.append(req._logprob)
         if t in self._stop_ids:
             self._finish(req, "stop", out)
             return False

@@ -21,8 +21,10 @@ few AVX2 instructions; the matrix products accumulate in float32 either way.
 bfloat16: every weight and activation in bf16 (norms, rotary, attention scores and the softmax of sampling in
 float32); the compiled one-token step is built with Inductor's `freezing`, which folds the weights into the graph
 and prepacks them for oneDNN's bf16 kernels. int8: the bf16 model with torchao's `Int8WeightOnlyConfig` on every
-linear layer (per-row scales; the embedding stays bf16; a tied output matrix gets its own int8 copy); on CUDA
-the activations stay float32.
+linear layer whose input size is a multiple of 16 (per-row scales; the embedding stays bf16; a tied output matrix
+gets its own int8 copy); on CUDA the activations stay float32. Eager products (a prompt's, and steps that are not
+compiled) call torch's int8 kernel themselves (`Int8Linear`): torchao's eager path is a bf16 matmul, slow without
+native bf16.
 
 Tolerances the `auto` choices keep (measured by benchmarks/generate_speed.py --vs-llama-cpp, checked by
 tests/test_precision.py): bits per byte within `BPB_TOLERANCE` of float32 on the validation text, and greedy text
@@ -39,15 +41,18 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from tinystories.core.defaults import INFERENCE_DTYPES as PRECISIONS
 from tinystories.core.errors import UserError
-from tinystories.model.device import DeviceCaps, detect_caps
+from tinystories.model.device import DeviceCaps, cpu_has_bf16, detect_caps
 from tinystories.model.transformer import Transformer
 
 BPB_TOLERANCE = {"float32": 0.0, "bfloat16": 0.005, "int8": 0.01}  # relative change of bits per byte vs float32
 GREEDY_TOKENS = 50  # greedy text compared with float32's over this many tokens after each of the 10 OPENINGS,
 GREEDY_MIN_EQUAL = 8  # and equal for at least this many of them
+INT8_ALIGN = 16  # int8 weights only for layers whose input size is a multiple of this (see _int8_layer)
+BF16_MATMUL_ROWS = 32  # eager int8 products of this many rows or more run a bf16 matmul on a CPU with native bf16
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,35 @@ def choose_precision(caps: DeviceCaps, pref: str = "auto", compiled: bool = True
     return Precision(pref, "--dtype")
 
 
+class Int8Linear(nn.Linear):
+    """A CPU linear layer whose weight is torchao's int8 weight-only tensor (per-row scales, no bias).
+
+    Compiled (the one-token step), it is torchao's linear: the weight converted to bf16 inside a matmul, which
+    Inductor rewrites into torch's int8 weight-only kernel (`_weight_int8pack_mm`). Eager, torchao runs that matmul
+    as written, in bf16: 5x slower than the int8 kernel on a CPU without native bf16 (a 150-token prompt of the
+    quickstart model took 53 ms against 17), and slower for a few rows on any CPU. So an eager product calls the
+    int8 kernel itself, except on a CPU with native bf16 from `bf16_matmul_rows` rows on, where the bf16 matmul is
+    faster (crossover ~32 rows on an AMD EPYC Zen 4: 115 us either way at 32 rows of the quickstart's q/k/v)."""
+
+    bf16_matmul_rows: int | None = None  # None: the int8 kernel for every eager product
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if torch.compiler.is_compiling() or (self.bf16_matmul_rows is not None and rows >= self.bf16_matmul_rows):
+            return super().forward(x)
+        w = self.weight
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.size(-1)).to(torch.bfloat16), w.qdata,
+                                               w.scale.reshape(-1).to(torch.bfloat16))
+        return y.reshape(*x.shape[:-1], y.size(-1)).to(x.dtype)
+
+
+def _int8_layer(module: nn.Module, name: str = "") -> bool:
+    """Whether a layer gets int8 weights: a linear layer whose input size is a multiple of INT8_ALIGN. torch
+    2.13's int8 weight-only kernel crashes the process (SIGSEGV) on two or more rows of other sizes, e.g.
+    stories260K's FFN (172); such layers keep bf16 weights."""
+    return type(module) is nn.Linear and module.in_features % INT8_ALIGN == 0
+
+
 def apply_precision(model: Transformer, precision: Precision) -> Transformer:
     """Convert a float32 model's weights to `precision`, in place (inference only: no training afterwards)."""
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
@@ -118,7 +152,13 @@ def apply_precision(model: Transformer, precision: Precision) -> Transformer:
     if precision.name == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int8WeightOnlyConfig())
+        if on_cpu:  # which layers, before quantize_ wraps their weights
+            layers = [m for m in model.modules() if _int8_layer(m)]
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=_int8_layer)
+        if on_cpu:
+            rows = BF16_MATMUL_ROWS if cpu_has_bf16() else None
+            for m in layers:
+                m.__class__, m.bf16_matmul_rows = Int8Linear, rows
     model.compile_options = precision.compile_options
     model.precision_name = precision.name
     return model

@@ -6,8 +6,8 @@ calibrate.py). Data: the tokens the training text holds. The recipe study (bench
 docs/training-recipe.md) found which shape reaches the lowest loss for a given number of tokens; the number of
 passes over the data (bought / held) then sets the regularisation: repeated text is nearly as good as fresh up to
 ~4 passes (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models"), past that a model of this size
-memorises it (the validation loss turns up) and dropout 0.1 recovers most of the loss. `choose_cpu_shape` says why
-in one line.
+memorises it (the validation loss turns up) and dropout 0.1 with Muon's weight decay recovers most of the loss.
+`choose_cpu_shape` says why in one line.
 """
 
 from __future__ import annotations
@@ -26,8 +26,20 @@ RATE_STEPS = 4  # timed training steps per shape, after two that compile
 # the measured rate in bf16 (dim 256 x 6, 3.6K of 4.6K tokens/s) and 0.90 in float32 limited to AVX2 (dim 192 x 4,
 # 5.6K of 6.2K)
 OVERHEAD_SHARE = 0.15
-FRESH_PASSES = 4.0  # up to this many passes over the data: no dropout
+FRESH_PASSES = 4.0  # up to this many passes over the data: no regularisation
 MANY_PASSES_DROPOUT = 0.1  # past it (0.2 was worse again in the study)
+MANY_PASSES_MUON_WD = 0.1  # ... and Muon's weight decay on the block matrices (docs/training-recipe.md)
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    """What the passes over the data call for: dropout and Muon's (decoupled) weight decay."""
+
+    dropout: float = 0.0
+    muon_weight_decay: float = 0.0
+
+    def overrides(self) -> list[str]:
+        return [f"model.dropout={self.dropout:g}", f"train.muon_weight_decay={self.muon_weight_decay:g}"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +50,10 @@ class Shape:
     n_heads: int
     min_tokens: float  # the fewest training tokens at which the study found it beats the next smaller shape
 
-    def overrides(self, dropout: float = 0.0) -> list[str]:
+    def overrides(self, reg: Regularisation = Regularisation()) -> list[str]:
         # the study's recipe with it: Muon for the block matrices
         return [f"model.dim={self.dim}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
-                "train.optimizer=muon", f"model.dropout={dropout:g}"]
+                "train.optimizer=muon", *reg.overrides()]
 
     def model_config(self, vocab: int, seq_len: int = 256) -> ModelConfig:
         return ModelConfig(vocab_size=vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -109,20 +121,22 @@ def _time_steps(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, co
     return RATE_STEPS * t.batch_size * seq / (time.perf_counter() - t0)
 
 
-def dropout_for(passes: float | None) -> tuple[float, str]:
-    """The regularisation for `passes` over the training data (None: the data's size is not known)."""
+def regularisation_for(passes: float | None) -> tuple[Regularisation, str]:
+    """The regularisation for `passes` over the training data (None: the data's size is not known), and why."""
     if passes is None:
-        return 0.0, "no dropout (the data's size is not known yet)"
+        return Regularisation(), "no regularisation (the data's size is not known yet)"
     if passes <= FRESH_PASSES:
-        return 0.0, f"{passes:.1f} passes over the data: no dropout (<= {FRESH_PASSES:g} passes read as fresh text)"
-    return MANY_PASSES_DROPOUT, (f"{passes:.1f} passes over the data: dropout {MANY_PASSES_DROPOUT:g} (past "
-                                 f"{FRESH_PASSES:g} passes a model this size memorises the text)")
+        return Regularisation(), (f"{passes:.1f} passes over the data: no dropout or weight decay (<= "
+                                  f"{FRESH_PASSES:g} passes read as fresh text)")
+    reg = Regularisation(MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD)
+    return reg, (f"{passes:.1f} passes over the data: dropout {reg.dropout:g}, Muon weight decay "
+                 f"{reg.muon_weight_decay:g} (past {FRESH_PASSES:g} passes a model this size memorises the text)")
 
 
 def choose_cpu_shape(minutes: float, rate: Callable[[Shape], float], describe_cpu: str,
-                     data_tokens: float | None = None) -> tuple[Shape, float, str]:
+                     data_tokens: float | None = None) -> tuple[Shape, Regularisation, str]:
     """The shape the study recommends for the tokens `minutes` of training buy on this CPU (`rate`: a shape's
-    training tokens/s), the dropout the passes over `data_tokens` call for, and the line that says why."""
+    training tokens/s), the regularisation the passes over `data_tokens` call for, and the line that says why."""
     choice, tokens, rates = CPU_SHAPES[0], 0.0, []
     for shape in CPU_SHAPES:
         r = rate(shape)
@@ -131,10 +145,10 @@ def choose_cpu_shape(minutes: float, rate: Callable[[Shape], float], describe_cp
         if t >= shape.min_tokens or shape is CPU_SHAPES[0]:
             choice, tokens = shape, t
     passes = tokens / data_tokens if data_tokens else None
-    dropout, why_dropout = dropout_for(passes)
+    reg, why_reg = regularisation_for(passes)
     why = (f"{describe_cpu}, training measured at {', '.join(rates)}: {choice.name} for {minutes:g} min "
-           f"(~{tokens / 1e6:.1f}M tokens); {why_dropout}")
-    return choice, dropout, why
+           f"(~{tokens / 1e6:.1f}M tokens); {why_reg}")
+    return choice, reg, why
 
 
 def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int, data_tokens: float | None = None):
@@ -149,9 +163,9 @@ def sized_cpu_config(cfg_path, overrides: list[str], minutes: float, vocab: int,
     policy = choose_policy(caps, base.train)
     kind = "CPU with native bf16" if caps.cpu_bf16 else "CPU without native bf16"
     kind += f" ({str(policy.dtype).removeprefix('torch.')})"
-    shape, dropout, why = choose_cpu_shape(
+    shape, reg, why = choose_cpu_shape(
         minutes, lambda s: training_rate(s, vocab, base, policy.dtype, policy.compile), kind, data_tokens)
-    sized = shape.overrides(dropout)
+    sized = shape.overrides(reg)
     sized_keys = {o.split("=", 1)[0] for o in sized}
     mine = [key for key in (o.split("=", 1)[0] for o in overrides) if key in sized_keys]
     if mine:
