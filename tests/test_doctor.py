@@ -158,6 +158,11 @@ def test_overfitting_fix_builds_on_the_runs_dropout():
     assert plain.status == "FAIL" and "add model.dropout=0.1" in plain.fix
     regularised = check_val_loss(rising, RunConfig.model_validate({"model": {"dropout": 0.1}}))
     assert "raise model.dropout (now 0.1) to 0.2" in regularised.fix and "add model.dropout" not in regularised.fix
+    assert "muon_weight_decay" not in plain.fix  # AdamW: its weight decay is train.weight_decay
+    muon = check_val_loss(rising, RunConfig.model_validate({"train": {"optimizer": "muon"}}))
+    assert "add train.muon_weight_decay=0.2" in muon.fix
+    decayed = RunConfig.model_validate({"train": {"optimizer": "muon", "muon_weight_decay": 0.2}})
+    assert "muon_weight_decay" not in check_val_loss(rising, decayed).fix
 
 
 # --- the grammar check (the real link-parser) -----------------------------------------------------------------------
