@@ -89,7 +89,6 @@ ARMS: dict[str, dict[str, str]] = {
     "muon-dropout0.1": {"train.optimizer": "muon", "model.dropout": "0.1"},
     "muon-d320x6-dropout0.1": {"train.optimizer": "muon", "model.dim": "320", "model.n_heads": "8",
                                "model.dropout": "0.1"},
-    "muon-d192x4-dropout0.15": {**MUON_D192X4, "model.dropout": "0.15"},
     "muon-d192x4-dropout0.1-wd0.1": {**MUON_D192X4, "model.dropout": "0.1", "train.muon_weight_decay": "0.1"},
     "muon-d192x4-dropout0.1-wd0.2": {**MUON_D192X4, "model.dropout": "0.1", "train.muon_weight_decay": "0.2"},
     "muon-d192x4-dropout0.1-wd0.4": {**MUON_D192X4, "model.dropout": "0.1", "train.muon_weight_decay": "0.4"},

@@ -102,13 +102,13 @@ def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
     trend = (f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) "
              f"-> last {last:.3f} (step {val[-1].get('step')}){gap_txt}")
     dropout = cfg.model.dropout if cfg is not None else 0.0
-    more_dropout = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + 0.1):.1f}" if dropout > 0
-                    else "add model.dropout=0.1")
+    regularise = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + 0.1):.1f}" if dropout > 0
+                  else "add model.dropout=0.1")
     if cfg is not None and cfg.train.optimizer == "muon" and not cfg.train.muon_weight_decay:
         from tinystories.training.sizing import MANY_PASSES_MUON_WD
 
-        more_dropout += f", add train.muon_weight_decay={MANY_PASSES_MUON_WD:g}"
-    fix = (f"the model is overfitting: use more data (drop data.max_stories), {more_dropout}, train fewer "
+        regularise += f", add train.muon_weight_decay={MANY_PASSES_MUON_WD:g}"
+    fix = (f"the model is overfitting: use more data (drop data.max_stories), {regularise}, train fewer "
            "epochs or set train.early_stopping_patience; use checkpoints/best, not latest")
     if best_i < len(losses) - 1 and last > best * 1.05:
         return Check(name, "FAIL", f"turned up {100 * (last / best - 1):.1f}% above its best: {trend}", fix)

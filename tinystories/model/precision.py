@@ -152,12 +152,10 @@ def apply_precision(model: Transformer, precision: Precision) -> Transformer:
     if precision.name == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        if on_cpu:  # which layers, before quantize_ wraps their weights
-            layers = [m for m in model.modules() if _int8_layer(m)]
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=_int8_layer)
         if on_cpu:
             rows = BF16_MATMUL_ROWS if cpu_has_bf16() else None
-            for m in layers:
+            for m in [m for m in model.modules() if _int8_layer(m)]:
                 m.__class__, m.bf16_matmul_rows = Int8Linear, rows
     model.compile_options = precision.compile_options
     model.precision_name = precision.name
