@@ -120,9 +120,10 @@ class Int8Linear(nn.Linear):
     Compiled (the one-token step), it is torchao's linear: the weight converted to bf16 inside a matmul, which
     Inductor rewrites into torch's int8 weight-only kernel (`_weight_int8pack_mm`). Eager, torchao runs that matmul
     as written, in bf16: 5x slower than the int8 kernel on a CPU without native bf16 (a 150-token prompt of the
-    quickstart model took 53 ms against 17), and slower for a few rows on any CPU. So an eager product calls the
-    int8 kernel itself, except on a CPU with native bf16 from `bf16_matmul_rows` rows on, where the bf16 matmul is
-    faster (crossover ~32 rows on an AMD EPYC Zen 4: 115 us either way at 32 rows of the quickstart's q/k/v)."""
+    quickstart model took 53 ms against 17 on an AMD EPYC Zen 4 with oneDNN and MKL limited to AVX2), and slower
+    for a few rows on any CPU. So an eager product calls the int8 kernel itself, except on a CPU with native bf16
+    from `bf16_matmul_rows` rows on, where the bf16 matmul is faster (crossover ~32 rows on an AMD EPYC Zen 4:
+    115 us either way at 32 rows of the quickstart's q/k/v)."""
 
     bf16_matmul_rows: int | None = None  # None: the int8 kernel for every eager product
 
