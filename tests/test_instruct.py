@@ -188,8 +188,33 @@ def test_story_only_loss_masks_exactly_the_request_lines(tmp_path, tok4k, shards
         assert (unscored(ids[lo : o + 257 + unscored.lookahead])[o - lo : o - lo + 257] == mask[o : o + 257]).all()
     sampler = WindowSampler(cache, 256, 8, seed=3, rank=0, device=torch.device("cpu"), unscored=unscored)
     plain = WindowSampler(cache, 256, 8, seed=3, rank=0, device=torch.device("cpu"))
-    (x, y), (x0, y0) = sampler.get(5, 0), plain.get(5, 0)
+    (x, y, w), (x0, y0, w0) = sampler.get(5, 0), plain.get(5, 0)
     assert torch.equal(x, x0) and ((y == -1) | (y == y0)).all() and 0 < int((y == -1).sum()) < y.numel() // 2
+    assert w is None and w0 is None  # no weights unless train.request_word_weight asks for them
+
+    # train.request_word_weight: the story tokens that first write a token of the request's `Words:` line
+    first = unscored.requested_words(ids)
+    head = len(tok.encode("Words:"))
+    flagged_docs = 0
+    for a, b in zip(starts, starts[1:]):
+        doc, m, f = ids[a + 1 : b], mask[a + 1 : b], first[a + 1 : b]
+        request = doc[m]
+        if not tok.decode(request.tolist()).startswith("Words: "):
+            assert not f.any()
+            continue
+        line = request[head : next(i for i, t in enumerate(request) if "\n" in tok.decode([int(t)]))]
+        spelled = {int(t) for t in line if any(c.isalpha() for c in tok.decode([int(t)]))}
+        story_pos = np.flatnonzero(~m)
+        assert not (f & m).any() and set(doc[f].tolist()) == spelled & set(doc[story_pos].tolist())
+        for p in np.flatnonzero(f):  # each at its first place in the story
+            assert int(doc[p]) not in doc[story_pos[story_pos < p]]
+        flagged_docs += bool(f.any())
+    assert flagged_docs >= 5  # the fixture asks for made-up words (shard, word0, thing7): where stories spell a piece
+    weighted = WindowSampler(cache, 256, 8, seed=3, rank=0, device=torch.device("cpu"), unscored=unscored,
+                             word_weight=4.0)
+    xw, yw, ww = weighted.get(5, 0)
+    assert torch.equal(xw, x) and torch.equal(yw, y) and set(ww.unique().tolist()) <= {1.0, 4.0}
+    assert 0 < int((ww == 4.0).sum()) < 8 * 20 and not ((ww == 4.0) & (yw == -1)).any()
 
 
 def test_instruct_training_scores_the_stories_only_by_default(tmp_path, tok4k, shards):
@@ -210,6 +235,8 @@ def test_instruct_training_scores_the_stories_only_by_default(tmp_path, tok4k, s
     assert "loss: on the stories only" in log and "loss_on: story" in config
     log, config = train("train.loss_on=all")
     assert "loss: on the stories only" not in log and "loss_on: all" in config
+    log, config = train("train.request_word_weight=4", "train.seed=2")
+    assert "loss: x4 where a story first writes a requested word" in log and "request_word_weight: 4.0" in config
 
 
 def test_unpacking_the_instruct_archive_resumes(tmp_path, shards):

@@ -32,7 +32,7 @@ def test_training_reads_a_cache_of_many_shards(many_shards, tok4k):
     sampler = WindowSampler(cache, 64, 8, 0, 0, torch.device("cpu"))
     assert len(sampler.shards) == len(train.shards) and abs(sampler.shard_p.sum() - 1) < 1e-9
     for step in range(5):
-        x, y = sampler.get(step, 0)
+        x, y, _ = sampler.get(step, 0)
         assert x.shape == (8, 64) and torch.equal(x[:, 1:], y[:, :-1])
     val = cache.split("val")
     assert len(val.shards) > 2

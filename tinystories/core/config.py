@@ -143,6 +143,9 @@ class TrainConfig(_Strict):
     # data.format=instruct: the loss on the stories only (request lines are context, data/requests.RequestTokens),
     # or on every token; measured in docs/instruct.md
     loss_on: Literal["story", "all"] = "story"
+    # with loss_on=story: the loss weight of the story tokens that first write a requested word (the tokens of its
+    # `Words:` line; RequestTokens.requested_words), to teach copying from the request; 1: no weighting
+    request_word_weight: float = 1.0
     lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # decay after warmup; wsd: constant, then linear
     cooldown_frac: float = 0.2  # wsd: the share of the run spent decaying to min_lr
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -179,6 +182,9 @@ class TrainConfig(_Strict):
         if not 0 < self.cooldown_frac <= 1:
             raise ValueError(f"train.cooldown_frac={self.cooldown_frac} must be > 0 and <= 1 (the share of the run "
                              f"that wsd spends decaying to min_lr)")
+        if not 0 < self.request_word_weight < math.inf:
+            raise ValueError(f"train.request_word_weight={self.request_word_weight} must be a positive number (1: "
+                             f"no weighting)")
         if self.loss_scale_init is not None and not 0 < self.loss_scale_init < math.inf:
             raise ValueError(f"train.loss_scale_init={self.loss_scale_init} must be a positive number (or null)")
         return self

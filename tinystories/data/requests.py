@@ -338,6 +338,10 @@ class RequestTokens:
 
         self.start = tok.doc_start_id
         self.marker = np.array(tok.encode("Story:"), dtype=np.int64)
+        self.words_head = np.array(tok.encode("Words:"), dtype=np.int64)
+        pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+        self.newline = np.array(["\n" in p for p in pieces])  # tokens that end a request line
+        self.wordlike = np.array([any(c.isalpha() for c in p) for p in pieces])  # not the ", " between words
         self.heads = [np.array(tok.encode(h), dtype=np.int64) for h in ("Words:", "Features:", "Summary:", "Story:")]
         self.lookahead = max(len(h) for h in self.heads)
         head = request_lines(Request(words=("jump", "ball", "red"), features=("Dialogue",), summary="A ball."))
@@ -368,6 +372,32 @@ class RequestTokens:
         last_end = np.maximum.accumulate(np.where(ends, idx, -1))
         last_end = np.concatenate([[-1], last_end[:-1]])
         return (last_start >= 0) & (last_open == last_start) & (last_end < last_start) & ~starts
+
+
+    def requested_words(self, ids, request=None):
+        """A bool array as long as `ids`: True at each story token that is the first in its story to repeat a token
+        of its request's `Words:` line: where the story writes a requested word (as the request spells it) for the
+        first time, the one place where the request, not the story so far, tells what comes. Stories whose start
+        lies before `ids` are left out (their request is not in sight). `request`: self(ids), if already known."""
+        import numpy as np
+
+        ids = np.asarray(ids, dtype=np.int64)
+        n, h = len(ids), len(self.words_head)
+        request = self(ids) if request is None else request
+        out = np.zeros(n, dtype=bool)
+        bounds = [*np.flatnonzero(ids == self.start).tolist(), n]
+        for a, b in zip(bounds, bounds[1:]):
+            if b - a <= h + 1 or not (ids[a + 1 : a + 1 + h] == self.words_head).all():
+                continue
+            line = ids[a + 1 + h : b]
+            ends = np.flatnonzero(self.newline[line])
+            line = line[: ends[0]] if len(ends) else line
+            words = line[self.wordlike[line]]
+            story = a + 1 + np.flatnonzero(~request[a + 1 : b])
+            hits = story[np.isin(ids[story], words)]
+            _, first = np.unique(ids[hits], return_index=True)
+            out[hits[first]] = True
+        return out
 
 
 def _occurs(ids, seq):

@@ -120,10 +120,13 @@ class WindowSampler:
     """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
 
     def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
-                 world: int = 1, unscored: RequestTokens | None = None):
+                 world: int = 1, unscored: RequestTokens | None = None, word_weight: float = 1.0):
         """`unscored(ids)`: which tokens of a stretch of the stream get no loss (their targets become -1, the
-        loss's ignore_index); data/requests.RequestTokens for train.loss_on=story."""
+        loss's ignore_index); data/requests.RequestTokens for train.loss_on=story. `word_weight` (with `unscored`,
+        train.request_word_weight): the loss weight of the targets where a story first writes a requested word
+        (RequestTokens.requested_words); 1: every scored target weighs the same and get() returns no weights."""
         self.unscored = unscored
+        self.word_weight = word_weight if unscored is not None and word_weight != 1.0 else None
         split = cache.split("train")
         self.shards = [s for s in split.shards if len(s) > seq_len + 1]
         if not self.shards:
@@ -135,21 +138,26 @@ class WindowSampler:
         self.world = world
         self.pin = device.type == "cuda"
 
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(inputs, targets, loss weights per target or None) of micro-batch `micro` of optimizer step `step`."""
         # seeded by the global micro-batch index micro * world + rank: rank r's micro-step m under DDP draws the
         # windows of micro-step m * world + r of a single process with world x the accumulation (same data;
         # a single process draws exactly what it drew before, (seed, step, micro, 0))
         rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
         shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
                      else np.zeros(self.batch, int))
-        rows, masks = [], []
+        rows, masks, words = [], [], []
         for si in shard_idx:
             shard = self.shards[si]
             o = int(rng.integers(0, len(shard) - self.seq_len - 1))
             rows.append(shard[o : o + self.seq_len + 1])
             if self.unscored is not None:  # judged with tokens around the window, which may start mid-request
                 lo, end = max(0, o - self.unscored.LOOKBACK), o + self.seq_len + 1
-                masks.append(self.unscored(shard[lo : end + self.unscored.lookahead])[o - lo + 1 : end - lo])
+                stretch = shard[lo : end + self.unscored.lookahead]
+                request = self.unscored(stretch)
+                masks.append(request[o - lo + 1 : end - lo])
+                if self.word_weight is not None:
+                    words.append(self.unscored.requested_words(stretch, request)[o - lo + 1 : end - lo])
         buf = np.stack(rows).astype(np.int64)
         inputs, targets = buf[:, :-1], buf[:, 1:]
         if masks:
@@ -158,7 +166,11 @@ class WindowSampler:
         if self.pin:
             pair = pair.pin_memory()
         pair = pair.to(self.device, non_blocking=True)
-        return pair[0], pair[1]
+        weights = None
+        if words:
+            weights = torch.from_numpy(np.where(np.stack(words), self.word_weight, 1.0).astype(np.float32))
+            weights = weights.to(self.device, non_blocking=True)
+        return pair[0], pair[1], weights
 
 
 def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:

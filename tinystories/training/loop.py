@@ -155,7 +155,10 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
     if t.loss_on == "story" and cfg.data.format == "instruct":
         unscored = RequestTokens(tok)
         log("loss: on the stories only (train.loss_on=story): request lines are context, not targets")
-    sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world, unscored)
+    if unscored is not None and t.request_word_weight != 1.0:
+        log(f"loss: x{t.request_word_weight:g} where a story first writes a requested word (train.request_word_weight)")
+    sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world, unscored,
+                            t.request_word_weight)
     val_stream, val_bytes = validation_subset(cache, tok, t.eval_tokens)
     run = Run(cfg=cfg, d=d, log=log, device=device, policy=policy, amp=autocast_ctx(device, policy.dtype),
               scaler=policy.make_grad_scaler(t.loss_scale_init), skips=ScalerSkips(device),
@@ -170,13 +173,23 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
 # -------------------------------------------------------------------------------------------------- step
 
 
-def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
-    """One micro-batch: the loss, and its share of the gradient (DDP synchronises gradients only when `sync`)."""
+def forward_backward(run: Run, x: torch.Tensor, y: torch.Tensor, sync: bool,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One micro-batch: the loss, and its share of the gradient (DDP synchronises gradients only when `sync`).
+    `weights` (one per target): the gradient comes from the weighted mean over the scored targets; the loss
+    returned (logged, checked for NaN) stays the plain mean."""
     ctx = run.model.no_sync() if run.d.enabled and not sync else contextlib.nullcontext()
     with ctx:
         with run.amp:
-            _, loss = run.model(x, y)
-        run.scaler.scale(loss / run.cfg.train.grad_accum).backward()
+            if weights is None:
+                _, loss = run.model(x, y)
+                objective = loss
+            else:
+                _, per_token = run.model(x, y, reduction="none")  # 0 where the target is ignored (-1)
+                scored = (y != -1).sum().clamp(min=1)
+                loss = per_token.sum() / scored
+                objective = (per_token * weights.view(-1)).sum() / scored
+        run.scaler.scale(objective / run.cfg.train.grad_accum).backward()
     return loss
 
 
@@ -207,17 +220,17 @@ def train_step(run: Run, step: int, lr: float, meter: LossMeter, first: bool = F
     t = run.cfg.train
     apply_schedule(run.optimizer, step, lr, t)
     for micro in range(t.grad_accum):
-        x, y = run.sampler.get(step, micro)
+        x, y, w = run.sampler.get(step, micro)
         sync = micro == t.grad_accum - 1
         try:
-            loss = forward_backward(run, x, y, sync)
+            loss = forward_backward(run, x, y, sync, w)
         except Exception as e:
             # only where the policy compiled the model (train.compile may ask for it where the policy says no: MPS,
             # Windows, CUDA without Triton) can a first-step error be compile's; out of memory never is
             if not (run.policy.compile and first and micro == 0) or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             run.fall_back_to_eager(e)
-            loss = forward_backward(run, x, y, sync)
+            loss = forward_backward(run, x, y, sync, w)
         meter.add(loss)
     meter.end_step(step)
     optimizer_step(run, step)
