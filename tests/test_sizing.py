@@ -15,6 +15,7 @@ from tinystories.training.sizing import (
     FRESH_PASSES,
     MANY_PASSES_DROPOUT,
     MANY_PASSES_MUON_WD,
+    MAX_PASSES,
     OVERHEAD_SHARE,
     Regularisation,
     auto_config,
@@ -58,6 +59,12 @@ def test_passes_over_the_data_set_the_regularisation():
     assert f"8.0 passes over the data: dropout {reg.dropout:g}, Muon weight decay {reg.muon_weight_decay:g}" in why
     # the edge itself reads as fresh text
     assert choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / FRESH_PASSES)[1] == Regularisation()
+    # far more passes than the text is worth: the run stops at MAX_PASSES, its schedule fitted to them
+    _, reg, why = choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / (2 * MAX_PASSES))
+    assert reg == Regularisation(MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD, MAX_PASSES)
+    assert f"train.max_passes={MAX_PASSES:g}" in reg.overrides()
+    assert why.endswith(f"; the run stops after {MAX_PASSES:g} passes (more repeats of this text only memorise it)")
+    assert choose_cpu_shape(10, rates(speed, speed), "x", data_tokens=tokens / MAX_PASSES)[1].max_passes is None
 
 
 def test_auto_config_sizes_cpu_yaml_and_keeps_the_users_settings(monkeypatch, tmp_path):

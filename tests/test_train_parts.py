@@ -134,6 +134,31 @@ def test_time_budget_follows_the_pace_the_run_keeps():
     assert early.replan(5, 10.0, reserve_s=0.0) is None and early.provisional
 
 
+def test_time_budget_stops_at_max_passes_over_the_data():
+    # 1 minute at 0.5 s per step buys 111 steps; 2 passes over 40,960 tokens at 1,024 a step are 80
+    length = RunLength.plan(cfg_with("train.max_minutes=1", "train.max_passes=2"), 1024, 40_960, now=1000.0)
+    assert length.provisional and length.cap == 80
+    now = 1000.0
+    for step in range(1, BUDGET_MEASURE_STEPS + 1):
+        now += 0.5
+        length.record_step_time(step, 0.5)
+        fixed = length.fix_budget(step, now)
+    assert length.total == 80 and fixed == ("time budget: 1 min -> 80 steps (500 ms/step, evaluation included; at "
+                                            "most 2 passes over the data (train.max_passes): 80 of the 111 the "
+                                            "budget buys)")
+    assert length.lr(80) == pytest.approx(1e-4)  # the schedule decays within the passes
+    # a faster pace buys more steps, never more than the passes
+    assert length.replan(40, now + 1.0, reserve_s=0.0) is None and length.total == 80
+    # a slower one still shortens the run
+    assert length.replan(40, now + 30 * 1.5, reserve_s=0.0) is not None and length.total == 40 + int(10 / 1.5)
+    # a cap the budget never reaches changes nothing
+    wide = RunLength.plan(cfg_with("train.max_minutes=1", "train.max_passes=50"), 1024, 40_960, now=0.0)
+    for step in range(1, BUDGET_MEASURE_STEPS + 1):
+        wide.record_step_time(step, 0.5)
+        fixed = wide.fix_budget(step, step * 0.5)
+    assert wide.total == 10 + int(55 / 0.54) and "max_passes" not in fixed
+
+
 def test_time_budget_past_its_deadline_before_ten_steps():
     length = RunLength.plan(cfg_with("train.max_minutes=0.05"), 1024, 10**6, now=0.0)  # 3 s
     length.record_step_time(1, 4.0)

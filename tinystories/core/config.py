@@ -124,6 +124,9 @@ class TrainConfig(_Strict):
     max_steps: int | None = None
     max_tokens: int | None = None
     epochs: float | None = None
+    # with a time budget: at most this many passes over the training text, the schedule fitted to them (the CPU
+    # sizing sets it where the budget buys more; training/sizing.py)
+    max_passes: float | None = None
     max_minutes: float | None = None
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -164,7 +167,7 @@ class TrainConfig(_Strict):
     wandb: bool = False
     wandb_project: str = "tinystories"
 
-    @field_validator("max_steps", "max_tokens", "epochs", "max_minutes")
+    @field_validator("max_steps", "max_tokens", "epochs", "max_minutes", "max_passes")
     @classmethod
     def _run_length(cls, v: float | None) -> float | None:
         # 0 is not "unset" (null is): a zero or negative run length is a mistake, not a request

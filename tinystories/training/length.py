@@ -2,8 +2,8 @@
 
 The length comes from train.max_steps, max_tokens or epochs (known from the start) or from a time budget,
 train.max_minutes: measured during the first steps, then re-planned at each evaluation from the pace the run
-really keeps (evaluations and checkpoints included), so that a budget of N minutes trains for N minutes. The
-schedule itself is schedule.py's.
+really keeps (evaluations and checkpoints included), so that a budget of N minutes trains for N minutes, or for
+train.max_passes over the training text where those come first. The schedule itself is schedule.py's.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class RunLength:
     measured_steps: int = 0
     measured_time: float = 0.0
     fixed_at: tuple[int, float] | None = None  # (step, time) the budget fixed the length: the pace is measured since
+    cap: int | None = None  # a time budget's most steps: train.max_passes over the training text
 
     @classmethod
     def plan(cls, cfg: RunConfig, tokens_per_step: int, train_tokens: int, saved: TrainState | None = None,
@@ -79,7 +80,10 @@ class RunLength:
         if cfg.train.max_minutes and total is None:
             deadline = sync(now + (saved.deadline_left_s or cfg.train.max_minutes * 60))
         if total is None:
-            return cls(cfg, max(saved.step + 1, PROVISIONAL_TOTAL), saved.step, deadline, True, now)
+            cap = None
+            if cfg.train.max_passes:
+                cap = max(1, math.ceil(cfg.train.max_passes * train_tokens / tokens_per_step))
+            return cls(cfg, max(saved.step + 1, PROVISIONAL_TOTAL), saved.step, deadline, True, now, cap=cap)
         return cls(cfg, total, saved.step, deadline, False, now)
 
     def lr(self, step: int) -> float:
@@ -103,11 +107,16 @@ class RunLength:
         per_step = (self.measured_time / self.measured_steps if self.measured_steps
                     else (time.time() - self.t_start) / max(step - self.start_step, 1))
         total = max(step + 1, step + int((self.deadline - now) / (per_step * BUDGET_MARGIN)))
-        self.total = int(sync(total))
+        self.total = int(sync(self._capped(total)))
         self.provisional = False
         self.fixed_at = (step, now)
+        capped = (f"; at most {self.cfg.train.max_passes:g} passes over the data (train.max_passes): {self.total} "
+                  f"of the {total} the budget buys" if self.cap is not None and total > self.cap else "")
         return (f"time budget: {self.cfg.train.max_minutes:g} min -> {self.total} steps "
-                f"({per_step * 1000:.0f} ms/step, evaluation included)")
+                f"({per_step * 1000:.0f} ms/step, evaluation included{capped})")
+
+    def _capped(self, total: int) -> int:
+        return min(total, self.cap) if self.cap is not None else total
 
     def replan(self, step: int, now: float, reserve_s: float, sync: Callable[[float], float] = float) -> str | None:
         """At an evaluation of a time-budget run: the length the pace kept since the budget was fixed (evaluations
@@ -119,7 +128,7 @@ class RunLength:
         if step <= step0 or now <= t0:
             return None
         per_step = (now - t0) / (step - step0)
-        total = int(sync(max(step + 1, step + int((self.deadline - now - reserve_s) / per_step))))
+        total = int(sync(self._capped(max(step + 1, step + int((self.deadline - now - reserve_s) / per_step)))))
         if abs(total - self.total) <= REPLAN_MIN_CHANGE * self.total:
             return None
         old, self.total = self.total, total

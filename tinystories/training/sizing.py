@@ -29,17 +29,22 @@ OVERHEAD_SHARE = 0.15
 FRESH_PASSES = 4.0  # up to this many passes over the data: no regularisation
 MANY_PASSES_DROPOUT = 0.1  # past it (0.2 was worse again in the study)
 MANY_PASSES_MUON_WD = 0.2  # ... and Muon's weight decay on the block matrices (bf16 study: 0.1 worse, 0.4 the same)
+# past this many passes the run stops (train.max_passes), its schedule fitted to them, before the budget ends: more
+# repeats of the same text only memorise it (0.5 MB head, bf16: docs/training-recipe.md)
+MAX_PASSES = 16.0
 
 
 @dataclass(frozen=True)
 class Regularisation:
-    """What the passes over the data call for: dropout and Muon's (decoupled) weight decay."""
+    """What the passes over the data call for: dropout, Muon's (decoupled) weight decay, and where to stop."""
 
     dropout: float = 0.0
     muon_weight_decay: float = 0.0
+    max_passes: float | None = None  # the run stops after this many passes (None: when the budget ends)
 
     def overrides(self) -> list[str]:
-        return [f"model.dropout={self.dropout:g}", f"train.muon_weight_decay={self.muon_weight_decay:g}"]
+        stop = [f"train.max_passes={self.max_passes:g}"] if self.max_passes else []
+        return [f"model.dropout={self.dropout:g}", f"train.muon_weight_decay={self.muon_weight_decay:g}", *stop]
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,13 @@ def regularisation_for(passes: float | None) -> tuple[Regularisation, str]:
     if passes <= FRESH_PASSES:
         return Regularisation(), (f"{passes:.1f} passes over the data: no dropout or weight decay (<= "
                                   f"{FRESH_PASSES:g} passes read as fresh text)")
-    reg = Regularisation(MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD)
-    return reg, (f"{passes:.1f} passes over the data: dropout {reg.dropout:g}, Muon weight decay "
-                 f"{reg.muon_weight_decay:g} (past {FRESH_PASSES:g} passes a model this size memorises the text)")
+    stop = MAX_PASSES if passes > MAX_PASSES else None
+    reg = Regularisation(MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD, stop)
+    why = (f"{passes:.1f} passes over the data: dropout {reg.dropout:g}, Muon weight decay {reg.muon_weight_decay:g} "
+           f"(past {FRESH_PASSES:g} passes a model this size memorises the text)")
+    if stop:
+        why += f"; the run stops after {stop:g} passes (more repeats of this text only memorise it)"
+    return reg, why
 
 
 def choose_cpu_shape(minutes: float, rate: Callable[[Shape], float], describe_cpu: str,
