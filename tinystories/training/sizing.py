@@ -6,7 +6,8 @@ calibrate.py). Data: the tokens the training text holds. The recipe study (bench
 docs/training-recipe.md) found which shape reaches the lowest loss for a given number of tokens; the number of
 passes over the data (bought / held) then sets the regularisation: repeated text is nearly as good as fresh up to
 ~4 passes (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models"), past that a model of this size
-memorises it (the validation loss turns up) and dropout 0.1 with Muon's weight decay recovers most of the loss.
+memorises it (the validation loss turns up) and dropout 0.1 with Muon's weight decay recovers most of the loss;
+past ~16 passes more repeats only memorise it, so the run stops there, its schedule fitted to the passes.
 `choose_cpu_shape` says why in one line.
 """
 
