@@ -101,15 +101,16 @@ def check_val_loss(metrics: list[dict] | None, cfg=None) -> Check:
     gap_txt = f"; train/val gap {gap:+.3f}" if gap is not None else ""
     trend = (f"val loss {losses[0]:.3f} -> best {best:.3f} (step {val[best_i].get('step')}) "
              f"-> last {last:.3f} (step {val[-1].get('step')}){gap_txt}")
-    dropout = cfg.model.dropout if cfg is not None else 0.0
-    regularise = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + 0.1):.1f}" if dropout > 0
-                  else "add model.dropout=0.1")
-    if cfg is not None and cfg.train.optimizer == "muon" and not cfg.train.muon_weight_decay:
-        from tinystories.training.sizing import MANY_PASSES_MUON_WD
+    from tinystories.training.sizing import MANY_PASSES_DROPOUT, MANY_PASSES_MUON_WD, MAX_PASSES
 
+    dropout = cfg.model.dropout if cfg is not None else 0.0
+    regularise = (f"raise model.dropout (now {dropout:g}) to {min(0.3, dropout + MANY_PASSES_DROPOUT):.1f}"
+                  if dropout > 0 else f"add model.dropout={MANY_PASSES_DROPOUT:g}")
+    if cfg is not None and cfg.train.optimizer == "muon" and not cfg.train.muon_weight_decay:
         regularise += f", add train.muon_weight_decay={MANY_PASSES_MUON_WD:g}"
     fix = (f"the model is overfitting: use more data (drop data.max_stories), {regularise}, train fewer "
-           "epochs or set train.early_stopping_patience; use checkpoints/best, not latest")
+           f"epochs (train.max_passes={MAX_PASSES:g} stops a time budget there) or set "
+           "train.early_stopping_patience; use checkpoints/best, not latest")
     if best_i < len(losses) - 1 and last > best * 1.05:
         return Check(name, "FAIL", f"turned up {100 * (last / best - 1):.1f}% above its best: {trend}", fix)
     if best_i < len(losses) - 1 and last > best * 1.01:
