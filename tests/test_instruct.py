@@ -233,10 +233,11 @@ def test_instruct_training_scores_the_stories_only_by_default(tmp_path, tok4k, s
 
     log, config = train()
     assert "loss: on the stories only" in log and "loss_on: story" in config
+    assert "loss: x5 where a story first writes a requested word (train.request_word_weight)" in log
     log, config = train("train.loss_on=all")
     assert "loss: on the stories only" not in log and "loss_on: all" in config
-    log, config = train("train.request_word_weight=4", "train.seed=2")
-    assert "loss: x4 where a story first writes a requested word" in log and "request_word_weight: 4.0" in config
+    log, config = train("train.request_word_weight=1", "train.seed=2")
+    assert "loss: on the stories only" in log and "requested word" not in log and "request_word_weight: 1.0" in config
 
 
 def test_unpacking_the_instruct_archive_resumes(tmp_path, shards):
