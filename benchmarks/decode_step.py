@@ -2,6 +2,7 @@
 
     python benchmarks/decode_step.py                      # quickstart and 23M shapes, float32 and int8
     python benchmarks/decode_step.py --shapes quickstart --precisions int8 --rounds 5
+    python benchmarks/decode_step.py --eager                # the step uncompiled (generate without --compile)
 
 For each shape (random weights) and precision (model/precision.py), greedy, a 150-token prompt and 256 new tokens,
 tokens/s of `sampling.sample` with the step compiled:
@@ -47,6 +48,19 @@ def step_alone(model, prompt: list[list[int]], new: int) -> float:
         return new / (time.perf_counter() - t)
 
 
+def eager_only(shape: str, name: str, args) -> None:
+    """The step not compiled (`generate` without --compile): tokens/s, greedy tokens against float32's."""
+    cfg = SHAPES[shape]
+    model, ref = apply_precision(build(cfg), Precision(name)), build(cfg)
+    prompt = prompt_for(model, 150, 1)
+    best = 0.0
+    for _ in range(args.rounds):
+        tps, ids = time_ours(model, prompt, args.new_tokens, True)
+        best = max(best, tps)
+    _, want = time_ours(ref, prompt, args.new_tokens, True)
+    print(f"| {shape} | {name} | {best:,.0f} | {sum(a == b for a, b in zip(ids, want))}/{len(want)} |", flush=True)
+
+
 def one(shape: str, name: str, args) -> None:
     cfg = SHAPES[shape]
     compiled = apply_precision(build(cfg), Precision(name)).compile_decoding()
@@ -78,10 +92,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eager", action="store_true", help="time the step uncompiled only (generate without --compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load {os.getloadavg()[0]:.1f}; {_cpu_kind()}; torch {torch.__version__}, {args.threads} threads; "
           f"batch 1, greedy, 150-token prompt + {args.new_tokens} new; tokens/s, best of {args.rounds}", flush=True)
+    if args.eager:
+        print("| shape | precision | eager | greedy tokens equal to float32's |\n|---|---|---:|---:|", flush=True)
+        for shape in args.shapes:
+            for name in args.precisions:
+                eager_only(shape, name, args)
+        return
     print("| shape | precision | torch.compile | skip guards | ahead of time | ahead of time, step alone "
           "| same tokens |\n|---|---|---:|---:|---:|---:|---|", flush=True)
     for shape in args.shapes:

@@ -162,7 +162,7 @@ def evaluate(checkpoint: str | Path, *, text: str | Path | None = None, max_toke
                         f"to --text {text}")
     device = pick_device(device)
     model, ck = load_model(checkpoint, device)
-    precision = inference_precision(model, torch.device(device), dtype, compiled=False)  # scoring runs eager
+    precision = inference_precision(model, torch.device(device), dtype, scoring=True)
     if precision.name != "float32" or dtype == "auto":
         log(precision.describe())
     cache = open_run_cache(ck.state)

@@ -60,7 +60,7 @@ def _cmd_generate(args) -> int:
     req = ask(ck.cfg.data.format, args.words, args.features, args.summary, where=str(ck.path))
     head = request_lines(req) if req else ""  # the request in front of each opening
     info = sys.stderr
-    precision = inference_precision(model, device, args.dtype, compiled=args.compile)
+    precision = inference_precision(model, device, args.dtype)
     if precision.name != "float32" or args.dtype == "auto":
         print(precision.describe(), file=info, flush=True)
     if args.compile:  # compiled before the first story, so that its tokens/s line is the decoding speed

@@ -196,7 +196,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     # take the port before the (possibly slow) model load and compile: a port in use fails at once, in one line
     sockets = bind_sockets(host, port)
     port = sockets[0].getsockname()[1]  # --port 0: the port the system picked
-    model, ck = _load(checkpoint, device, threads, dtype, compile_decoding)
+    model, ck = _load(checkpoint, device, threads, dtype)
     app = create_app(model, ck, max_batch, timeout_s, cors_origins, max_queue=max_queue,
                      queue_timeout_s=queue_timeout_s, api_key=api_key)
     if compile_decoding:  # before listening: no request waits on the compile; warmed up for one row and several
@@ -249,7 +249,7 @@ def _check_options(port: int, max_batch: int, max_queue: int, timeout_s: float, 
         raise UserError(f"--threads {threads}: must be at least 1")
 
 
-def _load(checkpoint: str, device: str, threads: int | None, dtype: str = "float32", compiled: bool = True):
+def _load(checkpoint: str, device: str, threads: int | None, dtype: str = "float32"):
     """(model, checkpoint) on the device, weights in precision `dtype` (said on stdout); on a CPU, the decoding
     loop gets one torch thread unless --threads."""
     import torch
@@ -263,7 +263,7 @@ def _load(checkpoint: str, device: str, threads: int | None, dtype: str = "float
         torch.set_num_threads(threads or 1)
     dev = pick_device(device)
     model, ck = load_model(checkpoint, dev)
-    print(inference_precision(model, dev, dtype, compiled=compiled).describe(), flush=True)
+    print(inference_precision(model, dev, dtype).describe(), flush=True)
     return model, ck
 
 

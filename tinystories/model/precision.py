@@ -6,8 +6,8 @@ tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 
 
 | device | auto | why |
 |---|---|---|
-| any CPU, compiled step | int8 weight-only (torchao), bf16 activations | a quarter of the bytes; measured fastest |
-| any CPU, eager (`generate` without `--compile`, `eval`) | float32 | torchao's eager int8 was 0.8x float32 |
+| any CPU, decoding (compiled step or eager) | int8 weight-only (torchao), bf16 activations | a quarter of the bytes; measured fastest, eager 1.7-2.7x float32 |
+| any CPU, scoring (`eval`'s bits per byte) | float32 | the model's own figure |
 | CUDA with bf16 (compute capability >= 8.0) | bfloat16 | native bf16 |
 | other CUDA GPUs, MPS | float32 | no measured gain |
 
@@ -82,10 +82,9 @@ def _onednn_limit() -> str:
     return f", oneDNN limited to {limit}" if limit else ""
 
 
-def _auto(caps: DeviceCaps, compiled: bool = True) -> Precision:
-    if caps.type == "cpu" and not compiled:
-        return Precision("float32", "auto: int8 is the fast precision with a compiled step (--compile); eager, its "
-                                    "kernels are slower than float32's on a CPU")
+def _auto(caps: DeviceCaps, scoring: bool = False) -> Precision:
+    if caps.type == "cpu" and scoring:
+        return Precision("float32", "auto: scoring reports the model's own bits per byte, in float32")
     if caps.type == "cpu":
         isa = caps.cpu_bf16 or caps.cpu_isa
         return Precision("int8", f"auto: int8 weights read a quarter of the bytes per token, the fastest measured "
@@ -96,11 +95,11 @@ def _auto(caps: DeviceCaps, compiled: bool = True) -> Precision:
     return Precision("float32", f"auto: no faster precision measured on {caps.label}")
 
 
-def choose_precision(caps: DeviceCaps, pref: str = "auto", compiled: bool = True) -> Precision:
-    """The precision for `caps` given --dtype `pref` (`compiled`: decoding runs the compiled one-token step);
+def choose_precision(caps: DeviceCaps, pref: str = "auto", scoring: bool = False) -> Precision:
+    """The precision for `caps` given --dtype `pref` (`scoring`: for `eval`'s bits per byte, not for decoding);
     UserError for one the device lacks."""
     if pref == "auto":
-        return _auto(caps, compiled)
+        return _auto(caps, scoring)
     if pref not in PRECISIONS:
         raise UserError(f"--dtype {pref}: use one of {', '.join(PRECISIONS)}")
     if pref == "bfloat16":
@@ -164,9 +163,9 @@ def apply_precision(model: Transformer, precision: Precision) -> Transformer:
 
 
 def inference_precision(model: Transformer, device: torch.device, pref: str = "auto",
-                        caps: DeviceCaps | None = None, compiled: bool = True) -> Precision:
-    """Choose the precision for `device`, --dtype `pref` and whether decoding is `compiled`, and convert `model`
-    to it."""
-    precision = choose_precision(caps or detect_caps(device), pref, compiled)
+                        caps: DeviceCaps | None = None, scoring: bool = False) -> Precision:
+    """Choose the precision for `device`, --dtype `pref` and whether the model is `scoring` text (`eval`) rather
+    than decoding, and convert `model` to it."""
+    precision = choose_precision(caps or detect_caps(device), pref, scoring)
     apply_precision(model, precision)
     return precision
