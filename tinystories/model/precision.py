@@ -6,7 +6,7 @@ tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 
 
 | device | auto | why |
 |---|---|---|
-| any CPU, decoding (compiled step or eager) | int8 weight-only (torchao), bf16 activations | a quarter of the bytes; measured fastest, eager 1.7-2.7x float32 |
+| any CPU, decoding (compiled or eager) | int8 weight-only (torchao), bf16 activations | measured fastest |
 | any CPU, scoring (`eval`'s bits per byte) | float32 | the model's own figure |
 | CUDA with bf16 (compute capability >= 8.0) | bfloat16 | native bf16 |
 | other CUDA GPUs, MPS | float32 | no measured gain |
@@ -14,7 +14,8 @@ tests; `device.detect_caps` reads the machine) and of `--dtype` (auto | float32 
 A batch-1 decoding step on a CPU reads every weight once, so its speed is the speed of the weight reads:
 float32 matrix-vector products run at ~9 GB/s on an AMD EPYC (Zen 4) through MKL, bfloat16 through oneDNN is
 1.4x faster and torch's int8 weight-only kernel (`_weight_int8pack_mm`) with bf16 activations 4-5x
-(benchmarks/generate_speed.py --vs-llama-cpp, docs/results.md). That kernel is slow with float32 activations, so
+(benchmarks/generate_speed.py --vs-llama-cpp, docs/results.md); uncompiled, int8 is 1.7-2.7x float32
+(benchmarks/decode_step.py --eager). That kernel is slow with float32 activations, so
 int8 runs its activations in bf16 on every CPU: with native bf16 they are converted in hardware, without it in a
 few AVX2 instructions; the matrix products accumulate in float32 either way.
 
