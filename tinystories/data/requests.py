@@ -338,7 +338,6 @@ class RequestTokens:
 
         self.start = tok.doc_start_id
         self.marker = np.array(tok.encode("Story:"), dtype=np.int64)
-        self.words_head = np.array(tok.encode("Words:"), dtype=np.int64)
         pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
         self.newline = np.array(["\n" in p for p in pieces])  # tokens that end a request line
         self.wordlike = np.array([any(c.isalpha() for c in p) for p in pieces])  # not the ", " between words
@@ -373,7 +372,6 @@ class RequestTokens:
         last_end = np.concatenate([[-1], last_end[:-1]])
         return (last_start >= 0) & (last_open == last_start) & (last_end < last_start) & ~starts
 
-
     def requested_words(self, ids, request=None):
         """A bool array as long as `ids`: True at each story token that is the first in its story to repeat a token
         of its request's `Words:` line: where the story writes a requested word (as the request spells it) for the
@@ -382,12 +380,13 @@ class RequestTokens:
         import numpy as np
 
         ids = np.asarray(ids, dtype=np.int64)
-        n, h = len(ids), len(self.words_head)
+        words_head = self.heads[0]  # `Words:`
+        n, h = len(ids), len(words_head)
         request = self(ids) if request is None else request
         out = np.zeros(n, dtype=bool)
         bounds = [*np.flatnonzero(ids == self.start).tolist(), n]
         for a, b in zip(bounds, bounds[1:]):
-            if b - a <= h + 1 or not (ids[a + 1 : a + 1 + h] == self.words_head).all():
+            if b - a <= h + 1 or not (ids[a + 1 : a + 1 + h] == words_head).all():
                 continue
             line = ids[a + 1 + h : b]
             ends = np.flatnonzero(self.newline[line])
