@@ -259,7 +259,8 @@ def _llama_cpp_child(req_path: str, out_path: str) -> None:
 
     run(8)
     best, ids = max(run(req["n_new"]) for _ in range(req["repeats"]))
-    Path(out_path).write_text(json.dumps({"tps": best, "ids": ids}))
+    Path(out_path).write_text(json.dumps({"tps": best, "ids": ids,
+                                          "system": llama_cpp.llama_print_system_info().decode().strip()}))
 
 
 def _llama_cpp(gguf: Path, prompt: list[int], new: int, threads: int, repeats: int = 1) -> dict:
@@ -312,11 +313,15 @@ def vs_llama_cpp_shape(label: str, cfg: dict, args, tmp: Path) -> None:
     best: dict[str, float] = {}
     ids: dict[str, list[int]] = {}
     errors: dict[str, str] = {}
+    shown = ""
     for _ in range(args.repeats):  # interleaved rounds: machine load hits every side alike
         for dtype, path in ggufs.items():
             if dtype in errors:
                 continue
             r = _llama_cpp(path, prompt[0], new, args.threads)
+            if r.get("system") and r["system"] != shown:  # llama.cpp's build decides its kernels, not torch's limits
+                shown = r["system"]
+                print(f"  llama.cpp's kernels: {shown}", flush=True)
             if "error" in r:
                 errors[dtype] = r["error"]
                 continue
