@@ -94,6 +94,8 @@ ARMS: dict[str, dict[str, str]] = {
     "muon-d192x4-dropout0.1-wd0.4": {**MUON_D192X4, "model.dropout": "0.1", "train.muon_weight_decay": "0.4"},
     "muon-d192x4-dropout0.05-wd0.2": {**MUON_D192X4, "model.dropout": "0.05", "train.muon_weight_decay": "0.2"},
     "muon-d192x4-dropout0.1-vocab10k": {**MUON_D192X4, "model.dropout": "0.1", "tokenizer.vocab_size": "10000"},
+    "muon-d192x4-dropout0.1-wd0.2-zero-init": {**MUON_D192X4, "model.dropout": "0.1", "train.muon_weight_decay": "0.2",
+                                               "train.zero_init_residual": "true"},
 }
 
 
