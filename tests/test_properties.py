@@ -119,6 +119,7 @@ VALUES = st.one_of(st.sampled_from(["64", "0", "-1", "3e-4", ".inf", ".nan", "nu
 @given(items=st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), VALUES), max_size=4),
        bare=st.booleans())
 @example(items=[("train.lr", "[")], bare=False)
+@example(items=[("model.n_heads", "0")], bare=False)  # was a ZeroDivisionError, not a one-line error
 @example(items=[("model.dim", "!!python/object/apply:os.system ['true']")], bare=False)
 def test_set_overrides_give_a_valid_config_or_one_line_error(items, bare):
     from tinystories.core.config import RunConfig, load_config

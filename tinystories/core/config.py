@@ -42,6 +42,14 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
+        for key in ("n_kv_heads", "hidden_dim"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be positive (or null: the default)")
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size={self.vocab_size} must be positive (0: the tokenizer's)")
         kv = self.n_kv_heads or self.n_heads
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
