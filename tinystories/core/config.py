@@ -24,6 +24,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _require_at_least_one(cfg: BaseModel, section: str, keys: tuple[str, ...]) -> None:
+    """ValueError naming the first of `keys` whose value in `cfg` (config section `section`) is below 1."""
+    for key in keys:
+        if (value := getattr(cfg, key)) < 1:
+            raise ValueError(f"{section}.{key}={value} must be >= 1")
+
+
 class ModelConfig(_Strict):
     """A Llama-2 style decoder."""
 
@@ -42,12 +49,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
+        _require_at_least_one(self, "model", ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"))
         for key in ("n_kv_heads", "hidden_dim"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be positive (or null: the default)")
+            if (value := getattr(self, key)) is not None and value < 0:
+                raise ValueError(f"model.{key}={value} must be positive (or null: the default)")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size={self.vocab_size} must be positive (0: the tokenizer's)")
         kv = self.n_kv_heads or self.n_heads
@@ -186,9 +191,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        for key in ("batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        _require_at_least_one(self, "train", ("batch_size", "grad_accum", "eval_interval", "log_interval",
+                                              "checkpoint_interval"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr}) and lr > 0")
         if not 0 < self.cooldown_frac <= 1:
