@@ -108,6 +108,22 @@ def test_training_rate_is_measured_once_per_machine(monkeypatch, tmp_path):
     assert other > 0 and len(said) == 2  # another vocabulary is another measurement
 
 
+def test_the_measurements_own_load_does_not_keep_it_from_the_cache(tmp_path, monkeypatch):
+    # the 1-minute load average after a measurement is mostly the measurement: other work is what was there before
+    from tinystories.model import calibrate
+
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "BUSY_SHARE", 0.0)
+    measuring = []
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (8.0 if measuring else 0.0, 0.0, 0.0))
+    assert calibrate.cached_measure("test-load", "k", lambda: measuring.append(1) or 2.0) == 2.0
+    assert calibrate.cached_measure("test-load", "k", lambda: measuring.append(1) or 3.0) == 2.0  # read back
+    measuring.clear()
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (8.0, 0.0, 0.0))  # busy before: used once, not kept
+    assert calibrate.cached_measure("test-load", "other", lambda: 4.0) == 4.0
+    assert calibrate.cached_measure("test-load", "other", lambda: 5.0) == 5.0
+
+
 def test_a_measurement_leaves_the_global_random_state_alone(tmp_path, monkeypatch):
     # a resumed run re-measures when the machine was busy (nothing cached); its restored random state must survive
     import torch

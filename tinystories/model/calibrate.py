@@ -53,13 +53,16 @@ def cached_measure(kind: str, key: str, measure: Callable[[], float],
         pass
     if announce:
         announce()
+    # the load before measuring is other work; after it, it is mostly the measurement's own (a training-step
+    # timing keeps both cores of a 2-core machine busy for ~30 s, which lifts the 1-minute load past 1)
+    load_before = os.getloadavg()[0]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     # the global random state is left as it was: a run that resumes re-measures when the figure was not cached (a
     # busy machine), and its restored random state must then be the one its dropout and data order continue from
     with torch.random.fork_rng(devices=[]):
         value = measure()
     cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
-    if cpu_share < BUSY_SHARE or os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+    if cpu_share < BUSY_SHARE or load_before > 0.5 * (os.cpu_count() or 1):
         return value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
