@@ -102,15 +102,16 @@ def training_rate(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, 
 def _time_steps(shape: Shape, vocab: int, cfg: RunConfig, dtype: torch.dtype, compile: bool) -> float:
     import time
 
-    from tinystories.model.device import autocast_ctx
+    from tinystories.model.device import Dist, autocast_ctx
     from tinystories.model.transformer import Transformer
     from tinystories.training.optim import make_optimizer
+    from tinystories.training.run import wrap_model
 
     cpu, t, seq = torch.device("cpu"), cfg.train, cfg.model.max_seq_len
     gen = torch.Generator().manual_seed(0)
     model = Transformer(shape.model_config(vocab, seq))
     optimizer = make_optimizer(model, t, cpu)
-    step_model = torch.compile(model) if compile else model
+    step_model = wrap_model(model, Dist(), cpu, compile)  # compiled as the run compiles it
     x, y = (torch.randint(vocab, (t.batch_size, seq), generator=gen) for _ in range(2))
 
     def step() -> None:
