@@ -155,3 +155,41 @@ def test_ctrl_c_stops_the_workers_and_the_rerun_resumes(tmp_path, tok4k):
     assert (cache_dir / "train-00000.bin").stat().st_mtime_ns == first  # the finished unit was not redone
     m = TokenCache.open(cache_dir).manifest
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == COPIES * 2316
+
+
+def test_epoch_windows_read_every_target_once_per_pass(many_shards):
+    """train.windows=epochs: a pass reads each shard in windows seq_len apart from one phase, so every target
+    but the first phase's few is predicted exactly once; the next pass moves the phase; DDP ranks read the
+    windows a single process with world x the accumulation reads; a fresh sampler (a resume) reads the same."""
+    import torch
+
+    from tinystories.training.batches import WindowSampler
+
+    cpu = torch.device("cpu")
+    seq, batch = 64, 8
+    one = WindowSampler(many_shards, seq, batch, 5, 0, cpu, order="epochs", accum=4)
+    n = one.windows_per_pass
+    steps = -(-n // (batch * 4)) + 1  # a little over one pass
+    windows = [w for s in range(steps) for m in range(4) for w in one._windows(s, m)]
+    first, second = windows[:n], windows[n:]
+    assert len(set(first)) == n  # no window twice in a pass
+    covered = {si: np.zeros(len(one.shards[si]), int) for si in range(len(one.shards))}
+    for si, o in first:
+        covered[si][o + 1 : o + seq + 1] += 1  # the targets this window predicts
+    for si, c in covered.items():
+        inner = c[seq + 1 : len(one.shards[si]) - 2 * seq]  # away from the phase's edges
+        assert inner.min() == 1 and inner.max() == 1, si
+    assert len({o % seq for _, o in first}) == 1 and len({o % seq for _, o in second}) == 1
+    shard_of, offset = one._windows_in_pass(1)
+    assert second == list(zip(shard_of.tolist(), offset.tolist(), strict=True))[: len(second)]  # pass 2 begins
+    assert len({int(one._windows_in_pass(p)[1][0]) % seq for p in range(4)}) > 1  # the phase moves
+    # DDP: rank r's micro-step m = micro-step m * world + r of a single process with world x the accumulation
+    for rank in range(2):
+        ddp = WindowSampler(many_shards, seq, batch, 5, rank, cpu, world=2, order="epochs", accum=2)
+        for s in (0, 3, steps - 1):
+            for m in range(2):
+                assert ddp._windows(s, m) == one._windows(s, m * 2 + rank)
+    resumed = WindowSampler(many_shards, seq, batch, 5, 0, cpu, order="epochs", accum=4)
+    x, y, _ = resumed.get(steps - 1, 3)
+    x0, y0, _ = one.get(steps - 1, 3)
+    assert torch.equal(x, x0) and torch.equal(y, y0) and torch.equal(x[:, 1:], y[:, :-1])

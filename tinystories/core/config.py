@@ -163,6 +163,9 @@ class TrainConfig(_Strict):
     # `Words:` line; RequestTokens.requested_words), to teach copying from the request; 1: no weighting. 5 doubled
     # the words a request gets without decoding help, for +1.6% bits per byte (docs/instruct.md)
     request_word_weight: float = 5.0
+    # the order train windows are read in (training/batches.py): random offsets, or each pass over the text once in
+    # a shuffled order
+    windows: Literal["random", "epochs"] = "random"
     lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # decay after warmup; wsd: constant, then linear
     cooldown_frac: float = 0.2  # wsd: the share of the run spent decaying to min_lr
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

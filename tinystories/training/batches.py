@@ -1,8 +1,10 @@
 """What feeds the training steps: the run's data, its batch geometry, the train windows and the validation subset.
 
-Packed windows of context+1 tokens are drawn at random offsets from the memory-mapped cache (no padding); the
-offsets of step s, micro-step m on rank r come from a generator seeded with (seed, s, m, r), so a resumed run draws
-exactly the windows the uninterrupted run would have. The batch geometry (micro-batch x accumulation x processes)
+Packed windows of context+1 tokens are read from the memory-mapped cache (no padding), in one of two orders
+(train.windows): `random`, offsets drawn from a generator seeded with (seed, step, micro-step, rank); or
+`epochs`, every pass over the stream cut into non-overlapping windows at a random phase and read in a random order,
+both seeded with (seed, pass), so that each token is read once per pass. Either way a resumed run draws exactly the
+windows the uninterrupted run would have. The batch geometry (micro-batch x accumulation x processes)
 is fixed once by set_batch_geometry; `Batch` then says how many sequences and tokens each optimizer step trains.
 """
 
@@ -120,11 +122,14 @@ class WindowSampler:
     """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
 
     def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
-                 world: int = 1, unscored: RequestTokens | None = None, word_weight: float = 1.0):
+                 world: int = 1, unscored: RequestTokens | None = None, word_weight: float = 1.0,
+                 order: str = "random", accum: int = 1):
         """`unscored(ids)`: which tokens of a stretch of the stream get no loss (their targets become -1, the
         loss's ignore_index); data/requests.RequestTokens for train.loss_on=story. `word_weight` (with `unscored`,
         train.request_word_weight): the loss weight of the targets where a story first writes a requested word
-        (RequestTokens.requested_words); 1: every scored target weighs the same and get() returns no weights."""
+        (RequestTokens.requested_words); 1: every scored target weighs the same and get() returns no weights.
+        `order` (train.windows): "random" or "epochs" (module docstring); `accum`: micro-steps per optimizer step,
+        which "epochs" needs to number the sequences of a step."""
         self.unscored = unscored
         self.word_weight = word_weight if unscored is not None and word_weight != 1.0 else None
         split = cache.split("train")
@@ -135,21 +140,15 @@ class WindowSampler:
         sizes = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
         self.shard_p = sizes / sizes.sum()
         self.seq_len, self.batch, self.seed, self.rank, self.device = seq_len, batch, seed, rank, device
-        self.world = world
+        self.world, self.accum, self.order = world, accum, order
         self.pin = device.type == "cuda"
+        self._pass: tuple[int, np.ndarray, np.ndarray] | None = None  # (pass, shard of each window, its offset)
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(inputs, targets, loss weights per target or None) of micro-batch `micro` of optimizer step `step`."""
-        # seeded by the global micro-batch index micro * world + rank: rank r's micro-step m under DDP draws the
-        # windows of micro-step m * world + r of a single process with world x the accumulation (same data;
-        # a single process draws exactly what it drew before, (seed, step, micro, 0))
-        rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
-        shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
-                     else np.zeros(self.batch, int))
         rows, masks, words = [], [], []
-        for si in shard_idx:
+        for si, o in self._windows(step, micro):
             shard = self.shards[si]
-            o = int(rng.integers(0, len(shard) - self.seq_len - 1))
             rows.append(shard[o : o + self.seq_len + 1])
             if self.unscored is not None:  # judged with tokens around the window, which may start mid-request
                 lo, end = max(0, o - self.unscored.LOOKBACK), o + self.seq_len + 1
@@ -171,6 +170,50 @@ class WindowSampler:
             weights = torch.from_numpy(np.where(np.stack(words), self.word_weight, 1.0).astype(np.float32))
             weights = weights.to(self.device, non_blocking=True)
         return pair[0], pair[1], weights
+
+    def _windows(self, step: int, micro: int) -> list[tuple[int, int]]:
+        """(shard, offset) of each window of micro-batch `micro` of optimizer step `step`."""
+        # rank r's micro-step m under DDP reads the windows of micro-step m * world + r of a single process with
+        # world x the accumulation (the same data): "random" seeds with that global micro-batch index, "epochs"
+        # numbers the sequences in that order
+        if self.order == "epochs":
+            first = (step * self.accum * self.world + micro * self.world + self.rank) * self.batch
+            return [self._epoch_window(g) for g in range(first, first + self.batch)]
+        rng = np.random.default_rng((self.seed, step, micro * self.world + self.rank, 0))
+        shard_idx = (rng.choice(len(self.shards), size=self.batch, p=self.shard_p) if len(self.shards) > 1
+                     else np.zeros(self.batch, int))
+        return [(int(si), int(rng.integers(0, len(self.shards[si]) - self.seq_len - 1))) for si in shard_idx]
+
+    def _epoch_window(self, g: int) -> tuple[int, int]:
+        """The window of sequence number `g` in the "epochs" order: its pass's windows, shuffled."""
+        if self._pass is None or g // self._pass[1].size != self._pass[0]:
+            p = g // self.windows_per_pass
+            self._pass = (p, *self._windows_in_pass(p))
+        p, shard_of, offset = self._pass
+        k = g - p * shard_of.size
+        return int(shard_of[k]), int(offset[k])
+
+    @property
+    def windows_per_pass(self) -> int:
+        """Windows of each pass in the "epochs" order: as many as fit in every shard from any phase."""
+        return sum(self._fits(len(s)) for s in self.shards)
+
+    def _fits(self, n_tokens: int) -> int:
+        # windows of seq_len+1 tokens, seq_len apart (each target once per pass), from a phase below seq_len
+        return max((n_tokens - self.seq_len) // self.seq_len, 1)
+
+    def _windows_in_pass(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pass `p`'s windows in reading order: each shard cut into windows from one random phase (the window
+        edges move between passes), all of them shuffled."""
+        rng = np.random.default_rng((self.seed, p, 1))
+        phase = int(rng.integers(0, self.seq_len))
+        shard_of, offset = [], []
+        for i, shard in enumerate(self.shards):
+            n = self._fits(len(shard))
+            offset.append(min(phase, len(shard) - n * self.seq_len - 1) + self.seq_len * np.arange(n))
+            shard_of.append(np.full(n, i, dtype=np.int32))
+        order = rng.permutation(sum(len(o) for o in offset))
+        return np.concatenate(shard_of)[order], np.concatenate(offset)[order]
 
 
 def validation_subset(cache: TokenCache, tok: TextTokenizer, max_tokens: int) -> tuple[np.ndarray, int]:

@@ -158,7 +158,7 @@ def setup(cfg: RunConfig, d: Dist, resume: bool = False, init_from: str | None =
     if unscored is not None and t.request_word_weight != 1.0:
         log(f"loss: x{t.request_word_weight:g} where a story first writes a requested word (train.request_word_weight)")
     sampler = WindowSampler(cache, cfg.model.max_seq_len, t.batch_size, t.seed, d.rank, device, d.world, unscored,
-                            t.request_word_weight)
+                            t.request_word_weight, t.windows, t.grad_accum)
     val_stream, val_bytes = validation_subset(cache, tok, t.eval_tokens)
     run = Run(cfg=cfg, d=d, log=log, device=device, policy=policy, amp=autocast_ctx(device, policy.dtype),
               scaler=policy.make_grad_scaler(t.loss_scale_init), skips=ScalerSkips(device),
