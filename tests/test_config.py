@@ -71,6 +71,13 @@ def test_out_of_range_values_are_rejected(item):
         load_config(REPO / "configs" / "cpu.yaml", [item])
 
 
+@pytest.mark.parametrize("key", ["n_kv_heads", "hidden_dim"])
+def test_optional_model_widths_are_null_or_at_least_one(key):
+    with pytest.raises(UserError, match=rf"model\.{key}=0 must be >= 1 \(or null: the default\)"):
+        load_config(REPO / "configs" / "cpu.yaml", [f"model.{key}=0"])
+    assert getattr(load_config(REPO / "configs" / "cpu.yaml", [f"model.{key}=null"]).model, key) is None
+
+
 def test_run_length_null_and_positive_are_fine():
     cfg = load_config(REPO / "configs" / "cpu.yaml", ["train.max_minutes=null", "train.max_steps=5",
                                                      "data.val_fraction=0", "data.max_stories=1"])

@@ -51,8 +51,8 @@ class ModelConfig(_Strict):
     def _check(self) -> "ModelConfig":
         _require_at_least_one(self, "model", ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"))
         for key in ("n_kv_heads", "hidden_dim"):
-            if (value := getattr(self, key)) is not None and value < 0:
-                raise ValueError(f"model.{key}={value} must be positive (or null: the default)")
+            if (value := getattr(self, key)) is not None and value < 1:
+                raise ValueError(f"model.{key}={value} must be >= 1 (or null: the default)")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size={self.vocab_size} must be positive (0: the tokenizer's)")
         kv = self.n_kv_heads or self.n_heads
