@@ -104,6 +104,8 @@ ARMS: dict[str, dict[str, str]] = {
     # weight decay without dropout: dropout's random masks cost ~16% of a bf16 step on CPU
     "muon-d192x4-wd0.2-zero-init": {**MUON_D192X4, **RULE, "model.dropout": "0.0"},
     "muon-d192x4-wd0.4-zero-init": {**MUON_D192X4, **RULE, "model.dropout": "0.0", "train.muon_weight_decay": "0.4"},
+    # the order of the windows: each pass over the text once, shuffled, instead of random offsets
+    "muon-d192x4-dropout0.1-wd0.2-zero-init-epochs": {**MUON_D192X4, **RULE, "train.windows": "epochs"},
 }
 
 
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="train.dtype for every arm (float32 = no native bf16)")
     ap.add_argument("--compile", default="true", help="train.compile for every arm")
     ap.add_argument("--calib-steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train every arm this many steps, not what the budget buys (a comparison at equal steps, "
+                         "filed under the budget with an 'N steps' tag)")
     ap.add_argument("--ref-tokens-per-s", type=float, default=None,
                     help="the baseline's tokens/s on the machine the budget is meant for (default: measured here)")
     ap.add_argument("--train-mb", type=float, default=None,
@@ -255,13 +260,13 @@ def main() -> None:
         if a.ref_tokens_per_s:  # anchored: this arm's speed relative to the baseline, times the reference speed
             ms = ms * (1000 / a.ref_tokens_per_s) / base_ms_per_token
         for minutes in a.minutes:
-            steps = max(10, int(minutes * 60_000 / ms))
+            steps = a.steps or max(10, int(minutes * 60_000 / ms))
+            tag = (f"|{a.train_mb:g}MB" if a.train_mb else "") + (f"|{a.steps}steps" if a.steps else "")
             for seed in a.seeds:
-                key = f"{name}|{minutes:g}|{seed}" + (f"|{a.train_mb:g}MB" if a.train_mb else "")
+                key = f"{name}|{minutes:g}|{seed}{tag}"
                 if key in results or a.report_only:
                     continue
-                out = a.out / "runs" / (f"{name}-{minutes:g}min-seed{seed}"
-                                        + (f"-{a.train_mb:g}MB" if a.train_mb else ""))
+                out = a.out / "runs" / f"{name}-{minutes:g}min-seed{seed}{tag.replace('|', '-')}"
                 run_cli(train_args(out, {**sets, "train.max_steps": str(steps), "train.seed": str(seed),
                                          "train.eval_tokens": "100000000"}, data_dir, source),
                         a.out / f"{out.name}.log")
@@ -271,7 +276,7 @@ def main() -> None:
                 best = min(p["val_bpb"] for p in pts if p["kind"] == "val" and p["step"] > 0)
                 results[key] = {"arm": name, "minutes": minutes, "seed": seed, "steps": steps, "ms_per_step": ms,
                                 "bpb": val["val_bpb"], "best_bpb": best, "val_loss": val["val_loss"],
-                                "tokens": tr[-1]["tokens"], "train_mb": a.train_mb,
+                                "tokens": tr[-1]["tokens"], "train_mb": a.train_mb, "fixed_steps": a.steps,
                                 "passes": tr[-1]["tokens"] / train_tokens(out),
                                 "tokens_per_s": tr[-1]["tokens"] / (steps * ms / 1000),
                                 "anchored": bool(a.ref_tokens_per_s)}
@@ -323,7 +328,7 @@ def report(results: dict, names: list[str], a) -> None:
         base = [r["bpb"] for r in results.values() if r["arm"] == "adamw" and r["minutes"] == minutes]
         for name in names:
             rs = [r for r in results.values() if r["arm"] == name and r["minutes"] == minutes
-                  and r.get("train_mb") == a.train_mb]
+                  and r.get("train_mb") == a.train_mb and r.get("fixed_steps") == a.steps]
             if not rs:
                 continue
             bpbs = [r["bpb"] for r in rs]
