@@ -142,11 +142,16 @@ def test_grad_scaler_backs_off_skips_and_recovers(tmp_path, data, capsys):
     pts = train_points(tmp_path / "run")
     skipped = pts[40]["skipped_steps"]
     assert 3 <= skipped < MAX_SKIPPED_IN_A_ROW
-    assert pts[40]["loss_scale"] == init * 0.5**skipped  # halved at every skip, not grown again within 40 steps
-    # the first `skipped` steps were the skipped ones (one more per step), the rest were not
-    assert [pts[s]["skipped_steps"] for s in range(1, 41)] == list(range(1, skipped + 1)) + [skipped] * (40 - skipped)
+    counts = [0] + [pts[s]["skipped_steps"] for s in range(1, 41)]
+    # at most one more skip per step, and the scale halved at every skip, never grown again within 40 steps
+    assert all(b - a in (0, 1) for a, b in zip(counts, counts[1:]))
+    assert all(pts[s]["loss_scale"] == init * 0.5 ** counts[s] for s in range(1, 41))
+    # the back-off: the first steps are skipped one after another until the gradients fit; later, as the model
+    # starts to learn, its gradients can grow and overflow a few more times, each time halving the scale again
+    backoff = next(s for s in range(1, 41) if counts[s] == counts[s - 1]) - 1
+    assert backoff >= 3 and skipped - backoff <= 5 and counts[backoff] == backoff
     # a skipped step leaves the weights as they were: the loss stays the untrained model's (only the batch differs)
-    untrained = [pts[s]["loss"] for s in range(1, skipped + 1)]
+    untrained = [pts[s]["loss"] for s in range(1, backoff + 1)]
     assert max(untrained) - min(untrained) < 0.1 and abs(untrained[0] - math.log(512)) < 0.2
     late = [pts[s]["loss"] for s in range(36, 41)]
     assert max(late) < untrained[0] - 0.8 and all(math.isfinite(v) for v in late)
