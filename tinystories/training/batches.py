@@ -2,8 +2,9 @@
 
 Packed windows of context+1 tokens are read from the memory-mapped cache (no padding), in one of two orders
 (train.windows): `random`, offsets drawn from a generator seeded with (seed, step, micro-step, rank); or
-`epochs`, every pass over the stream cut into non-overlapping windows at a random phase and read in a random order,
-both seeded with (seed, pass), so that each token is read once per pass. Either way a resumed run draws exactly the
+`epochs`, every pass over the stream cut into windows seq_len apart (each shares one token with the next) from a
+random phase and read in a random order, both seeded with (seed, pass), so that each target is predicted once per
+pass. Either way a resumed run draws exactly the
 windows the uninterrupted run would have. The batch geometry (micro-batch x accumulation x processes)
 is fixed once by set_batch_geometry; `Batch` then says how many sequences and tokens each optimizer step trains.
 """
@@ -119,7 +120,8 @@ def set_batch_geometry(cfg: RunConfig, d: Dist, device: torch.device, dtype: tor
 
 
 class WindowSampler:
-    """Random windows of seq_len+1 tokens from the packed train stream, reproducible per (step, micro, rank)."""
+    """Windows of seq_len+1 tokens from the packed train stream in the train.windows order, reproducible per
+    (step, micro, rank)."""
 
     def __init__(self, cache: TokenCache, seq_len: int, batch: int, seed: int, rank: int, device: torch.device,
                  world: int = 1, unscored: RequestTokens | None = None, word_weight: float = 1.0,
